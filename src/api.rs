@@ -1,0 +1,335 @@
+//! The client HTTP API: `/kv/<path>`, `/health`, `/members/`.
+//!
+//! [`handle`] routes one request and always produces a response: every error a client
+//! can cause becomes an [`ApiError`], rendered as `{"error": "..."}` with its status.
+//! Storage reads run on the blocking pool; writes go to the storage writer thread.
+
+use crate::node::App;
+use crate::path::{parse_key, percent_decode};
+use crate::storage::StoreError;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest total size of the request line and headers we accept (431 beyond).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// How long a client may take to send a request body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default and largest page size of a key listing.
+const DEFAULT_LIST_LIMIT: usize = 1000;
+const MAX_LIST_LIMIT: usize = 10_000;
+/// Header carrying a version's timestamp (the uuid goes in `ETag`).
+pub const TIMESTAMP_HEADER: &str = "x-kvs-timestamp";
+
+/// The response type of every handler.
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// An error a request ends with; each kind has its HTTP status.
+#[derive(Debug)]
+pub enum ApiError {
+    /// Malformed path, query or body (400).
+    BadRequest(String),
+    /// The node refuses writes (403).
+    ReadOnly,
+    /// No such key or route (404).
+    NotFound(&'static str),
+    /// The route exists but not with this method (405, with `Allow`).
+    MethodNotAllowed(&'static str),
+    /// The body did not arrive in time (408).
+    BodyTimeout,
+    /// Body over `max_value_bytes` (413).
+    TooLarge(u64),
+    /// Request line and headers over [`MAX_HEADER_BYTES`] (431).
+    HeadersTooLarge,
+    /// Storage failed (500) or is shutting down (503).
+    Storage(StoreError),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::ReadOnly => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::Storage(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ApiError::BadRequest(m) => m.clone(),
+            ApiError::ReadOnly => "this node is read-only".into(),
+            ApiError::NotFound(what) => format!("{what} not found"),
+            ApiError::MethodNotAllowed(allow) => format!("method not allowed; allowed: {allow}"),
+            ApiError::BodyTimeout => "request body not received in time".into(),
+            ApiError::TooLarge(max) => format!("value larger than max_value_bytes ({max})"),
+            ApiError::HeadersTooLarge => format!("request headers larger than {MAX_HEADER_BYTES} bytes"),
+            ApiError::Storage(e) => e.to_string(),
+        }
+    }
+
+    /// The JSON error response.
+    pub fn into_response(self) -> HttpResponse {
+        let mut resp = json_response(self.status(), &json!({ "error": self.message() }));
+        if let ApiError::MethodNotAllowed(allow) = self {
+            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if matches!(self, ApiError::Storage(StoreError::Closed)) {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Storage(e)
+    }
+}
+
+/// A response with a JSON body.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+const KV_METHODS: &str = "GET, HEAD, PUT, DELETE";
+const READ_METHODS: &str = "GET, HEAD";
+
+/// Routes one client request.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpResponse {
+    let head_only = req.method() == Method::HEAD;
+    let result =
+        if header_bytes(&req) > MAX_HEADER_BYTES { Err(ApiError::HeadersTooLarge) } else { route(&app, req).await };
+    let mut resp = result.unwrap_or_else(ApiError::into_response);
+    if head_only {
+        // HEAD answers like GET without the body; the length still says what GET sends.
+        let len = resp.body().size_hint().exact().unwrap_or(0);
+        resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
+    resp
+}
+
+fn header_bytes(req: &Request<Incoming>) -> usize {
+    let uri = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    uri + req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>()
+}
+
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let path = req.uri().path();
+    if let Some(raw_key) = path.strip_prefix("/kv/") {
+        let raw_key = raw_key.to_string();
+        return match *req.method() {
+            Method::GET | Method::HEAD => get_kv(app, &raw_key, req.uri().query()).await,
+            Method::PUT => put_kv(app, &raw_key, req).await,
+            Method::DELETE => delete_kv(app, &raw_key, req.uri().query()).await,
+            _ => Err(ApiError::MethodNotAllowed(KV_METHODS)),
+        };
+    }
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    match path {
+        "/health" if read => Ok(json_response(StatusCode::OK, &app.health())),
+        "/members" | "/members/" if read => Ok(json_response(StatusCode::OK, &app.members_json())),
+        "/health" | "/members" | "/members/" => Err(ApiError::MethodNotAllowed(READ_METHODS)),
+        _ => Err(ApiError::NotFound("route")),
+    }
+}
+
+/// Query parameters, each percent-decoded once. A parameter without `=` has value "".
+fn parse_query(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    let Some(q) = query.filter(|q| !q.is_empty()) else { return Ok(Vec::new()) };
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| percent_decode(s).map_err(|e| ApiError::BadRequest(format!("query: {e}")));
+            Ok((decode(k)?, decode(v)?))
+        })
+        .collect()
+}
+
+fn refuse_query(query: Option<&str>) -> Result<(), ApiError> {
+    match parse_query(query)?.first() {
+        Some((k, _)) => Err(ApiError::BadRequest(format!("unexpected query parameter {k:?}"))),
+        None => Ok(()),
+    }
+}
+
+fn key(raw: &str) -> Result<String, ApiError> {
+    parse_key(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+/// Runs a storage read on the blocking pool, off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::Storage),
+        Err(_) => Err(ApiError::Storage(StoreError::Closed)),
+    }
+}
+
+async fn get_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result<HttpResponse, ApiError> {
+    let params = parse_query(query)?;
+    if params.iter().any(|(k, _)| k == "keys") {
+        return list_keys(app, raw_key, params).await;
+    }
+    refuse_query(query)?;
+    let path = key(raw_key)?;
+    let store = app.store.clone();
+    let record = blocking(move || store.get(&path)).await?;
+    let Some(record) = record else { return Err(ApiError::NotFound("key")) };
+    let Some(data) = record.data else { return Err(ApiError::NotFound("key")) };
+    let mut resp = Response::new(Full::new(data));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", record.uuid)) {
+        h.insert(header::ETAG, etag);
+    }
+    h.insert(TIMESTAMP_HEADER, HeaderValue::from(record.timestamp));
+    Ok(resp)
+}
+
+async fn list_keys(app: &Arc<App>, raw_prefix: &str, params: Vec<(String, String)>) -> Result<HttpResponse, ApiError> {
+    let prefix = if raw_prefix.is_empty() { None } else { Some(key(raw_prefix)?) };
+    let mut limit = DEFAULT_LIST_LIMIT;
+    let mut after = None;
+    for (k, v) in params {
+        match k.as_str() {
+            "keys" => {}
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIST_LIMIT).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest(format!("limit must be 1 to {MAX_LIST_LIMIT}")))?;
+            }
+            "after" => after = Some(v),
+            other => return Err(ApiError::BadRequest(format!("unexpected query parameter {other:?}"))),
+        }
+    }
+    let store = app.store.clone();
+    let page = blocking(move || store.list_keys(prefix.as_deref(), after.as_deref(), limit)).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "keys": page.keys, "next": page.next })))
+}
+
+async fn put_kv(app: &Arc<App>, raw_key: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    refuse_query(req.uri().query())?;
+    let path = key(raw_key)?;
+    if app.config.read_only {
+        return Err(ApiError::ReadOnly);
+    }
+    let max = app.config.max_value_bytes;
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(ApiError::TooLarge(max));
+    }
+    let limited = Limited::new(req.into_body(), max as usize);
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
+        Err(_) => return Err(ApiError::BodyTimeout),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Err(ApiError::TooLarge(max));
+        }
+        Ok(Err(e)) => return Err(ApiError::BadRequest(format!("cannot read body: {e}"))),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    validate_json(&body).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+    let written = app.writer.put(path, body).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "uuid": written.uuid.to_string(), "timestamp": written.timestamp })))
+}
+
+async fn delete_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result<HttpResponse, ApiError> {
+    refuse_query(query)?;
+    let path = key(raw_key)?;
+    if app.config.read_only {
+        return Err(ApiError::ReadOnly);
+    }
+    app.writer.delete(path).await?;
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    Ok(resp)
+}
+
+/// Checks that `bytes` is one JSON value, without building it. Unlike
+/// `serde::de::IgnoredAny` (which serde_json skips iteratively, at any depth), this
+/// descends through `deserialize_any`, so serde_json's recursion limit (128) applies:
+/// a value other nodes and clients could not parse is refused here.
+pub fn validate_json(bytes: &[u8]) -> Result<(), serde_json::Error> {
+    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    struct Valid;
+    impl<'de> Deserialize<'de> for Valid {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Valid)
+        }
+    }
+    impl<'de> Visitor<'de> for Valid {
+        type Value = Valid;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_unit<E>(self) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+            while seq.next_element::<Valid>()?.is_some() {}
+            Ok(Valid)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+            while map.next_key::<IgnoredAny>()?.is_some() {
+                map.next_value::<Valid>()?;
+            }
+            Ok(Valid)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    Valid::deserialize(&mut de)?;
+    de.end()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_json;
+
+    #[test]
+    fn json_validation() {
+        for ok in ["1", "\"s\"", "null", "[1,{\"a\":[true,false]}]", " {\"a\":{\"b\":null}} ", "1.5e3"] {
+            assert!(validate_json(ok.as_bytes()).is_ok(), "{ok}");
+        }
+        for bad in ["", "nope", "{", "[1,]", "{\"a\":1} x", "{1:2}", "\"\\x\""] {
+            assert!(validate_json(bad.as_bytes()).is_err(), "{bad}");
+        }
+        let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+        assert!(validate_json(deep.as_bytes()).is_err());
+        let fine = "[".repeat(100) + &"]".repeat(100);
+        assert!(validate_json(fine.as_bytes()).is_ok());
+    }
+}

@@ -1,0 +1,510 @@
+//! Node configuration: the one place that knows every key, its default and its rules.
+//!
+//! A config file is YAML. Unknown keys, wrong types and out-of-range values are
+//! refused with a [`ConfigError`] that names the key; `main` prints it as one line and
+//! exits with status 2. A missing file is created from [`default_file_text`], which
+//! lists every key with its default and a one-line comment.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Largest value a client may store, whatever `max_value_bytes` says: bounds memory per request.
+pub const MAX_VALUE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// How a write is made durable before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledged after fsync; concurrent writes share one fsync (group commit).
+    Sync,
+    /// Acknowledged once the write reached the operating system's buffers.
+    Buffer,
+}
+
+/// Verbosity of the JSON log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Everything, including per-request detail.
+    Debug,
+    /// Start-up, membership and sync events.
+    Info,
+    /// Problems that kvs works around.
+    Warn,
+    /// Problems that lose service.
+    Error,
+}
+
+impl LogLevel {
+    /// The name `tracing` filters use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+/// The `tracing` filter for a level. The storage engine's own chatter stays at warn
+/// unless debugging.
+pub fn log_filter(level: LogLevel) -> tracing_subscriber::EnvFilter {
+    let engine = if level == LogLevel::Debug { "debug" } else { "warn" };
+    tracing_subscriber::EnvFilter::new(format!("{},fjall={engine},lsm_tree={engine}", level.as_str()))
+}
+
+/// The file as written: every key optional, unknown keys refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    node_id: Option<String>,
+    bind_address: String,
+    port: u16,
+    advertise_address: Option<String>,
+    data_dir: PathBuf,
+    seed_nodes: Vec<String>,
+    read_only: bool,
+    log_level: LogLevel,
+    gossip_interval_min: f64,
+    gossip_interval_max: f64,
+    sync_interval: f64,
+    catchup_interval: f64,
+    bootstrap_max_age_hours: f64,
+    throttle_delay_ms: u64,
+    fetch_delay_ms: u64,
+    max_value_bytes: u64,
+    durability: Durability,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            node_id: None,
+            bind_address: "127.0.0.1".into(),
+            port: 8080,
+            advertise_address: None,
+            data_dir: PathBuf::from("./data"),
+            seed_nodes: Vec::new(),
+            read_only: false,
+            log_level: LogLevel::Info,
+            gossip_interval_min: 60.0,
+            gossip_interval_max: 120.0,
+            sync_interval: 300.0,
+            catchup_interval: 120.0,
+            bootstrap_max_age_hours: 720.0,
+            throttle_delay_ms: 100,
+            fetch_delay_ms: 50,
+            max_value_bytes: 1024 * 1024,
+            durability: Durability::Sync,
+        }
+    }
+}
+
+/// A validated configuration, with relative paths resolved and intervals as durations.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's unique name in the cluster.
+    pub node_id: String,
+    /// Address the HTTP server binds to.
+    pub bind_address: IpAddr,
+    /// Port the HTTP server binds to; 0 lets the OS pick one (the log says which).
+    pub port: u16,
+    /// `host:port` peers use to reach this node; `None` means bind address and bound port.
+    pub advertise_address: Option<String>,
+    /// Where fjall keeps this node's data (absolute, or relative to the working directory
+    /// when the config itself was given by a relative path).
+    pub data_dir: PathBuf,
+    /// `host:port` of nodes to join through.
+    pub seed_nodes: Vec<String>,
+    /// Refuse client writes (403); reads still work.
+    pub read_only: bool,
+    /// Log verbosity.
+    pub log_level: LogLevel,
+    /// Shortest pause between gossip rounds.
+    pub gossip_interval_min: Duration,
+    /// Longest pause between gossip rounds.
+    pub gossip_interval_max: Duration,
+    /// Pause between regular anti-entropy syncs.
+    pub sync_interval: Duration,
+    /// Pause between catch-up syncs while behind.
+    pub catchup_interval: Duration,
+    /// How far back a bootstrapping node fetches before switching to normal.
+    pub bootstrap_max_age: Duration,
+    /// Pause between bootstrap page requests.
+    pub throttle_delay: Duration,
+    /// Pause between bootstrap fetches.
+    pub fetch_delay: Duration,
+    /// Largest accepted value, in bytes.
+    pub max_value_bytes: u64,
+    /// When a write is acknowledged.
+    pub durability: Durability,
+}
+
+/// Why a config could not be used. Displayed as one line naming the key.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file the error is about.
+    pub file: PathBuf,
+    /// The key at fault, when one is.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config error in {}: ", self.file.display())?;
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads the config at `path`, creating it from the commented default when missing.
+    pub fn load_or_create(path: &Path) -> Result<(Config, bool), ConfigError> {
+        let err = |key: Option<&str>, message: String| ConfigError {
+            file: path.to_path_buf(),
+            key: key.map(str::to_string),
+            message,
+        };
+        let created = match std::fs::metadata(path) {
+            Ok(_) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_new_file(path, default_file_text().as_bytes())
+                    .map_err(|e| err(None, format!("cannot create default config: {e}")))?;
+                true
+            }
+            Err(e) => return Err(err(None, format!("cannot read: {e}"))),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(None, format!("cannot read: {e}")))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        let config = Config::parse(&text, base).map_err(|(key, message)| err(key.as_deref(), message))?;
+        Ok((config, created))
+    }
+
+    /// Parses and validates YAML text; relative `data_dir` is resolved against `base`.
+    /// Errors are `(key, message)`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, (Option<String>, String)> {
+        let raw: RawConfig = if is_blank_yaml(text) {
+            RawConfig::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| split_yaml_error(&e.to_string()))?
+        };
+        raw.validate(base)
+    }
+
+    /// The `host:port` peers are told, given the port actually bound.
+    pub fn advertised(&self, bound_port: u16) -> String {
+        match &self.advertise_address {
+            Some(a) => a.clone(),
+            None => SocketAddr::new(self.bind_address, bound_port).to_string(),
+        }
+    }
+}
+
+fn write_new_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    // create_new: never overwrite a file another process wrote meanwhile.
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// True when the text holds no YAML content (only comments and blank lines).
+fn is_blank_yaml(text: &str) -> bool {
+    text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---"
+    })
+}
+
+/// serde_yaml_ng reports a field error as `key: message at line L column C`; split off
+/// the key so the message names it the same way as our own checks do.
+fn split_yaml_error(msg: &str) -> (Option<String>, String) {
+    let msg = msg.replace('\n', " ");
+    if let Some(rest) = msg.strip_prefix("unknown field `")
+        && let Some(end) = rest.find('`')
+    {
+        let key = &rest[..end];
+        let tail = rest[end + 1..].trim_start_matches(',').trim();
+        return (Some(key.to_string()), format!("unknown key ({tail})"));
+    }
+    if let Some((key, rest)) = msg.split_once(": ")
+        && !key.is_empty()
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '[' || c == ']')
+    {
+        return (Some(key.to_string()), rest.to_string());
+    }
+    (None, msg)
+}
+
+type FieldResult<T> = Result<T, (Option<String>, String)>;
+
+fn field_err<T>(key: &str, message: impl Into<String>) -> FieldResult<T> {
+    Err((Some(key.to_string()), message.into()))
+}
+
+fn seconds(key: &str, value: f64) -> FieldResult<Duration> {
+    if !value.is_finite() || value <= 0.0 || value > 1.0e9 {
+        return field_err(key, format!("must be a number of seconds greater than 0, got {value}"));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// Checks a `host:port` peer address (host may be a name, IPv4, or bracketed IPv6).
+pub fn check_host_port(addr: &str) -> Result<(), String> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("{addr:?} is not host:port"));
+    };
+    let host_ok = !host.is_empty()
+        && (host.starts_with('[') && host.ends_with(']')
+            || host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'));
+    if !host_ok {
+        return Err(format!("{addr:?} has an invalid host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{addr:?} has an invalid port")),
+    }
+}
+
+/// The machine's hostname, the default `node_id`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| check_node_id(s).is_ok())
+        .unwrap_or_else(|| "kvs-node".to_string())
+}
+
+fn check_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err("must be 1 to 128 characters".into());
+    }
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')) {
+        return Err(format!("{id:?} may only hold letters, digits, '.', '-' and '_'"));
+    }
+    Ok(())
+}
+
+impl RawConfig {
+    fn validate(self, base: &Path) -> FieldResult<Config> {
+        let node_id = match self.node_id {
+            Some(id) => {
+                check_node_id(&id).or_else(|m| field_err("node_id", m))?;
+                id
+            }
+            None => hostname(),
+        };
+        let bind_address: IpAddr = self
+            .bind_address
+            .parse()
+            .or_else(|_| field_err("bind_address", format!("{:?} is not an IP address", self.bind_address)))?;
+        if let Some(a) = &self.advertise_address {
+            check_host_port(a).or_else(|m| field_err("advertise_address", m))?;
+        } else if bind_address.is_unspecified() {
+            return field_err(
+                "advertise_address",
+                format!("must be set when bind_address is {bind_address}: peers cannot reach an unspecified address"),
+            );
+        }
+        for s in &self.seed_nodes {
+            check_host_port(s).or_else(|m| field_err("seed_nodes", m))?;
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return field_err("data_dir", "must not be empty");
+        }
+        let data_dir = if self.data_dir.is_absolute() { self.data_dir } else { base.join(self.data_dir) };
+        let gossip_interval_min = seconds("gossip_interval_min", self.gossip_interval_min)?;
+        let gossip_interval_max = seconds("gossip_interval_max", self.gossip_interval_max)?;
+        if gossip_interval_min > gossip_interval_max {
+            return field_err(
+                "gossip_interval_min",
+                format!(
+                    "must not exceed gossip_interval_max ({} > {})",
+                    self.gossip_interval_min, self.gossip_interval_max
+                ),
+            );
+        }
+        let hours = self.bootstrap_max_age_hours;
+        if !hours.is_finite() || hours <= 0.0 || hours > 1.0e6 {
+            return field_err(
+                "bootstrap_max_age_hours",
+                format!("must be a number of hours greater than 0, got {hours}"),
+            );
+        }
+        if self.max_value_bytes == 0 || self.max_value_bytes > MAX_VALUE_BYTES_LIMIT {
+            return field_err(
+                "max_value_bytes",
+                format!("must be between 1 and {MAX_VALUE_BYTES_LIMIT}, got {}", self.max_value_bytes),
+            );
+        }
+        Ok(Config {
+            node_id,
+            bind_address,
+            port: self.port,
+            advertise_address: self.advertise_address,
+            data_dir,
+            seed_nodes: self.seed_nodes,
+            read_only: self.read_only,
+            log_level: self.log_level,
+            gossip_interval_min,
+            gossip_interval_max,
+            sync_interval: seconds("sync_interval", self.sync_interval)?,
+            catchup_interval: seconds("catchup_interval", self.catchup_interval)?,
+            bootstrap_max_age: Duration::from_secs_f64(hours * 3600.0),
+            throttle_delay: Duration::from_millis(self.throttle_delay_ms),
+            fetch_delay: Duration::from_millis(self.fetch_delay_ms),
+            max_value_bytes: self.max_value_bytes,
+            durability: self.durability,
+        })
+    }
+}
+
+/// The commented default config, written when the config file is missing.
+/// The repository's `config.yaml` is exactly this text (a test checks it).
+pub fn default_file_text() -> &'static str {
+    DEFAULT_CONFIG
+}
+
+const DEFAULT_CONFIG: &str = r#"# kvs node configuration. Every key is optional; the values below are the defaults.
+# Intervals are in seconds and accept fractions. See README.md, "Configuration".
+
+# Unique name of this node in the cluster (letters, digits, . - _); null: the hostname.
+node_id: null
+# IP address the HTTP server listens on.
+bind_address: "127.0.0.1"
+# TCP port the HTTP server listens on (0: any free port, logged at start).
+port: 8080
+# host:port peers use to reach this node; null: bind_address:port. Required with 0.0.0.0.
+advertise_address: null
+# Where data is stored; a relative path is resolved against this file's directory.
+data_dir: "./data"
+# host:port of existing nodes to join through; empty: start a new cluster.
+seed_nodes: []
+# Refuse client writes with 403; reads still work.
+read_only: false
+# Log verbosity: debug, info, warn or error.
+log_level: info
+# Shortest pause between two gossip rounds, in seconds.
+gossip_interval_min: 60
+# Longest pause between two gossip rounds, in seconds.
+gossip_interval_max: 120
+# Pause between regular anti-entropy syncs with a random peer, in seconds.
+sync_interval: 300
+# Pause between catch-up syncs while this node is behind, in seconds.
+catchup_interval: 120
+# How far back (hours) a new node fetches before it serves writes.
+bootstrap_max_age_hours: 720
+# Pause between bootstrap page requests, in milliseconds.
+throttle_delay_ms: 100
+# Pause between bootstrap fetches, in milliseconds.
+fetch_delay_ms: 50
+# Largest value accepted, in bytes (at most 67108864).
+max_value_bytes: 1048576
+# sync: acknowledge writes after fsync (group commit); buffer: after the OS has them.
+durability: sync
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> FieldResult<Config> {
+        Config::parse(text, Path::new("/etc/kvs"))
+    }
+
+    fn key_of(text: &str) -> Option<String> {
+        parse(text).err().and_then(|(k, _)| k)
+    }
+
+    #[test]
+    fn default_text_parses_to_defaults() {
+        let c = parse(DEFAULT_CONFIG).expect("default config is valid");
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.data_dir, Path::new("/etc/kvs/./data"));
+        assert_eq!(c.durability, Durability::Sync);
+        assert_eq!(c.gossip_interval_min, Duration::from_secs(60));
+        assert_eq!(c.max_value_bytes, 1 << 20);
+        assert!(!c.node_id.is_empty());
+    }
+
+    #[test]
+    fn default_text_names_every_key() {
+        let keys: Vec<&str> = DEFAULT_CONFIG
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| l.split_once(':').map(|(k, _)| k))
+            .collect();
+        // A key added to RawConfig without a line here fails this count.
+        let raw = format!("{:?}", RawConfig::default());
+        assert_eq!(keys.len(), raw.matches(": ").count());
+        for k in keys {
+            assert!(raw.contains(&format!("{k}: ")), "{k} is not a config key");
+        }
+    }
+
+    #[test]
+    fn empty_and_comment_only_files_mean_defaults() {
+        assert_eq!(parse("").unwrap().port, 8080);
+        assert_eq!(parse("# nothing\n\n").unwrap().port, 8080);
+    }
+
+    #[test]
+    fn fractions_of_seconds() {
+        let c = parse("sync_interval: 0.2\ngossip_interval_min: 0.1\ngossip_interval_max: 0.3").unwrap();
+        assert_eq!(c.sync_interval, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(key_of("bogus: 1").as_deref(), Some("bogus"));
+        assert_eq!(key_of("port: abc").as_deref(), Some("port"));
+        assert_eq!(key_of("port: 70000").as_deref(), Some("port"));
+        assert_eq!(key_of("port: -1").as_deref(), Some("port"));
+        assert_eq!(key_of("gossip_interval_min: 5\ngossip_interval_max: 1").as_deref(), Some("gossip_interval_min"));
+        assert_eq!(key_of("sync_interval: 0").as_deref(), Some("sync_interval"));
+        assert_eq!(key_of("durability: maybe").as_deref(), Some("durability"));
+        assert_eq!(key_of("log_level: loud").as_deref(), Some("log_level"));
+        assert_eq!(key_of("bind_address: nowhere").as_deref(), Some("bind_address"));
+        assert_eq!(key_of("bind_address: 0.0.0.0").as_deref(), Some("advertise_address"));
+        assert_eq!(key_of("seed_nodes: [\"nohost\"]").as_deref(), Some("seed_nodes"));
+        assert_eq!(key_of("max_value_bytes: 0").as_deref(), Some("max_value_bytes"));
+        assert_eq!(key_of("node_id: \"a b\"").as_deref(), Some("node_id"));
+        assert_eq!(key_of("read_only: 3").as_deref(), Some("read_only"));
+    }
+
+    #[test]
+    fn unspecified_bind_with_advertise_is_fine() {
+        let c = parse("bind_address: 0.0.0.0\nadvertise_address: \"db1.example:8080\"").unwrap();
+        assert_eq!(c.advertised(8080), "db1.example:8080");
+    }
+
+    #[test]
+    fn absolute_data_dir_kept() {
+        assert_eq!(parse("data_dir: /var/lib/kvs").unwrap().data_dir, Path::new("/var/lib/kvs"));
+    }
+
+    #[test]
+    fn host_port_rules() {
+        assert!(check_host_port("127.0.0.1:8081").is_ok());
+        assert!(check_host_port("[::1]:8081").is_ok());
+        assert!(check_host_port("db-1.example:80").is_ok());
+        assert!(check_host_port("db1").is_err());
+        assert!(check_host_port(":80").is_err());
+        assert!(check_host_port("db1:0").is_err());
+        assert!(check_host_port("db 1:80").is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! The `kvs` daemon: `kvs [CONFIG_PATH]`. Reads (or creates) the config, sets up
+//! logging and runs one node until SIGINT/SIGTERM.
+
+use kvs::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: kvs [CONFIG_PATH]   (default: config.yaml; created with defaults when missing)";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    let path = match (args.next(), args.next()) {
+        (None, _) => PathBuf::from("config.yaml"),
+        (Some(a), None) if a == "-h" || a == "--help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        (Some(a), None) if a == "-V" || a == "--version" => {
+            println!("kvs {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        (Some(a), None) if !a.to_string_lossy().starts_with('-') => PathBuf::from(a),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let (config, created) = match Config::load_or_create(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kvs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_target(false)
+        .with_env_filter(kvs::config::log_filter(config.log_level))
+        .with_writer(std::io::stdout)
+        .init();
+    if created {
+        tracing::info!(path = %path.display(), "config file not found; wrote the default");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kvs: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kvs::node::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "kvs stopped");
+            eprintln!("kvs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The HTTP accept loop: connection cap, timeouts, graceful drain.
+//!
+//! Each connection is served by hyper on its own task. At most [`MAX_CONNECTIONS`]
+//! are open at once: past that the loop stops accepting and the kernel's backlog holds
+//! new clients until a slot frees. On shutdown the listener closes, open connections
+//! finish their in-flight request (keep-alive is turned off), and the loop waits for
+//! them for at most [`DRAIN_TIMEOUT`].
+
+use crate::api;
+use crate::node::App;
+use crate::shutdown::Shutdown;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// Most client connections open at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for in-flight requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's own buffer limit. Requests with headers between [`api::MAX_HEADER_BYTES`]
+/// and this get a JSON 431 from the API; beyond it hyper answers 431 itself.
+const HYPER_MAX_BUF: usize = 64 * 1024;
+
+/// Serves `listener` until `shutdown` fires, then drains.
+pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(HYPER_MAX_BUF).max_headers(128);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+            _ = shutdown.wait() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let conn_shutdown = shutdown.clone();
+        let http = http.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(api::handle(app, req).await) }
+            });
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            serve_until_shutdown(conn, conn_shutdown, peer).await;
+        });
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(open = connections.len(), "drain timed out; closing remaining connections");
+        connections.abort_all();
+    }
+}
+
+async fn serve_until_shutdown<S>(
+    conn: http1::Connection<TokioIo<tokio::net::TcpStream>, S>,
+    mut shutdown: Shutdown,
+    peer: std::net::SocketAddr,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = http_body_util::Full<bytes::Bytes>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.wait() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

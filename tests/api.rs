@@ -1,0 +1,234 @@
+//! The client API of one real node: CRUD, listing, and every bad input.
+
+mod common;
+use common::*;
+
+fn node(extra: &str) -> (tempfile::TempDir, Node) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_in(dir.path(), extra);
+    (dir, node)
+}
+
+#[test]
+fn put_get_head_delete() {
+    let (_d, n) = node("");
+    let body = r#"{"name":"John Doe","age":30}"#;
+    let put = n.put("/kv/users/john/profile", body);
+    assert_eq!(put.status, 200, "{}", put.text());
+    let v = put.json();
+    let uuid = v["uuid"].as_str().unwrap().to_string();
+    let ts = v["timestamp"].as_u64().unwrap();
+    assert!(ts > 1_600_000_000_000);
+
+    let get = n.get("/kv/users/john/profile");
+    assert_eq!(get.status, 200);
+    assert_eq!(get.text(), body, "stored bytes come back exactly");
+    assert_eq!(get.header("content-type"), Some("application/json"));
+    assert_eq!(get.header("etag"), Some(format!("\"{uuid}\"").as_str()));
+    assert_eq!(get.header("x-kvs-timestamp"), Some(ts.to_string().as_str()));
+
+    let head = http(&n.addr, "HEAD", "/kv/users/john/profile", None);
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), Some(body.len().to_string().as_str()));
+    assert_eq!(head.header("etag"), get.header("etag"));
+
+    // Whitespace and formatting are kept: values are stored as sent.
+    let odd = "[ 1,\n 2 ]";
+    assert_eq!(n.put("/kv/users/john/profile", odd).status, 200);
+    assert_eq!(n.get("/kv/users/john/profile").text(), odd);
+
+    assert_eq!(n.delete("/kv/users/john/profile").status, 204);
+    n.get("/kv/users/john/profile").assert_error(404);
+    assert_eq!(http(&n.addr, "HEAD", "/kv/users/john/profile", None).status, 404);
+    // Deleting what is absent still answers 204 (and records a tombstone).
+    assert_eq!(n.delete("/kv/never/was").status, 204);
+    assert_eq!(n.health()["tombstones"], 2);
+    n.get("/kv/never/was").assert_error(404);
+}
+
+#[test]
+fn any_json_value_and_percent_encoded_keys() {
+    let (_d, n) = node("");
+    for (i, v) in ["1", "\"s\"", "null", "true", "[]", "{}", "-1.5e-3"].iter().enumerate() {
+        let p = format!("/kv/values/{i}");
+        assert_eq!(n.put(&p, v).status, 200, "{v}");
+        assert_eq!(n.get(&p).text(), *v);
+    }
+    // 10,000-deep nesting is refused (serde_json's recursion limit), not a crash.
+    let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+    n.put("/kv/deep", &deep).assert_error(400);
+    let deep_obj = "{\"a\":".repeat(10_000) + "1" + &"}".repeat(10_000);
+    n.put("/kv/deep", &deep_obj).assert_error(400);
+    // %2F is a slash inside the key; the key is decoded exactly once.
+    assert_eq!(n.put("/kv/a%20b/c%2Fd", "1").status, 200);
+    assert_eq!(n.get("/kv/a%20b/c/d").text(), "1");
+    assert_eq!(n.put("/kv/lit/%252e%252e", "2").status, 200);
+    assert_eq!(n.get("/kv/lit/%252e%252e").text(), "2");
+    n.get("/kv/lit/..").assert_error(400);
+    assert_eq!(n.put("/kv/caf%C3%A9", "3").status, 200);
+    assert_eq!(n.get("/kv/café").status, 200);
+}
+
+#[test]
+fn listing_and_pagination() {
+    let (_d, n) = node("");
+    for k in ["a", "a/b", "a/c/d", "a-x", "ab", "b", "a/zz"] {
+        assert_eq!(n.put(&format!("/kv/{k}"), "1").status, 200);
+    }
+    n.delete("/kv/a/zz");
+    let all = n.get("/kv/?keys").json();
+    assert_eq!(all["keys"], serde_json::json!(["a", "a-x", "a/b", "a/c/d", "ab", "b"]));
+    assert!(all["next"].is_null());
+
+    let under = n.get("/kv/a?keys").json();
+    assert_eq!(under["keys"], serde_json::json!(["a", "a/b", "a/c/d"]), "prefix itself and a/..., not a-x or ab");
+
+    let p1 = n.get("/kv/a?keys&limit=2").json();
+    assert_eq!(p1["keys"], serde_json::json!(["a", "a/b"]));
+    assert_eq!(p1["next"], "a/b");
+    let p2 = n.get("/kv/a?keys&limit=2&after=a%2Fb").json();
+    assert_eq!(p2["keys"], serde_json::json!(["a/c/d"]));
+    assert!(p2["next"].is_null());
+    let p3 = n.get("/kv/?keys&after=ab").json();
+    assert_eq!(p3["keys"], serde_json::json!(["b"]));
+    assert_eq!(n.get("/kv/nothing?keys").json()["keys"], serde_json::json!([]));
+
+    n.get("/kv/?keys&limit=0").assert_error(400);
+    n.get("/kv/?keys&limit=10001").assert_error(400);
+    n.get("/kv/?keys&limit=x").assert_error(400);
+    n.get("/kv/?keys&bogus=1").assert_error(400);
+    n.get("/kv/a/?keys").assert_error(400);
+}
+
+#[test]
+fn many_pages_cover_every_key_once() {
+    let (_d, n) = node("durability: buffer\n");
+    let mut expected: Vec<String> = (0..250).map(|i| format!("k/{i:03}")).collect();
+    for k in &expected {
+        assert_eq!(n.put(&format!("/kv/{k}"), "{}").status, 200);
+    }
+    expected.sort();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let q = match &after {
+            Some(a) => format!("/kv/k?keys&limit=100&after={}", a.replace('/', "%2F")),
+            None => "/kv/k?keys&limit=100".into(),
+        };
+        let page = n.get(&q).json();
+        seen.extend(page["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()));
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn bad_paths_are_400() {
+    let (_d, n) = node("");
+    let long = format!("/kv/{}", "a".repeat(1025));
+    for p in [
+        "/kv/",
+        "/kv//a",
+        "/kv/a/",
+        "/kv/a//b",
+        "/kv/.",
+        "/kv/..",
+        "/kv/a/./b",
+        "/kv/a/../b",
+        "/kv/a/%2e%2e/b",
+        "/kv/%2E%2E",
+        "/kv/a%00b",
+        "/kv/a%0Ab",
+        "/kv/a%7F",
+        "/kv/a%zz",
+        "/kv/a%",
+        "/kv/%ff",
+        "/kv/a%2F",
+        long.as_str(),
+    ] {
+        n.put(p, "1").assert_error(400);
+        n.get(p).assert_error(400);
+        n.delete(p).assert_error(400);
+    }
+    assert_eq!(n.put(&format!("/kv/{}", "a".repeat(1024)), "1").status, 200);
+    assert_eq!(n.health()["keys"], 1, "nothing else was stored");
+}
+
+#[test]
+fn bad_bodies() {
+    let (_d, n) = node("max_value_bytes: 1000\n");
+    for body in ["", "nope", "{", "{\"a\":1} trailing", "[1,]", "{'a':1}"] {
+        n.put("/kv/x", body).assert_error(400);
+    }
+    let ok = format!("\"{}\"", "a".repeat(998));
+    assert_eq!(n.put("/kv/x", &ok).status, 200);
+    n.put("/kv/x", &format!("\"{}\"", "a".repeat(999))).assert_error(413);
+    // A large declared length is refused before the body is read.
+    let req = "PUT /kv/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n";
+    raw(&n.addr, req.as_bytes(), false).assert_error(413);
+    // Chunked bodies have no declared length: counted while reading.
+    let first = format!("\"{}", "a".repeat(599));
+    let second = "a".repeat(600);
+    let req = format!(
+        "PUT /kv/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n258\r\n{first}\r\n258\r\n{second}\r\n0\r\n\r\n"
+    );
+    raw(&n.addr, req.as_bytes(), false).assert_error(413);
+    assert_eq!(n.get("/kv/x").text(), ok, "refused writes lost nothing");
+}
+
+#[test]
+fn routes_methods_and_headers() {
+    let (_d, n) = node("");
+    n.get("/nope").assert_error(404);
+    n.get("/kv").assert_error(404);
+    for (method, path, allow) in [
+        ("POST", "/kv/a", "GET, HEAD, PUT, DELETE"),
+        ("PATCH", "/kv/a", "GET, HEAD, PUT, DELETE"),
+        ("PUT", "/health", "GET, HEAD"),
+        ("DELETE", "/members/", "GET, HEAD"),
+    ] {
+        let r = http(&n.addr, method, path, Some(b"1"));
+        r.assert_error(405);
+        assert_eq!(r.header("allow"), Some(allow));
+    }
+    let big = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(20_000));
+    raw(&n.addr, big.as_bytes(), false).assert_error(431);
+    n.get("/kv/a?unexpected").assert_error(400);
+    n.put("/kv/a?x=1", "1").assert_error(400);
+}
+
+#[test]
+fn health_and_members() {
+    let (_d, n) = node("node_id: alpha\n");
+    let h = n.health();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["mode"], "normal");
+    assert_eq!(h["member_count"], 1);
+    assert_eq!(h["node_id"], "alpha");
+    let m = n.get("/members/").json();
+    let m = m.as_array().unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0]["id"], "alpha");
+    assert_eq!(m[0]["address"], n.addr.as_str());
+    assert!(m[0]["joined_timestamp"].as_u64().unwrap() > 0);
+    assert!(m[0]["last_seen"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn read_only_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = Node::start_in(dir.path(), "");
+    assert_eq!(n.put("/kv/kept", "1").status, 200);
+    n.terminate();
+    let config = std::fs::read_to_string(&n.config).unwrap() + "read_only: true\n";
+    std::fs::write(&n.config, config).unwrap();
+    n.restart();
+    n.put("/kv/kept", "2").assert_error(403);
+    n.delete("/kv/kept").assert_error(403);
+    assert_eq!(n.get("/kv/kept").text(), "1");
+    assert_eq!(n.health()["mode"], "read-only");
+}

@@ -1,0 +1,233 @@
+//! Test harness: real `kvs` processes on 127.0.0.1 and a raw HTTP/1.1 client.
+//!
+//! A node binds port 0 and the harness reads the bound address from its `listening`
+//! log line, so tests never race for ports. Every process is killed when its [`Node`]
+//! drops, also when a test fails; a failing test prints the node's log tail.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long any wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kvs");
+
+/// Polls `cond` every 20 ms until it returns `Some`, or panics after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running (or stopped) kvs process with its own directory.
+pub struct Node {
+    child: Option<Child>,
+    /// `127.0.0.1:port` it listens on.
+    pub addr: String,
+    /// Directory holding its config, data dir and log.
+    pub dir: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+}
+
+impl Node {
+    /// Writes `config.yaml` in `dir` (port 0, data dir `dir/data` unless `extra` says
+    /// otherwise) and starts a node on it.
+    pub fn start_in(dir: &Path, extra: &str) -> Node {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("config.yaml");
+        let mut text = String::from("log_level: debug\n");
+        if !extra.contains("port:") {
+            text.push_str("port: 0\n");
+        }
+        if !extra.contains("data_dir:") {
+            text.push_str("data_dir: ./data\n");
+        }
+        text.push_str(extra);
+        std::fs::write(&config, text).unwrap();
+        Node::start_config(dir, &config)
+    }
+
+    /// Starts a node on an existing config file; its log goes to `dir/node.log`.
+    pub fn start_config(dir: &Path, config: &Path) -> Node {
+        let mut node = Node { child: None, addr: String::new(), dir: dir.to_path_buf(), config: config.to_path_buf() };
+        node.restart();
+        node
+    }
+
+    /// Starts the process again on the same config and data (a new log section).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "node is still running");
+        let log_path = self.log_path();
+        let offset = std::fs::metadata(&log_path).map_or(0, |m| m.len());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        let child = Command::new(BIN)
+            .arg(&self.config)
+            .current_dir(&self.dir)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start kvs");
+        self.child = Some(child);
+        self.addr = wait_for(DEADLINE, "the node to listen", || {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("kvs exited during start with {status}:\n{}", self.log());
+            }
+            let log = std::fs::read_to_string(&log_path).ok()?;
+            log.get(offset as usize..)?.lines().find_map(listening_addr)
+        });
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("node.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node is running").id()
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `sig` (e.g. "INT") and waits for the exit.
+    pub fn stop_with(&mut self, sig: &str) -> ExitStatus {
+        let mut c = self.child.take().expect("node is running");
+        signal(c.id(), sig);
+        wait_for(DEADLINE, "the node to exit", || c.try_wait().ok().flatten())
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        http(&self.addr, "GET", path, None)
+    }
+
+    pub fn put(&self, path: &str, body: &str) -> Resp {
+        http(&self.addr, "PUT", path, Some(body.as_bytes()))
+    }
+
+    pub fn delete(&self, path: &str) -> Resp {
+        http(&self.addr, "DELETE", path, None)
+    }
+
+    pub fn health(&self) -> serde_json::Value {
+        self.get("/health").json()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- log of node at {} (last lines) ---", self.addr);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().map(|s| s.success());
+    assert!(matches!(ok, Ok(true)), "kill -{sig} {pid} failed");
+}
+
+fn listening_addr(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    (v["message"] == "listening").then(|| v["addr"].as_str().map(str::to_string)).flatten()
+}
+
+/// An HTTP response as the client saw it.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
+    }
+
+    /// Asserts a JSON error body with the given status.
+    pub fn assert_error(&self, status: u16) {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        assert!(self.json()["error"].is_string(), "no error field: {}", self.text());
+    }
+}
+
+/// One request over a fresh connection (`Connection: close`).
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body.unwrap_or_default());
+    raw(addr, &bytes, method == "HEAD")
+}
+
+/// Sends raw request bytes and reads the response until the server closes.
+pub fn raw(addr: &str, request: &[u8], head: bool) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    // The server may answer (e.g. 413) and close before reading all of a large body.
+    let _ = s.write_all(request);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    parse_response(&buf, head)
+}
+
+fn parse_response(buf: &[u8], head: bool) -> Resp {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| {
+        panic!("no complete response: {:?}", String::from_utf8_lossy(buf));
+    });
+    let head_text = std::str::from_utf8(&buf[..end]).unwrap();
+    let mut lines = head_text.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[end + 4..].to_vec();
+    if !head && let Some(len) = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()) {
+        body.truncate(len);
+    }
+    Resp { status, headers, body }
+}
