@@ -95,6 +95,8 @@ pub struct KeyPage {
 }
 
 struct Inner {
+    /// Held for the life of the store: one kvs process per data dir.
+    _lock: std::fs::File,
     db: Database,
     records: Keyspace,
     by_time: Keyspace,
@@ -146,12 +148,44 @@ fn read_u64(ks: &Keyspace, key: &[u8]) -> Result<u64, StoreError> {
 
 impl Store {
     /// Opens (or creates) the database in `dir` and starts its writer thread.
+    ///
+    /// `dir` holds `LOCK` (kvs's own lock, taken first), `db/` (fjall) and
+    /// `db.created`, written once `db/` was created completely. fjall cannot reopen a
+    /// database whose creation was interrupted (a crash between its first files and its
+    /// version marker), so a `db/` without `db.created` is removed and created again:
+    /// it never held an acknowledged write.
     pub fn open(dir: &Path, durability: Durability) -> Result<(Store, Writer), StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
-        let db = Database::builder(dir).open().map_err(|e| match io(e) {
+        let fs_err =
+            |what: &str, p: &Path, e: std::io::Error| StoreError::Io(format!("cannot {what} {}: {e}", p.display()));
+        std::fs::create_dir_all(dir).map_err(|e| fs_err("create", dir, e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| fs_err("open", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Locked(dir.display().to_string())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(fs_err("lock", &lock_path, e)),
+        }
+        let db_dir = dir.join("db");
+        let created = dir.join("db.created");
+        if db_dir.exists() && !created.exists() {
+            tracing::warn!(path = %db_dir.display(), "removing a database whose creation was interrupted");
+            std::fs::remove_dir_all(&db_dir).map_err(|e| fs_err("remove", &db_dir, e))?;
+        }
+        let db = Database::builder(&db_dir).open().map_err(|e| match io(e) {
             StoreError::Locked(_) => StoreError::Locked(dir.display().to_string()),
             other => other,
         })?;
+        if !created.exists() {
+            std::fs::File::create(&created)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::File::open(dir)?.sync_all())
+                .map_err(|e| fs_err("create", &created, e))?;
+        }
         let records = db.keyspace("records", KeyspaceCreateOptions::default).map_err(io)?;
         let by_time = db.keyspace("by_time", KeyspaceCreateOptions::default).map_err(io)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io)?;
@@ -162,6 +196,7 @@ impl Store {
         let last_timestamp = read_u64(&meta, META_LAST_TIMESTAMP)?;
         let store = Store {
             inner: Arc::new(Inner {
+                _lock: lock,
                 db,
                 records,
                 by_time,

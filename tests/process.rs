@@ -169,3 +169,19 @@ fn sigint_drains_and_exits_0() {
     assert!(status.success(), "{status}");
     assert!(n.log().contains("\"stopped\""));
 }
+
+#[test]
+fn an_interrupted_first_start_does_not_brick_the_data_dir() {
+    // What a crash during the very first start leaves: fjall's first files, no marker.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data/db");
+    std::fs::create_dir_all(db.join("keyspaces")).unwrap();
+    std::fs::write(db.join("0.jnl"), b"").unwrap();
+    let mut n = Node::start_in(dir.path(), "");
+    assert_eq!(n.put("/kv/a", "1").status, 200);
+    assert!(n.log().contains("creation was interrupted"));
+    // A complete database is never removed.
+    n.kill9();
+    n.restart();
+    assert_eq!(n.get("/kv/a").text(), "1");
+}
