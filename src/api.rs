@@ -4,6 +4,9 @@
 //! can cause becomes an [`ApiError`], rendered as `{"error": "..."}` with its status.
 //! Storage reads run on the blocking pool; writes go to the storage writer thread.
 
+use crate::cluster::GossipMessage;
+use crate::config::{check_host_port, check_node_id};
+use crate::membership::MemberInfo;
 use crate::node::App;
 use crate::path::{parse_key, percent_decode};
 use crate::storage::StoreError;
@@ -36,6 +39,8 @@ pub enum ApiError {
     BadRequest(String),
     /// The node refuses writes (403).
     ReadOnly,
+    /// The request conflicts with the cluster's state, e.g. a duplicate `node_id` (409).
+    Conflict(String),
     /// No such key or route (404).
     NotFound(&'static str),
     /// The route exists but not with this method (405, with `Allow`).
@@ -56,6 +61,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ReadOnly => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -67,7 +73,7 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            ApiError::BadRequest(m) => m.clone(),
+            ApiError::BadRequest(m) | ApiError::Conflict(m) => m.clone(),
             ApiError::ReadOnly => "this node is read-only".into(),
             ApiError::NotFound(what) => format!("{what} not found"),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; allowed: {allow}"),
@@ -106,6 +112,9 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpRespon
 }
 
 const KV_METHODS: &str = "GET, HEAD, PUT, DELETE";
+const POST_METHOD: &str = "POST";
+/// Largest node-to-node request body.
+const INTERNAL_BODY_LIMIT: u64 = 256 * 1024 * 1024;
 const READ_METHODS: &str = "GET, HEAD";
 
 /// Routes one client request.
@@ -140,12 +149,67 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
         };
     }
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    let post = req.method() == Method::POST;
     match path {
         "/health" if read => Ok(json_response(StatusCode::OK, &app.health())),
-        "/members" | "/members/" if read => Ok(json_response(StatusCode::OK, &app.members_json())),
+        "/members" | "/members/" if read => Ok(json_response(StatusCode::OK, &json!(app.cluster.view()))),
         "/health" | "/members" | "/members/" => Err(ApiError::MethodNotAllowed(READ_METHODS)),
+        "/members/join" if post => {
+            let info: MemberInfo = read_json(req).await?;
+            check_member(&info)?;
+            match app.cluster.handle_join(info) {
+                Ok(members) => Ok(json_response(StatusCode::OK, &json!({ "members": members }))),
+                Err(reason) => Err(ApiError::Conflict(reason)),
+            }
+        }
+        "/members/leave" if post => {
+            let info: MemberInfo = read_json(req).await?;
+            check_member(&info)?;
+            if !info.left {
+                return Err(ApiError::BadRequest("a leave announcement has \"left\": true".into()));
+            }
+            app.cluster.handle_leave(info);
+            Ok(json_response(StatusCode::OK, &json!({})))
+        }
+        "/internal/gossip" if post => {
+            let msg: GossipMessage = read_json(req).await?;
+            msg.members.iter().try_for_each(check_member)?;
+            Ok(json_response(StatusCode::OK, &json!(app.cluster.handle_gossip(msg))))
+        }
+        "/members/join" | "/members/leave" | "/internal/gossip" => Err(ApiError::MethodNotAllowed(POST_METHOD)),
         _ => Err(ApiError::NotFound("route")),
     }
+}
+
+/// Checks what a peer says about a member like client input.
+fn check_member(m: &MemberInfo) -> Result<(), ApiError> {
+    check_node_id(&m.id).map_err(|e| ApiError::BadRequest(format!("member id: {e}")))?;
+    check_host_port(&m.address).map_err(|e| ApiError::BadRequest(format!("member address: {e}")))?;
+    if m.uid.is_empty() || m.uid.len() > 64 {
+        return Err(ApiError::BadRequest("member uid must be 1 to 64 bytes".into()));
+    }
+    Ok(())
+}
+
+/// Reads a whole body of at most `max` bytes within [`BODY_READ_TIMEOUT`].
+async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(ApiError::TooLarge(max));
+    }
+    let limited = Limited::new(req.into_body(), max as usize);
+    match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
+        Err(_) => Err(ApiError::BodyTimeout),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::TooLarge(max)),
+        Ok(Err(e)) => Err(ApiError::BadRequest(format!("cannot read body: {e}"))),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+    }
+}
+
+/// Reads and decodes a node-to-node JSON body.
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = read_body(req, INTERNAL_BODY_LIMIT).await?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
 }
 
 /// Query parameters, each percent-decoded once. A parameter without `=` has value "".
@@ -232,20 +296,7 @@ async fn put_kv(app: &Arc<App>, raw_key: &str, req: Request<Incoming>) -> Result
     if app.config.read_only {
         return Err(ApiError::ReadOnly);
     }
-    let max = app.config.max_value_bytes;
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max) {
-        return Err(ApiError::TooLarge(max));
-    }
-    let limited = Limited::new(req.into_body(), max as usize);
-    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
-        Err(_) => return Err(ApiError::BodyTimeout),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(ApiError::TooLarge(max));
-        }
-        Ok(Err(e)) => return Err(ApiError::BadRequest(format!("cannot read body: {e}"))),
-        Ok(Ok(b)) => b.to_bytes(),
-    };
+    let body = read_body(req, app.config.max_value_bytes).await?;
     validate_json(&body).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
     let written = app.writer.put(path, body).await?;
     Ok(json_response(StatusCode::OK, &json!({ "uuid": written.uuid.to_string(), "timestamp": written.timestamp })))

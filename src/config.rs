@@ -78,6 +78,8 @@ struct RawConfig {
     fetch_delay_ms: u64,
     max_value_bytes: u64,
     durability: Durability,
+    failure_timeout: f64,
+    removal_timeout: f64,
 }
 
 impl Default for RawConfig {
@@ -100,6 +102,8 @@ impl Default for RawConfig {
             fetch_delay_ms: 50,
             max_value_bytes: 1024 * 1024,
             durability: Durability::Sync,
+            failure_timeout: 300.0,
+            removal_timeout: 600.0,
         }
     }
 }
@@ -142,6 +146,10 @@ pub struct Config {
     pub max_value_bytes: u64,
     /// When a write is acknowledged.
     pub durability: Durability,
+    /// Silence after which a member is reported down.
+    pub failure_timeout: Duration,
+    /// Silence after which a member is removed.
+    pub removal_timeout: Duration,
 }
 
 /// Why a config could not be used. Displayed as one line naming the key.
@@ -289,7 +297,8 @@ fn hostname() -> String {
         .unwrap_or_else(|| "kvs-node".to_string())
 }
 
-fn check_node_id(id: &str) -> Result<(), String> {
+/// Checks a `node_id` (also one a peer sends).
+pub fn check_node_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 {
         return Err("must be 1 to 128 characters".into());
     }
@@ -351,6 +360,23 @@ impl RawConfig {
                 format!("must be between 1 and {MAX_VALUE_BYTES_LIMIT}, got {}", self.max_value_bytes),
             );
         }
+        let failure_timeout = seconds("failure_timeout", self.failure_timeout)?;
+        let removal_timeout = seconds("removal_timeout", self.removal_timeout)?;
+        if failure_timeout <= gossip_interval_max {
+            return field_err(
+                "failure_timeout",
+                format!(
+                    "must exceed gossip_interval_max ({} <= {}), or members flap between alive and down",
+                    self.failure_timeout, self.gossip_interval_max
+                ),
+            );
+        }
+        if removal_timeout <= failure_timeout {
+            return field_err(
+                "removal_timeout",
+                format!("must exceed failure_timeout ({} <= {})", self.removal_timeout, self.failure_timeout),
+            );
+        }
         Ok(Config {
             node_id,
             bind_address,
@@ -369,6 +395,8 @@ impl RawConfig {
             fetch_delay: Duration::from_millis(self.fetch_delay_ms),
             max_value_bytes: self.max_value_bytes,
             durability: self.durability,
+            failure_timeout,
+            removal_timeout,
         })
     }
 }
@@ -398,6 +426,10 @@ seed_nodes: []
 read_only: false
 # Log verbosity: debug, info, warn or error.
 log_level: info
+# Seconds without news of a member before it is reported down (above gossip_interval_max).
+failure_timeout: 300
+# Seconds without news of a member before it is removed (above failure_timeout).
+removal_timeout: 600
 # Shortest pause between two gossip rounds, in seconds.
 gossip_interval_min: 60
 # Longest pause between two gossip rounds, in seconds.
@@ -484,6 +516,8 @@ mod tests {
         assert_eq!(key_of("max_value_bytes: 0").as_deref(), Some("max_value_bytes"));
         assert_eq!(key_of("node_id: \"a b\"").as_deref(), Some("node_id"));
         assert_eq!(key_of("read_only: 3").as_deref(), Some("read_only"));
+        assert_eq!(key_of("failure_timeout: 100").as_deref(), Some("failure_timeout"));
+        assert_eq!(key_of("removal_timeout: 300").as_deref(), Some("removal_timeout"));
     }
 
     #[test]
@@ -495,6 +529,18 @@ mod tests {
     #[test]
     fn absolute_data_dir_kept() {
         assert_eq!(parse("data_dir: /var/lib/kvs").unwrap().data_dir, Path::new("/var/lib/kvs"));
+    }
+
+    #[test]
+    fn repository_configs_are_valid() {
+        let nodes = [include_str!("../node1.yaml"), include_str!("../node2.yaml"), include_str!("../node3.yaml")];
+        for (i, text) in nodes.iter().enumerate() {
+            let c = parse(text).unwrap_or_else(|e| panic!("node{}.yaml: {e:?}", i + 1));
+            assert_eq!(c.node_id, format!("node{}", i + 1));
+            assert_eq!(c.port, 8081 + i as u16);
+            assert_eq!(c.seed_nodes.len(), i, "node1 founds, node2 seeds 1, node3 seeds 1 and 2");
+        }
+        assert_eq!(include_str!("../config.yaml"), DEFAULT_CONFIG);
     }
 
     #[test]

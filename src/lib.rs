@@ -8,7 +8,11 @@
 //!   that orders two versions.
 //! - [`storage`]: fjall keyspaces (records, timestamp index, meta) and the single
 //!   writer thread that group-commits every change.
-//! - [`api`]: the client HTTP API: routing, handlers, JSON errors.
+//! - [`membership`]: the membership rules (merge, status, removal, peer choice), no I/O.
+//! - [`cluster`]: the membership tasks around them: join, gossip, leave.
+//! - [`peer`]: the pooled HTTP client for node-to-node calls, a timeout on each.
+//! - [`api`]: the HTTP API (client routes and node-to-node routes): routing, handlers,
+//!   JSON errors.
 //! - [`server`]: the accept loop: connection cap, timeouts, graceful drain.
 //! - [`node`]: wires one node together and runs it until a signal.
 //! - [`shutdown`], [`clock`]: the stop signal every task watches; Unix-millisecond time.
@@ -27,9 +31,12 @@
 
 pub mod api;
 pub mod clock;
+pub mod cluster;
 pub mod config;
+pub mod membership;
 pub mod node;
 pub mod path;
+pub mod peer;
 pub mod record;
 pub mod server;
 pub mod shutdown;

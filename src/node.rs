@@ -1,8 +1,13 @@
 //! One running node: opens storage, binds the port, starts every task, and stops them
-//! all in order on SIGINT/SIGTERM or a storage failure.
+//! all in order on SIGINT/SIGTERM or a fatal error.
+//!
+//! Stop order: announce leave to peers, stop background tasks and the HTTP server
+//! (in-flight requests finish), then the storage writer finishes its queue and fsyncs.
 
 use crate::clock::now_ms;
+use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::membership::{MemberInfo, Timeouts};
 use crate::server;
 use crate::shutdown;
 use crate::storage::{Store, StoreError, Writer};
@@ -11,9 +16,14 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
-/// Metadata key under which this node remembers when it first started.
+/// When this node first started (Unix ms); its age in conflict tie-breaks.
 const META_JOINED: &str = "joined_timestamp";
+/// Random identity of this data dir (tells a restart from a duplicate `node_id`).
+const META_UID: &str = "node_uid";
+/// The incarnation of the last process start.
+const META_INCARNATION: &str = "incarnation";
 
 /// What every request handler and task shares.
 pub struct App {
@@ -23,10 +33,8 @@ pub struct App {
     pub store: Store,
     /// Writes.
     pub writer: Writer,
-    /// `host:port` peers reach this node at.
-    pub advertise: String,
-    /// When this node first started (Unix ms); survives restarts.
-    pub joined_timestamp: u64,
+    /// Membership and the peer client.
+    pub cluster: Arc<Cluster>,
     /// When this process started.
     pub started: Instant,
 }
@@ -38,23 +46,14 @@ impl App {
         json!({
             "status": "ok",
             "mode": mode,
-            "member_count": 1,
+            "member_count": self.cluster.alive_count(),
+            "gossip_rounds": self.cluster.gossip_rounds(),
             "node_id": self.config.node_id,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs(),
             "keys": self.store.live_keys(),
             "tombstones": self.store.tombstones(),
         })
-    }
-
-    /// The `/members/` document.
-    pub fn members_json(&self) -> serde_json::Value {
-        json!([{
-            "id": self.config.node_id,
-            "address": self.advertise,
-            "last_seen": now_ms(),
-            "joined_timestamp": self.joined_timestamp,
-        }])
     }
 }
 
@@ -65,6 +64,8 @@ pub enum NodeError {
     Storage(StoreError),
     /// The port could not be bound.
     Bind(String),
+    /// The cluster refused this node (duplicate `node_id`).
+    Refused(String),
 }
 
 impl std::fmt::Display for NodeError {
@@ -72,6 +73,7 @@ impl std::fmt::Display for NodeError {
         match self {
             NodeError::Storage(e) => write!(f, "{e}"),
             NodeError::Bind(m) => f.write_str(m),
+            NodeError::Refused(m) => write!(f, "the cluster refused this node: {m}"),
         }
     }
 }
@@ -82,18 +84,47 @@ impl From<StoreError> for NodeError {
     }
 }
 
-async fn joined_timestamp(store: &Store, writer: &Writer) -> Result<u64, StoreError> {
-    let s = store.clone();
-    let held = tokio::task::spawn_blocking(move || s.meta(META_JOINED)).await.map_err(|_| StoreError::Closed)??;
-    if let Some(ts) = held.as_deref().and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) {
-        return Ok(ts);
-    }
-    let ts = now_ms();
-    writer.set_meta(META_JOINED, Bytes::copy_from_slice(&ts.to_be_bytes())).await?;
-    Ok(ts)
+/// This node's identity, kept in its data dir.
+struct Identity {
+    uid: String,
+    joined_timestamp: u64,
+    incarnation: u64,
 }
 
-/// Runs the node until a signal or a storage failure. `Ok` means a clean stop.
+fn meta_u64(v: Option<Bytes>) -> Option<u64> {
+    v.as_deref().and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
+}
+
+async fn identity(store: &Store, writer: &Writer) -> Result<Identity, StoreError> {
+    let s = store.clone();
+    let (joined, uid, incarnation) = tokio::task::spawn_blocking(move || {
+        Ok::<_, StoreError>((s.meta(META_JOINED)?, s.meta(META_UID)?, s.meta(META_INCARNATION)?))
+    })
+    .await
+    .map_err(|_| StoreError::Closed)??;
+    let joined_timestamp = match meta_u64(joined) {
+        Some(ts) => ts,
+        None => {
+            let ts = now_ms();
+            writer.set_meta(META_JOINED, Bytes::copy_from_slice(&ts.to_be_bytes())).await?;
+            ts
+        }
+    };
+    let uid = match uid.and_then(|u| String::from_utf8(u.to_vec()).ok()) {
+        Some(u) => u,
+        None => {
+            let u = uuid::Uuid::new_v4().to_string();
+            writer.set_meta(META_UID, Bytes::from(u.clone())).await?;
+            u
+        }
+    };
+    // Each start is a new incarnation, above the last even if the clock went back.
+    let incarnation = now_ms().max(meta_u64(incarnation).unwrap_or(0) + 1);
+    writer.set_meta(META_INCARNATION, Bytes::copy_from_slice(&incarnation.to_be_bytes())).await?;
+    Ok(Identity { uid, joined_timestamp, incarnation })
+}
+
+/// Runs the node until a signal or a fatal error. `Ok` means a clean stop.
 pub async fn run(config: Config) -> Result<(), NodeError> {
     let dir = config.data_dir.clone();
     let durability = config.durability;
@@ -109,7 +140,7 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
 }
 
 async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeError> {
-    let joined_timestamp = joined_timestamp(&store, &writer).await?;
+    let id = identity(&store, &writer).await?;
     let listener = TcpListener::bind((config.bind_address, config.port))
         .await
         .map_err(|e| NodeError::Bind(format!("cannot listen on {}:{}: {e}", config.bind_address, config.port)))?;
@@ -122,23 +153,55 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
         config = ?config,
         "starting"
     );
-    let app =
-        Arc::new(App { config, store: store.clone(), writer, advertise, joined_timestamp, started: Instant::now() });
+    let me = MemberInfo {
+        id: config.node_id.clone(),
+        uid: id.uid,
+        address: advertise,
+        joined_timestamp: id.joined_timestamp,
+        incarnation: id.incarnation,
+        heartbeat: 0,
+        left: false,
+        newest_write: 0,
+    };
+    let timeouts = Timeouts {
+        failure_ms: config.failure_timeout.as_millis() as u64,
+        removal_ms: config.removal_timeout.as_millis() as u64,
+    };
+    let cluster = Arc::new(Cluster::new(
+        me,
+        timeouts,
+        config.seed_nodes.clone(),
+        (config.gossip_interval_min, config.gossip_interval_max),
+    ));
+    let app = Arc::new(App { config, store: store.clone(), writer, cluster: cluster.clone(), started: Instant::now() });
     let (trigger, shutdown) = shutdown::channel();
-    let server = tokio::spawn(server::serve(listener, app, shutdown));
+    let (fatal_tx, mut fatal) = mpsc::channel::<NodeError>(1);
+    let server = tokio::spawn(server::serve(listener, app, shutdown.clone()));
     tracing::info!(addr = %local, "listening");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(cluster.clone().gossip_loop(shutdown.clone()));
+    let join_shutdown = shutdown.clone();
+    let join_cluster = cluster.clone();
+    tasks.spawn(async move {
+        if let Err(refused) = join_cluster.join(join_shutdown).await {
+            let _ = fatal_tx.send(NodeError::Refused(refused.0)).await;
+        }
+    });
 
     let failure = tokio::select! {
         _ = signal() => None,
-        reason = store.failed() => Some(reason),
+        reason = store.failed() => Some(NodeError::Storage(StoreError::Io(reason))),
+        Some(e) = fatal.recv() => Some(e),
     };
     tracing::info!("shutting down");
-    trigger.trigger();
-    let _ = server.await;
-    match failure {
-        Some(reason) => Err(NodeError::Storage(StoreError::Io(reason))),
-        None => Ok(()),
+    if failure.is_none() {
+        cluster.announce_leave().await;
     }
+    trigger.trigger();
+    while tasks.join_next().await.is_some() {}
+    let _ = server.await;
+    failure.map_or(Ok(()), Err)
 }
 
 /// Resolves on SIGINT or SIGTERM.

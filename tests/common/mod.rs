@@ -45,18 +45,16 @@ impl Node {
     /// Writes `config.yaml` in `dir` (port 0, data dir `dir/data` unless `extra` says
     /// otherwise) and starts a node on it.
     pub fn start_in(dir: &Path, extra: &str) -> Node {
-        std::fs::create_dir_all(dir).unwrap();
-        let config = dir.join("config.yaml");
-        let mut text = String::from("log_level: debug\n");
-        if !extra.contains("port:") {
-            text.push_str("port: 0\n");
-        }
-        if !extra.contains("data_dir:") {
-            text.push_str("data_dir: ./data\n");
-        }
-        text.push_str(extra);
-        std::fs::write(&config, text).unwrap();
+        let config = write_config(dir, extra);
         Node::start_config(dir, &config)
+    }
+
+    /// Starts a node without waiting for it to listen (for nodes expected to fail).
+    pub fn spawn_in(dir: &Path, extra: &str) -> Node {
+        let config = write_config(dir, extra);
+        let mut node = Node { child: None, addr: String::new(), dir: dir.to_path_buf(), config };
+        node.spawn();
+        node
     }
 
     /// Starts a node on an existing config file; its log goes to `dir/node.log`.
@@ -68,10 +66,22 @@ impl Node {
 
     /// Starts the process again on the same config and data (a new log section).
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "node is still running");
         let log_path = self.log_path();
         let offset = std::fs::metadata(&log_path).map_or(0, |m| m.len());
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        self.spawn();
+        self.addr = wait_for(DEADLINE, "the node to listen", || {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("kvs exited during start with {status}:\n{}", self.log());
+            }
+            let log = std::fs::read_to_string(&log_path).ok()?;
+            log.get(offset as usize..)?.lines().find_map(listening_addr)
+        });
+    }
+
+    /// Starts the process, its output appended to `node.log`.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node is still running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(BIN)
             .arg(&self.config)
             .current_dir(&self.dir)
@@ -80,13 +90,6 @@ impl Node {
             .spawn()
             .expect("start kvs");
         self.child = Some(child);
-        self.addr = wait_for(DEADLINE, "the node to listen", || {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("kvs exited during start with {status}:\n{}", self.log());
-            }
-            let log = std::fs::read_to_string(&log_path).ok()?;
-            log.get(offset as usize..)?.lines().find_map(listening_addr)
-        });
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -155,6 +158,28 @@ impl Drop for Node {
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().map(|s| s.success());
     assert!(matches!(ok, Ok(true)), "kill -{sig} {pid} failed");
+}
+
+/// Writes `dir/config.yaml`: port 0 and data dir `dir/data` unless `extra` sets them.
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("config.yaml");
+    let mut text = String::from("log_level: debug\n");
+    if !extra.contains("port:") {
+        text.push_str("port: 0\n");
+    }
+    if !extra.contains("data_dir:") {
+        text.push_str("data_dir: ./data\n");
+    }
+    text.push_str(extra);
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// Waits until `n` has run `rounds` more gossip rounds than it had when called.
+pub fn wait_gossip_rounds(n: &Node, rounds: u64) {
+    let start = n.health()["gossip_rounds"].as_u64().expect("gossip_rounds in /health");
+    wait_for(DEADLINE, "gossip rounds", || (n.health()["gossip_rounds"].as_u64()? >= start + rounds).then_some(()));
 }
 
 fn listening_addr(line: &str) -> Option<String> {
@@ -230,4 +255,52 @@ fn parse_response(buf: &[u8], head: bool) -> Resp {
         body.truncate(len);
     }
     Resp { status, headers, body }
+}
+
+/// Config lines for a cluster node with sub-second intervals.
+pub fn cluster_config(id: &str, seeds: &[&str]) -> String {
+    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "node_id: {id}\nseed_nodes: [{}]\ngossip_interval_min: 0.1\ngossip_interval_max: 0.2\n\
+         failure_timeout: 1\nremoval_timeout: 2\nsync_interval: 0.5\ncatchup_interval: 0.5\n\
+         throttle_delay_ms: 0\nfetch_delay_ms: 0\n",
+        seeds.join(", ")
+    )
+}
+
+/// `(id, status)` of every member a node lists.
+pub fn members(n: &Node) -> Vec<(String, String)> {
+    let v = n.get("/members/").json();
+    let mut out: Vec<(String, String)> = v
+        .as_array()
+        .expect("member list")
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap().to_string(), m["status"].as_str().unwrap().to_string()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Waits until `n` lists exactly these members, all alive.
+pub fn wait_members_alive(n: &Node, ids: &[&str]) {
+    let mut want: Vec<(String, String)> = ids.iter().map(|i| (i.to_string(), "alive".to_string())).collect();
+    want.sort();
+    wait_for(DEADLINE, &format!("{} to list {ids:?} alive", n.addr), || (members(n) == want).then_some(()));
+}
+
+impl Node {
+    /// Rewrites the config so that a restart binds the same port again.
+    pub fn pin_port(&self) {
+        let port = self.addr.rsplit_once(':').unwrap().1;
+        let text = std::fs::read_to_string(&self.config).unwrap().replace("port: 0\n", &format!("port: {port}\n"));
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let c = self.child.as_mut().expect("node was started");
+        let status = wait_for(DEADLINE, "the node to exit", || c.try_wait().ok().flatten());
+        self.child = None;
+        status
+    }
 }

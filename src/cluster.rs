@@ -1,0 +1,278 @@
+//! The membership tasks: join through seeds, gossip with random peers, announce leave.
+//!
+//! They only move messages: every decision is made by [`Membership`] under a short
+//! lock that is never held across an await.
+//!
+//! Node-to-node endpoints (documented in README "Internal endpoints"):
+//! - `POST /members/join`: body: the joiner's [`MemberInfo`]; answer: the member list
+//!   (200) or 409 when another live node has the same `node_id`.
+//! - `POST /members/leave`: body: the leaver's entry with `left: true`.
+//! - `POST /internal/gossip`: body and answer `{"members": [MemberInfo...]}`.
+
+use crate::clock::now_ms;
+use crate::membership::{Changes, JoinOutcome, MemberInfo, MemberView, Membership, Timeouts};
+use crate::peer::{PeerClient, PeerError};
+use crate::shutdown::Shutdown;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
+/// Timeout of one membership call to a peer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest pause between two join attempts.
+const MAX_JOIN_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Body of a gossip exchange, both ways.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GossipMessage {
+    /// Everything the sender knows.
+    pub members: Vec<MemberInfo>,
+}
+
+/// The node's cluster state and the means to talk to peers.
+pub struct Cluster {
+    membership: Mutex<Membership>,
+    seeds: Vec<String>,
+    client: PeerClient,
+    /// Local monotonic clock origin: failure detection must not jump with wall time.
+    epoch: Instant,
+    gossip_min: Duration,
+    gossip_max: Duration,
+    rounds: AtomicU64,
+}
+
+/// The join was refused for good.
+#[derive(Debug)]
+pub struct JoinRefused(pub String);
+
+impl Cluster {
+    /// Cluster state for this node, seeded with `seeds`.
+    pub fn new(me: MemberInfo, timeouts: Timeouts, seeds: Vec<String>, gossip: (Duration, Duration)) -> Cluster {
+        let seeds = seeds.into_iter().filter(|s| *s != me.address).collect();
+        Cluster {
+            membership: Mutex::new(Membership::new(me, timeouts)),
+            seeds,
+            client: PeerClient::new(),
+            epoch: Instant::now(),
+            gossip_min: gossip.0,
+            gossip_max: gossip.1,
+            rounds: AtomicU64::new(0),
+        }
+    }
+
+    /// Milliseconds on the local monotonic clock, the `now` of every membership rule.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Membership> {
+        // A panic while holding the lock cannot leave Membership half-updated in a way
+        // that matters more than losing the node, so recover the guard.
+        self.membership.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shared peer client.
+    pub fn client(&self) -> &PeerClient {
+        &self.client
+    }
+
+    /// `/members/` rows.
+    pub fn view(&self) -> Vec<MemberView> {
+        let now = self.now();
+        self.lock().view(now, now_ms())
+    }
+
+    /// Gossip rounds this process has run.
+    pub fn gossip_rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Relaxed)
+    }
+
+    /// Alive members, this node included.
+    pub fn alive_count(&self) -> usize {
+        let now = self.now();
+        self.lock().alive_count(now)
+    }
+
+    /// Alive peers, for data exchange.
+    pub fn alive_peers(&self) -> Vec<MemberInfo> {
+        let now = self.now();
+        self.lock().alive_peers(now)
+    }
+
+    /// This node's entry.
+    pub fn me(&self) -> MemberInfo {
+        self.lock().me().clone()
+    }
+
+    /// Records the newest write this node holds; gossiped to peers.
+    pub fn set_newest_write(&self, ts: u64) {
+        self.lock().set_newest_write(ts);
+    }
+
+    /// `joined_timestamp` of a known member.
+    pub fn joined_timestamp_of(&self, id: &str) -> Option<u64> {
+        self.lock().joined_timestamp_of(id)
+    }
+
+    fn log_changes(&self, changes: &Changes, via: &str) {
+        for id in &changes.joined {
+            tracing::info!(member = %id, via, "member joined");
+        }
+        for id in &changes.left {
+            tracing::info!(member = %id, via, "member left");
+        }
+        for id in &changes.removed {
+            tracing::info!(member = %id, "member removed after removal_timeout");
+        }
+    }
+
+    /// Handles `POST /members/join`.
+    pub fn handle_join(&self, info: MemberInfo) -> Result<Vec<MemberInfo>, String> {
+        let now = self.now();
+        let id = info.id.clone();
+        let mut m = self.lock();
+        match m.join(info, now) {
+            JoinOutcome::Accepted => {
+                tracing::info!(member = %id, "join accepted");
+                Ok(m.gossip_payload())
+            }
+            JoinOutcome::DuplicateId { holder } => {
+                tracing::warn!(member = %id, holder = %holder, "join refused: duplicate node_id");
+                Err(format!("node_id {id:?} is already used by the node at {holder}"))
+            }
+        }
+    }
+
+    /// Handles `POST /members/leave`.
+    pub fn handle_leave(&self, info: MemberInfo) {
+        let now = self.now();
+        let changes = self.lock().merge([info], now);
+        self.log_changes(&changes, "leave");
+    }
+
+    /// Handles `POST /internal/gossip`: merge, answer with what we know.
+    pub fn handle_gossip(&self, msg: GossipMessage) -> GossipMessage {
+        let now = self.now();
+        let mut m = self.lock();
+        let changes = m.merge(msg.members, now);
+        let members = m.gossip_payload();
+        drop(m);
+        self.log_changes(&changes, "gossip");
+        GossipMessage { members }
+    }
+
+    /// Joins through the seeds, retrying with backoff until one answers. A seed that
+    /// is down does not stop the join; a duplicate `node_id` does.
+    pub async fn join(self: Arc<Self>, mut shutdown: Shutdown) -> Result<(), JoinRefused> {
+        if self.seeds.is_empty() {
+            return Ok(());
+        }
+        let mut backoff = Duration::from_millis(200);
+        let mut rng = StdRng::seed_from_u64(rand::rng().random());
+        loop {
+            let mut seeds = self.seeds.clone();
+            rand::seq::SliceRandom::shuffle(seeds.as_mut_slice(), &mut rng);
+            for seed in &seeds {
+                let me = self.me();
+                match self.client.post_json::<_, GossipMessage>(seed, "/members/join", &me, CALL_TIMEOUT).await {
+                    Ok(answer) => {
+                        let now = self.now();
+                        let changes = self.lock().merge(answer.members, now);
+                        tracing::info!(seed = %seed, members = changes.joined.len() + 1, "joined the cluster");
+                        self.log_changes(&changes, "join");
+                        return Ok(());
+                    }
+                    Err(PeerError::Status(hyper::StatusCode::CONFLICT, body)) => {
+                        let reason = serde_json::from_str::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v["error"].as_str().map(str::to_string))
+                            .unwrap_or(body);
+                        return Err(JoinRefused(reason));
+                    }
+                    Err(e) => tracing::warn!(seed = %seed, error = %e, "seed did not answer the join"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(MAX_JOIN_BACKOFF);
+        }
+    }
+
+    /// Gossips with random peers every `gossip_interval_min..max` until shutdown.
+    pub async fn gossip_loop(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut rng = StdRng::seed_from_u64(rand::rng().random());
+        let mut exchanges = JoinSet::new();
+        loop {
+            let pause = if self.gossip_max > self.gossip_min {
+                rng.random_range(self.gossip_min..=self.gossip_max)
+            } else {
+                self.gossip_min
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.wait() => break,
+            }
+            while exchanges.try_join_next().is_some() {}
+            self.rounds.fetch_add(1, Ordering::Relaxed);
+            let now = self.now();
+            let (targets, payload) = {
+                let mut m = self.lock();
+                let changes = m.tick(now);
+                self.log_changes(&changes, "tick");
+                (m.gossip_targets(&self.seeds, now, &mut rng), m.gossip_payload())
+            };
+            let msg = Arc::new(GossipMessage { members: payload });
+            for target in targets {
+                // Exchanges run beside the loop, so a slow peer never delays the next
+                // round; each ends within CALL_TIMEOUT, and at most 4 start per round.
+                let cluster = self.clone();
+                let msg = msg.clone();
+                exchanges.spawn(async move {
+                    match cluster
+                        .client
+                        .post_json::<_, GossipMessage>(&target, "/internal/gossip", &*msg, CALL_TIMEOUT)
+                        .await
+                    {
+                        Ok(answer) => {
+                            let now = cluster.now();
+                            let changes = cluster.lock().merge(answer.members, now);
+                            cluster.log_changes(&changes, "gossip");
+                        }
+                        Err(e) => tracing::debug!(peer = %target, error = %e, "gossip failed"),
+                    }
+                });
+            }
+        }
+        exchanges.abort_all();
+    }
+
+    /// Tells every alive peer that this node is leaving, waiting at most
+    /// [`CALL_TIMEOUT`] in all.
+    pub async fn announce_leave(&self) {
+        let (bye, peers) = {
+            let now = self.now();
+            let m = self.lock();
+            (m.leave_announcement(), m.alive_peers(now))
+        };
+        let mut calls = JoinSet::new();
+        for peer in peers {
+            let client = self.client.clone();
+            let bye = bye.clone();
+            calls.spawn(async move {
+                let r =
+                    client.post_json::<_, serde_json::Value>(&peer.address, "/members/leave", &bye, CALL_TIMEOUT).await;
+                if let Err(e) = r {
+                    tracing::debug!(peer = %peer.id, error = %e, "leave announcement failed");
+                }
+            });
+        }
+        let _ = tokio::time::timeout(CALL_TIMEOUT, async { while calls.join_next().await.is_some() {} }).await;
+        tracing::info!("left the cluster");
+    }
+}

@@ -1,0 +1,110 @@
+//! The HTTP client for node-to-node calls: one pooled hyper client, a timeout on every
+//! call (connect, request and reading the answer together), and a cap on the size of
+//! an answer, so a hung or hostile peer costs one timeout, never a stuck task.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+/// Largest answer read from a peer.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Why a call to a peer failed.
+#[derive(Debug)]
+pub enum PeerError {
+    /// No answer within the call's timeout.
+    Timeout,
+    /// Could not connect, or the connection broke.
+    Transport(String),
+    /// The peer answered with an error status.
+    Status(StatusCode, String),
+    /// The answer was not what the protocol says.
+    Protocol(String),
+}
+
+impl std::fmt::Display for PeerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerError::Timeout => f.write_str("timed out"),
+            PeerError::Transport(e) => write!(f, "transport error: {e}"),
+            PeerError::Status(s, body) => write!(f, "answered {s}: {body}"),
+            PeerError::Protocol(e) => write!(f, "bad answer: {e}"),
+        }
+    }
+}
+
+/// A pooled client for talking to peers. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for PeerClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PeerClient {
+    /// A client with keep-alive pooling and TCP_NODELAY.
+    pub fn new() -> PeerClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(8)
+            .build(connector);
+        PeerClient { client }
+    }
+
+    /// Sends one request and reads the whole answer, all within `timeout`.
+    pub async fn call(
+        &self,
+        method: Method,
+        addr: &str,
+        path_and_query: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), PeerError> {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path_and_query}"))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| PeerError::Protocol(e.to_string()))?;
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| PeerError::Transport(e.to_string()))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| PeerError::Transport(e.to_string()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| PeerError::Timeout)?
+    }
+
+    /// POSTs `body` as JSON and decodes a 2xx JSON answer.
+    pub async fn post_json<T: Serialize, R: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: &T,
+        timeout: Duration,
+    ) -> Result<R, PeerError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        let (status, answer) = self.call(Method::POST, addr, path, Bytes::from(bytes), timeout).await?;
+        if !status.is_success() {
+            return Err(PeerError::Status(status, String::from_utf8_lossy(&answer).chars().take(500).collect()));
+        }
+        serde_json::from_slice(&answer).map_err(|e| PeerError::Protocol(e.to_string()))
+    }
+}
