@@ -4,12 +4,16 @@
 //! can cause becomes an [`ApiError`], rendered as `{"error": "..."}` with its status.
 //! Storage reads run on the blocking pool; writes go to the storage writer thread.
 
+use crate::antientropy::FANOUT;
 use crate::cluster::GossipMessage;
 use crate::config::{check_host_port, check_node_id};
 use crate::membership::MemberInfo;
 use crate::node::App;
-use crate::path::{parse_key, percent_decode};
+use crate::path::{parse_key, percent_decode, validate_key};
+use crate::record::Record;
 use crate::storage::StoreError;
+use crate::sync::encode_hashes;
+use crate::wire;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
@@ -51,6 +55,8 @@ pub enum ApiError {
     TooLarge(u64),
     /// Request line and headers over [`MAX_HEADER_BYTES`] (431).
     HeadersTooLarge,
+    /// The node is bootstrapping and takes no client writes yet (503).
+    Syncing,
     /// Storage failed (500) or is shutting down (503).
     Storage(StoreError),
 }
@@ -66,7 +72,7 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ApiError::Storage(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Storage(StoreError::Closed) | ApiError::Syncing => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -80,6 +86,7 @@ impl ApiError {
             ApiError::BodyTimeout => "request body not received in time".into(),
             ApiError::TooLarge(max) => format!("value larger than max_value_bytes ({max})"),
             ApiError::HeadersTooLarge => format!("request headers larger than {MAX_HEADER_BYTES} bytes"),
+            ApiError::Syncing => "this node is syncing its data; retry later or use another node".into(),
             ApiError::Storage(e) => e.to_string(),
         }
     }
@@ -90,7 +97,7 @@ impl ApiError {
         if let ApiError::MethodNotAllowed(allow) = self {
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        if matches!(self, ApiError::Storage(StoreError::Closed)) {
+        if matches!(self, ApiError::Storage(StoreError::Closed) | ApiError::Syncing) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
@@ -113,6 +120,7 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpRespon
 
 const KV_METHODS: &str = "GET, HEAD, PUT, DELETE";
 const POST_METHOD: &str = "POST";
+const GET_METHOD: &str = "GET";
 /// Largest node-to-node request body.
 const INTERNAL_BODY_LIMIT: u64 = 256 * 1024 * 1024;
 const READ_METHODS: &str = "GET, HEAD";
@@ -177,8 +185,116 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
             Ok(json_response(StatusCode::OK, &json!(app.cluster.handle_gossip(msg))))
         }
         "/members/join" | "/members/leave" | "/internal/gossip" => Err(ApiError::MethodNotAllowed(POST_METHOD)),
+        _ if path.starts_with("/internal/") => internal_data(app, req).await,
         _ => Err(ApiError::NotFound("route")),
     }
+}
+
+/// The replication endpoints (see [`crate::sync`]).
+async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let path = req.uri().path().to_string();
+    let (get, post) = (req.method() == Method::GET, req.method() == Method::POST);
+    let store = app.store.clone();
+    // Only push (data coming in) is taken while this node may hold stale records.
+    if path != "/internal/push" && !app.replication.ready() {
+        return Err(ApiError::Syncing);
+    }
+    match path.as_str() {
+        "/internal/push" if post => {
+            let body = read_body(req, INTERNAL_BODY_LIMIT).await?;
+            let records = wire::decode(body, app.config.max_value_bytes).map_err(ApiError::BadRequest)?;
+            let report = app.replication.apply(records).await?;
+            Ok(json_response(StatusCode::OK, &json!({ "applied": report.applied, "skipped": report.skipped })))
+        }
+        "/internal/sync/level1" if get => Ok(binary_response(encode_hashes(&store.level1()))),
+        "/internal/sync/leaves" if post => {
+            let tops: Vec<usize> = read_json(req).await?;
+            if tops.len() > FANOUT || tops.iter().any(|&t| t >= FANOUT) {
+                return Err(ApiError::BadRequest(format!("level-1 indices must be below {FANOUT}")));
+            }
+            Ok(binary_response(encode_hashes(&store.leaves_under(&tops))))
+        }
+        "/internal/sync/versions" if post => {
+            let leaves: Vec<u16> = read_json(req).await?;
+            let versions = blocking(move || store.versions_in_leaves(&leaves)).await?;
+            Ok(json_response(StatusCode::OK, &json!(versions)))
+        }
+        "/internal/sync/fetch" if post => {
+            let paths: Vec<String> = read_json(req).await?;
+            if paths.len() > MAX_FETCH {
+                return Err(ApiError::BadRequest(format!("at most {MAX_FETCH} paths per fetch")));
+            }
+            for p in &paths {
+                validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
+            }
+            let records = blocking(move || store.records(&paths)).await?;
+            Ok(binary_response(wire::encode(records.iter().map(|(p, r)| (p.as_str(), r)))))
+        }
+        "/internal/since" if get => {
+            let q = Query::parse(req.uri().query())?;
+            let (after_ts, after_path, limit) = (q.u64("after_ts")?, q.text("after_path"), q.limit()?);
+            let records = blocking(move || {
+                let versions = store.versions_since(Some((after_ts, &after_path)), limit)?;
+                store.records(&versions.into_iter().map(|v| v.path).collect::<Vec<_>>())
+            })
+            .await?;
+            Ok(binary_response(wire::encode(records.iter().map(|(p, r)| (p.as_str(), r)))))
+        }
+        "/internal/newest" if get => {
+            let q = Query::parse(req.uri().query())?;
+            let (min_ts, limit) = (q.u64("min_ts")?, q.limit()?);
+            let before = match q.get("before_ts") {
+                Some(_) => Some((q.u64("before_ts")?, q.text("before_path"))),
+                None => None,
+            };
+            let versions =
+                blocking(move || store.newest_versions(before.as_ref().map(|(t, p)| (*t, p.as_str())), min_ts, limit))
+                    .await?;
+            Ok(json_response(StatusCode::OK, &json!(versions)))
+        }
+        "/internal/push" | "/internal/sync/leaves" | "/internal/sync/versions" | "/internal/sync/fetch" => {
+            Err(ApiError::MethodNotAllowed(POST_METHOD))
+        }
+        "/internal/sync/level1" | "/internal/since" | "/internal/newest" => Err(ApiError::MethodNotAllowed(GET_METHOD)),
+        _ => Err(ApiError::NotFound("route")),
+    }
+}
+
+/// Most paths in one fetch, and most records in one page.
+const MAX_FETCH: usize = 10_000;
+
+/// Decoded query parameters of an internal request.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Result<Query, ApiError> {
+        parse_query(q).map(Query)
+    }
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+    }
+    fn text(&self, k: &str) -> String {
+        self.get(k).unwrap_or_default().to_string()
+    }
+    fn u64(&self, k: &str) -> Result<u64, ApiError> {
+        match self.get(k) {
+            None => Ok(0),
+            Some(v) => v.parse().map_err(|_| ApiError::BadRequest(format!("{k} must be a whole number"))),
+        }
+    }
+    fn limit(&self) -> Result<usize, ApiError> {
+        let n = self.u64("limit")? as usize;
+        if n == 0 || n > MAX_FETCH {
+            return Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_FETCH}")));
+        }
+        Ok(n)
+    }
+}
+
+fn binary_response(body: Bytes) -> HttpResponse {
+    let mut resp = Response::new(Full::new(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(wire::CONTENT_TYPE));
+    resp
 }
 
 /// Checks what a peer says about a member like client input.
@@ -230,6 +346,17 @@ fn refuse_query(query: Option<&str>) -> Result<(), ApiError> {
         Some((k, _)) => Err(ApiError::BadRequest(format!("unexpected query parameter {k:?}"))),
         None => Ok(()),
     }
+}
+
+/// Client writes need a writable node that is not bootstrapping.
+fn check_writable(app: &App) -> Result<(), ApiError> {
+    if app.config.read_only {
+        return Err(ApiError::ReadOnly);
+    }
+    if app.replication.is_syncing() {
+        return Err(ApiError::Syncing);
+    }
+    Ok(())
 }
 
 fn key(raw: &str) -> Result<String, ApiError> {
@@ -293,22 +420,20 @@ async fn list_keys(app: &Arc<App>, raw_prefix: &str, params: Vec<(String, String
 async fn put_kv(app: &Arc<App>, raw_key: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     refuse_query(req.uri().query())?;
     let path = key(raw_key)?;
-    if app.config.read_only {
-        return Err(ApiError::ReadOnly);
-    }
+    check_writable(app)?;
     let body = read_body(req, app.config.max_value_bytes).await?;
     validate_json(&body).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
-    let written = app.writer.put(path, body).await?;
+    let written = app.writer.put(path.clone(), body.clone()).await?;
+    app.pusher.enqueue(path, Record::value(written.timestamp, written.uuid, body));
     Ok(json_response(StatusCode::OK, &json!({ "uuid": written.uuid.to_string(), "timestamp": written.timestamp })))
 }
 
 async fn delete_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result<HttpResponse, ApiError> {
     refuse_query(query)?;
     let path = key(raw_key)?;
-    if app.config.read_only {
-        return Err(ApiError::ReadOnly);
-    }
-    app.writer.delete(path).await?;
+    check_writable(app)?;
+    let written = app.writer.delete(path.clone()).await?;
+    app.pusher.enqueue(path, Record::tombstone(written.timestamp, written.uuid));
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
     Ok(resp)

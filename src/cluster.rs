@@ -16,7 +16,7 @@ use crate::shutdown::Shutdown;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -43,6 +43,17 @@ pub struct Cluster {
     gossip_min: Duration,
     gossip_max: Duration,
     rounds: AtomicU64,
+    /// Wall-clock ms of the last exchange with a peer that found this node current
+    /// (0: never in contact). See [`crate::antientropy::stale_below`].
+    last_contact: AtomicU64,
+    /// Set when a peer has purged tombstones past our last contact: records up to
+    /// this timestamp must be discarded and fetched again.
+    stale_below: AtomicU64,
+    /// False from the start of a node that was in a cluster before until news from a
+    /// peer shows it is not stale: until then it must not hand out its records.
+    verified: AtomicBool,
+    /// Reads this node's newest write and purge horizon for gossip.
+    data_facts: Box<dyn Fn() -> (u64, u64) + Send + Sync>,
 }
 
 /// The join was refused for good.
@@ -51,7 +62,14 @@ pub struct JoinRefused(pub String);
 
 impl Cluster {
     /// Cluster state for this node, seeded with `seeds`.
-    pub fn new(me: MemberInfo, timeouts: Timeouts, seeds: Vec<String>, gossip: (Duration, Duration)) -> Cluster {
+    pub fn new(
+        me: MemberInfo,
+        timeouts: Timeouts,
+        seeds: Vec<String>,
+        gossip: (Duration, Duration),
+        last_contact: u64,
+        data_facts: Box<dyn Fn() -> (u64, u64) + Send + Sync>,
+    ) -> Cluster {
         let seeds = seeds.into_iter().filter(|s| *s != me.address).collect();
         Cluster {
             membership: Mutex::new(Membership::new(me, timeouts)),
@@ -61,6 +79,10 @@ impl Cluster {
             gossip_min: gossip.0,
             gossip_max: gossip.1,
             rounds: AtomicU64::new(0),
+            last_contact: AtomicU64::new(last_contact),
+            stale_below: AtomicU64::new(0),
+            verified: AtomicBool::new(last_contact == 0),
+            data_facts,
         }
     }
 
@@ -108,9 +130,51 @@ impl Cluster {
         self.lock().me().clone()
     }
 
-    /// Records the newest write this node holds; gossiped to peers.
-    pub fn set_newest_write(&self, ts: u64) {
-        self.lock().set_newest_write(ts);
+    /// Wall-clock ms of the last exchange that found this node current (0: never).
+    pub fn last_contact(&self) -> u64 {
+        self.last_contact.load(Ordering::Relaxed)
+    }
+
+    /// The horizon up to which this node must discard its records (see
+    /// [`crate::antientropy::stale_below`]), if a peer found it stale.
+    pub fn stale_below(&self) -> Option<u64> {
+        Some(self.stale_below.load(Ordering::Relaxed)).filter(|&h| h > 0)
+    }
+
+    /// Called once stale records were discarded: this node is current again.
+    pub fn clear_stale(&self) {
+        self.last_contact.store(now_ms(), Ordering::Relaxed);
+        self.stale_below.store(0, Ordering::Relaxed);
+        self.verified.store(true, Ordering::Relaxed);
+    }
+
+    /// True once this node is known not to hold records that missed a purged delete:
+    /// only then may it hand its records to peers.
+    pub fn verified(&self) -> bool {
+        self.verified.load(Ordering::Relaxed) && self.stale_below().is_none()
+    }
+
+    /// After news from peers: either this node is current (note the contact) or a
+    /// peer has purged tombstones past our last contact (we are stale).
+    fn note_contact(&self, m: &Membership) {
+        if self.stale_below().is_some() {
+            return;
+        }
+        let last = self.last_contact();
+        match crate::antientropy::stale_below(last, m.max_peer_gc_horizon()) {
+            Some(h) => {
+                tracing::warn!(
+                    last_contact = last,
+                    peer_gc_horizon = h,
+                    "away past the tombstone grace period: discarding records up to the horizon and fetching them again"
+                );
+                self.stale_below.store(h, Ordering::Relaxed);
+            }
+            None => {
+                self.last_contact.store(now_ms(), Ordering::Relaxed);
+                self.verified.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     /// `joined_timestamp` of a known member.
@@ -137,6 +201,7 @@ impl Cluster {
         let mut m = self.lock();
         match m.join(info, now) {
             JoinOutcome::Accepted => {
+                self.note_contact(&m);
                 tracing::info!(member = %id, "join accepted");
                 Ok(m.gossip_payload())
             }
@@ -159,6 +224,7 @@ impl Cluster {
         let now = self.now();
         let mut m = self.lock();
         let changes = m.merge(msg.members, now);
+        self.note_contact(&m);
         let members = m.gossip_payload();
         drop(m);
         self.log_changes(&changes, "gossip");
@@ -177,11 +243,21 @@ impl Cluster {
             let mut seeds = self.seeds.clone();
             rand::seq::SliceRandom::shuffle(seeds.as_mut_slice(), &mut rng);
             for seed in &seeds {
-                let me = self.me();
+                let me = {
+                    let (newest, horizon) = (self.data_facts)();
+                    let mut m = self.lock();
+                    m.set_data_facts(newest, horizon);
+                    m.me().clone()
+                };
                 match self.client.post_json::<_, GossipMessage>(seed, "/members/join", &me, CALL_TIMEOUT).await {
                     Ok(answer) => {
                         let now = self.now();
-                        let changes = self.lock().merge(answer.members, now);
+                        let changes = {
+                            let mut m = self.lock();
+                            let c = m.merge(answer.members, now);
+                            self.note_contact(&m);
+                            c
+                        };
                         tracing::info!(seed = %seed, members = changes.joined.len() + 1, "joined the cluster");
                         self.log_changes(&changes, "join");
                         return Ok(());
@@ -221,8 +297,10 @@ impl Cluster {
             while exchanges.try_join_next().is_some() {}
             self.rounds.fetch_add(1, Ordering::Relaxed);
             let now = self.now();
+            let (newest, horizon) = (self.data_facts)();
             let (targets, payload) = {
                 let mut m = self.lock();
+                m.set_data_facts(newest, horizon);
                 let changes = m.tick(now);
                 self.log_changes(&changes, "tick");
                 (m.gossip_targets(&self.seeds, now, &mut rng), m.gossip_payload())
@@ -241,7 +319,12 @@ impl Cluster {
                     {
                         Ok(answer) => {
                             let now = cluster.now();
-                            let changes = cluster.lock().merge(answer.members, now);
+                            let changes = {
+                                let mut m = cluster.lock();
+                                let c = m.merge(answer.members, now);
+                                cluster.note_contact(&m);
+                                c
+                            };
                             cluster.log_changes(&changes, "gossip");
                         }
                         Err(e) => tracing::debug!(peer = %target, error = %e, "gossip failed"),

@@ -50,11 +50,10 @@ impl LogLevel {
     }
 }
 
-/// The `tracing` filter for a level. The storage engine's own chatter stays at warn
-/// unless debugging.
+/// The `tracing` filter for a level. The storage engine's own chatter (per-table
+/// detail) stays at warn.
 pub fn log_filter(level: LogLevel) -> tracing_subscriber::EnvFilter {
-    let engine = if level == LogLevel::Debug { "debug" } else { "warn" };
-    tracing_subscriber::EnvFilter::new(format!("{},fjall={engine},lsm_tree={engine}", level.as_str()))
+    tracing_subscriber::EnvFilter::new(format!("{},fjall=warn,lsm_tree=warn", level.as_str()))
 }
 
 /// The file as written: every key optional, unknown keys refused.
@@ -80,6 +79,7 @@ struct RawConfig {
     durability: Durability,
     failure_timeout: f64,
     removal_timeout: f64,
+    tombstone_grace_hours: f64,
 }
 
 impl Default for RawConfig {
@@ -104,6 +104,7 @@ impl Default for RawConfig {
             durability: Durability::Sync,
             failure_timeout: 300.0,
             removal_timeout: 600.0,
+            tombstone_grace_hours: 168.0,
         }
     }
 }
@@ -150,6 +151,8 @@ pub struct Config {
     pub failure_timeout: Duration,
     /// Silence after which a member is removed.
     pub removal_timeout: Duration,
+    /// How long tombstones are kept before they are purged.
+    pub tombstone_grace: Duration,
 }
 
 /// Why a config could not be used. Displayed as one line naming the key.
@@ -347,6 +350,13 @@ impl RawConfig {
                 ),
             );
         }
+        let grace = self.tombstone_grace_hours;
+        if !grace.is_finite() || grace <= 0.0 || grace > 1.0e6 {
+            return field_err(
+                "tombstone_grace_hours",
+                format!("must be a number of hours greater than 0, got {grace}"),
+            );
+        }
         let hours = self.bootstrap_max_age_hours;
         if !hours.is_finite() || hours <= 0.0 || hours > 1.0e6 {
             return field_err(
@@ -397,6 +407,7 @@ impl RawConfig {
             durability: self.durability,
             failure_timeout,
             removal_timeout,
+            tombstone_grace: Duration::from_secs_f64(grace * 3600.0),
         })
     }
 }
@@ -438,6 +449,9 @@ gossip_interval_max: 120
 sync_interval: 300
 # Pause between catch-up syncs while this node is behind, in seconds.
 catchup_interval: 120
+# Hours a delete's tombstone is kept before it is purged. A node away for longer
+# discards its records older than the cluster's purges and fetches them again.
+tombstone_grace_hours: 168
 # How far back (hours) a new node fetches before it serves writes.
 bootstrap_max_age_hours: 720
 # Pause between bootstrap page requests, in milliseconds.
@@ -518,6 +532,7 @@ mod tests {
         assert_eq!(key_of("read_only: 3").as_deref(), Some("read_only"));
         assert_eq!(key_of("failure_timeout: 100").as_deref(), Some("failure_timeout"));
         assert_eq!(key_of("removal_timeout: 300").as_deref(), Some("removal_timeout"));
+        assert_eq!(key_of("tombstone_grace_hours: 0").as_deref(), Some("tombstone_grace_hours"));
     }
 
     #[test]

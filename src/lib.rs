@@ -11,6 +11,10 @@
 //! - [`membership`]: the membership rules (merge, status, removal, peer choice), no I/O.
 //! - [`cluster`]: the membership tasks around them: join, gossip, leave.
 //! - [`peer`]: the pooled HTTP client for node-to-node calls, a timeout on each.
+//! - [`antientropy`]: the replication rules (hash summary, diff plan, stale rule), no I/O.
+//! - [`wire`]: the binary record batches nodes exchange.
+//! - [`push`], [`sync`]: replication tasks: push of fresh writes; regular sync,
+//!   catch-up, bootstrap and tombstone purge. [`stats`]: their counters.
 //! - [`api`]: the HTTP API (client routes and node-to-node routes): routing, handlers,
 //!   JSON errors.
 //! - [`server`]: the accept loop: connection cap, timeouts, graceful drain.
@@ -26,9 +30,18 @@
 //! holds for the path), commits record, index entry and counters in one fjall batch
 //! shared with every other write waiting, fsyncs once (in `sync` durability), and
 //! answers every waiting request.
+//!
+//! # A replicated write
+//! After the commit, the handler gives the record to [`push::Pusher`], which batches it
+//! to every alive peer's `POST /internal/push`. The peer decodes and checks the batch
+//! ([`wire::decode`]) and hands it to its writer as an `apply`: the newer version wins
+//! ([`record::compare`]); its summary leaf changes in the same batch. Records a push
+//! missed are found by the next regular sync ([`sync::Replication::sync_with`]), which
+//! compares summaries and moves only what differs.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod antientropy;
 pub mod api;
 pub mod clock;
 pub mod cluster;
@@ -37,7 +50,11 @@ pub mod membership;
 pub mod node;
 pub mod path;
 pub mod peer;
+pub mod push;
 pub mod record;
 pub mod server;
 pub mod shutdown;
+pub mod stats;
 pub mod storage;
+pub mod sync;
+pub mod wire;

@@ -42,6 +42,9 @@ pub struct MemberInfo {
     /// Timestamp of the newest write the member holds (for catch-up decisions).
     #[serde(default)]
     pub newest_write: u64,
+    /// The member has purged tombstones up to this timestamp (for the stale rule).
+    #[serde(default)]
+    pub gc_horizon: u64,
 }
 
 impl MemberInfo {
@@ -149,9 +152,16 @@ impl Membership {
         &self.me
     }
 
-    /// Records the newest write this node holds, told to peers with the next gossip.
-    pub fn set_newest_write(&mut self, ts: u64) {
-        self.me.newest_write = ts;
+    /// Records this node's newest write and purge horizon, told to peers with the
+    /// next gossip.
+    pub fn set_data_facts(&mut self, newest_write: u64, gc_horizon: u64) {
+        self.me.newest_write = newest_write;
+        self.me.gc_horizon = gc_horizon;
+    }
+
+    /// The highest purge horizon among the members we know (alive or not).
+    pub fn max_peer_gc_horizon(&self) -> u64 {
+        self.others.values().map(|e| e.info.gc_horizon).max().unwrap_or(0)
     }
 
     /// One gossip round: raise our heartbeat and remove members silent for
@@ -354,6 +364,7 @@ mod tests {
             heartbeat: hb,
             left: false,
             newest_write: 0,
+            gc_horizon: 0,
         }
     }
 

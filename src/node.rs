@@ -8,13 +8,16 @@ use crate::clock::now_ms;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::membership::{MemberInfo, Timeouts};
+use crate::push::{self, Pusher};
 use crate::server;
 use crate::shutdown;
+use crate::stats::Stats;
 use crate::storage::{Store, StoreError, Writer};
+use crate::sync::{Replication, SyncConfig};
 use bytes::Bytes;
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -35,6 +38,10 @@ pub struct App {
     pub writer: Writer,
     /// Membership and the peer client.
     pub cluster: Arc<Cluster>,
+    /// Sends client writes to peers.
+    pub pusher: Pusher,
+    /// Replication state and counters.
+    pub replication: Arc<Replication>,
     /// When this process started.
     pub started: Instant,
 }
@@ -42,8 +49,14 @@ pub struct App {
 impl App {
     /// The `/health` document.
     pub fn health(&self) -> serde_json::Value {
-        let mode = if self.config.read_only { "read-only" } else { "normal" };
-        json!({
+        let mode = if self.replication.is_syncing() {
+            "syncing"
+        } else if self.config.read_only {
+            "read-only"
+        } else {
+            "normal"
+        };
+        let mut health = json!({
             "status": "ok",
             "mode": mode,
             "member_count": self.cluster.alive_count(),
@@ -53,7 +66,13 @@ impl App {
             "uptime_seconds": self.started.elapsed().as_secs(),
             "keys": self.store.live_keys(),
             "tombstones": self.store.tombstones(),
-        })
+            "newest_write": self.store.newest_timestamp(),
+            "replication": self.replication.stats().to_json(),
+        });
+        if mode == "syncing" {
+            health["bootstrap"] = self.replication.bootstrap_progress();
+        }
+        health
     }
 }
 
@@ -162,18 +181,62 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
         heartbeat: 0,
         left: false,
         newest_write: 0,
+        gc_horizon: 0,
     };
     let timeouts = Timeouts {
         failure_ms: config.failure_timeout.as_millis() as u64,
         removal_ms: config.removal_timeout.as_millis() as u64,
     };
+    let (last_contact, needs_bootstrap) = {
+        let s = store.clone();
+        let has_seeds = !config.seed_nodes.is_empty();
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((
+                Replication::persisted_last_contact(&s)?,
+                Replication::bootstrap_pending(&s, has_seeds)?,
+            ))
+        })
+        .await
+        .map_err(|_| StoreError::Closed)??
+    };
+    let facts_store = store.clone();
     let cluster = Arc::new(Cluster::new(
         me,
         timeouts,
         config.seed_nodes.clone(),
         (config.gossip_interval_min, config.gossip_interval_max),
+        last_contact,
+        Box::new(move || (facts_store.newest_timestamp(), facts_store.gc_horizon())),
     ));
-    let app = Arc::new(App { config, store: store.clone(), writer, cluster: cluster.clone(), started: Instant::now() });
+    let stats = Arc::new(Stats::default());
+    let (pusher, push_queue) = Pusher::new(stats.clone());
+    let sync_config = SyncConfig {
+        sync_interval: config.sync_interval,
+        catchup_interval: config.catchup_interval,
+        tombstone_grace: config.tombstone_grace,
+        bootstrap_max_age: config.bootstrap_max_age,
+        throttle_delay: config.throttle_delay,
+        fetch_delay: config.fetch_delay,
+        max_value_bytes: config.max_value_bytes,
+    };
+    let maintenance_interval = (config.tombstone_grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let replication = Arc::new(Replication::new(
+        store.clone(),
+        writer.clone(),
+        cluster.clone(),
+        stats.clone(),
+        sync_config,
+        needs_bootstrap,
+    ));
+    let app = Arc::new(App {
+        config,
+        store: store.clone(),
+        writer,
+        cluster: cluster.clone(),
+        pusher,
+        replication: replication.clone(),
+        started: Instant::now(),
+    });
     let (trigger, shutdown) = shutdown::channel();
     let (fatal_tx, mut fatal) = mpsc::channel::<NodeError>(1);
     let server = tokio::spawn(server::serve(listener, app, shutdown.clone()));
@@ -181,6 +244,10 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(cluster.clone().gossip_loop(shutdown.clone()));
+    tasks.spawn(push::run(push_queue, cluster.clone(), stats, shutdown.clone()));
+    tasks.spawn(replication.clone().sync_loop(shutdown.clone()));
+    tasks.spawn(replication.clone().catchup_loop(shutdown.clone()));
+    tasks.spawn(replication.maintenance_loop(shutdown.clone(), maintenance_interval));
     let join_shutdown = shutdown.clone();
     let join_cluster = cluster.clone();
     tasks.spawn(async move {

@@ -44,6 +44,20 @@ pub fn percent_decode(raw: &str) -> Result<String, KeyError> {
     String::from_utf8(out).or_else(|_| bad("key is not valid UTF-8"))
 }
 
+/// Percent-encodes everything but unreserved characters and `/` (the inverse of
+/// [`percent_decode`]).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Checks a decoded key against the key rules.
 pub fn validate_key(key: &str) -> Result<(), KeyError> {
     if key.is_empty() {
@@ -89,6 +103,13 @@ mod tests {
         assert_eq!(parse_key("a%2Fb").as_deref(), Ok("a/b"));
         assert_eq!(parse_key("a/%252e%252e").as_deref(), Ok("a/%2e%2e"));
         assert_eq!(parse_key("caf%C3%A9").as_deref(), Ok("café"));
+    }
+
+    #[test]
+    fn encode_decode_round_trip() {
+        for k in ["a b/c", "ünï/%2e", "x?y&z=1#f", ""] {
+            assert_eq!(percent_decode(&percent_encode(k)).as_deref(), Ok(k));
+        }
     }
 
     #[test]

@@ -92,6 +92,27 @@ impl PeerClient {
         tokio::time::timeout(timeout, exchange).await.map_err(|_| PeerError::Timeout)?
     }
 
+    /// Sends a request and returns a 2xx answer's body.
+    pub async fn fetch(
+        &self,
+        method: Method,
+        addr: &str,
+        path_and_query: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, PeerError> {
+        let (status, answer) = self.call(method, addr, path_and_query, body, timeout).await?;
+        if !status.is_success() {
+            return Err(PeerError::Status(status, String::from_utf8_lossy(&answer).chars().take(500).collect()));
+        }
+        Ok(answer)
+    }
+
+    /// POSTs raw bytes and returns a 2xx answer's body.
+    pub async fn post_bytes(&self, addr: &str, path: &str, body: Bytes, timeout: Duration) -> Result<Bytes, PeerError> {
+        self.fetch(Method::POST, addr, path, body, timeout).await
+    }
+
     /// POSTs `body` as JSON and decodes a 2xx JSON answer.
     pub async fn post_json<T: Serialize, R: DeserializeOwned>(
         &self,
@@ -101,10 +122,7 @@ impl PeerClient {
         timeout: Duration,
     ) -> Result<R, PeerError> {
         let bytes = serde_json::to_vec(body).map_err(|e| PeerError::Protocol(e.to_string()))?;
-        let (status, answer) = self.call(Method::POST, addr, path, Bytes::from(bytes), timeout).await?;
-        if !status.is_success() {
-            return Err(PeerError::Status(status, String::from_utf8_lossy(&answer).chars().take(500).collect()));
-        }
+        let answer = self.post_bytes(addr, path, Bytes::from(bytes), timeout).await?;
         serde_json::from_slice(&answer).map_err(|e| PeerError::Protocol(e.to_string()))
     }
 }

@@ -2,29 +2,35 @@
 //!
 //! Keyspaces:
 //! - `records`: key path → encoded [`Record`] (value or tombstone).
-//! - `by_time`: key `timestamp (8 bytes, big-endian) ++ path` → empty. Ordered by
-//!   timestamp then path, it answers "the newest N writes" and "all writes since T"
-//!   with range scans.
+//! - `by_time`: key `timestamp (8 bytes, big-endian) ++ path` → uuid (16) · kind (1).
+//!   Ordered by timestamp then path, it answers "the newest N writes" and "all writes
+//!   since T" with range scans, and lists versions without reading the records.
+//! - `by_bucket`: key `leaf (2 bytes) ++ path` → timestamp · uuid · kind: the versions
+//!   in one hash-summary leaf, for anti-entropy diffs.
+//! - `summary`: key leaf (2 bytes) → leaf hash (8 bytes); see [`crate::antientropy`].
+//!   Also held in memory.
 //! - `meta`: node-local facts that must survive a restart (last timestamp handed out,
-//!   key counts, membership identity).
+//!   key counts, tombstone purge horizon, membership identity).
 //!
 //! Every change goes through one writer thread ([`Writer`]). It takes all requests
 //! waiting in its queue, stages them in one atomic fjall batch (record, index and
 //! counters together), commits once and answers every caller: under load, concurrent
-//! writes share one fsync (group commit). Owning all writes in one thread also makes
+//! writes share one fsync (group commit). Every index and the hash summary change in
+//! the same batch as the record they describe. Owning all writes in one thread also makes
 //! "read the current version, decide, write" atomic without locks, and keeps fjall's
 //! write throttling off the async workers. Reads are plain fjall reads; callers on the
 //! async runtime run them with `spawn_blocking`.
 
+use crate::antientropy::{FANOUT, LEAVES, Version, leaf_of, record_digest};
 use crate::clock::now_ms;
 use crate::config::Durability;
-use crate::record::{CorruptRecord, Record};
+use crate::record::{CorruptRecord, Ordering as Order, Record, compare};
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
@@ -36,6 +42,7 @@ const QUEUE_BOUND: usize = 4096;
 const META_LAST_TIMESTAMP: &[u8] = b"last_timestamp";
 const META_LIVE_KEYS: &[u8] = b"live_keys";
 const META_TOMBSTONES: &[u8] = b"tombstones";
+const META_GC_HORIZON: &[u8] = b"gc_horizon";
 
 /// What can go wrong in storage.
 #[derive(Debug, Clone)]
@@ -78,6 +85,25 @@ pub struct Written {
     pub timestamp: u64,
 }
 
+/// The outcome of applying replicated records.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// Records stored (newer than what was held).
+    pub applied: usize,
+    /// Records not stored (older, the same version, or expired tombstones).
+    pub skipped: usize,
+    /// Same timestamp, different uuid: `(path, local, incoming)`; the local one is kept.
+    pub collisions: Vec<(String, Record, Record)>,
+}
+
+/// What a writer request answers.
+enum Reply {
+    Written(Written),
+    Applied(ApplyReport),
+    Removed(usize),
+    Done,
+}
+
 /// Counts kept in the same batch as the data they count.
 #[derive(Debug, Default)]
 pub struct Counts {
@@ -100,8 +126,16 @@ struct Inner {
     db: Database,
     records: Keyspace,
     by_time: Keyspace,
+    by_bucket: Keyspace,
+    summary: Keyspace,
     meta: Keyspace,
     counts: Counts,
+    /// Leaf hashes, as committed.
+    leaves: Mutex<Vec<u64>>,
+    /// Newest timestamp held (0 when empty).
+    newest: AtomicU64,
+    /// Tombstones up to this timestamp may have been purged.
+    gc_horizon: AtomicU64,
     failed: watch::Sender<Option<String>>,
     failed_flag: AtomicBool,
 }
@@ -124,6 +158,28 @@ fn time_key(timestamp: u64, path: &str) -> Vec<u8> {
     k.extend_from_slice(&timestamp.to_be_bytes());
     k.extend_from_slice(path.as_bytes());
     k
+}
+
+fn bucket_key(path: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + path.len());
+    k.extend_from_slice(&leaf_of(path).to_be_bytes());
+    k.extend_from_slice(path.as_bytes());
+    k
+}
+
+/// `uuid · kind`, the value of a `by_time` entry.
+fn uuid_kind(r: &Record) -> Vec<u8> {
+    let mut v = Vec::with_capacity(17);
+    v.extend_from_slice(r.uuid.as_bytes());
+    v.push(u8::from(r.is_tombstone()));
+    v
+}
+
+fn decode_uuid_kind(v: &[u8]) -> Result<(Uuid, bool), StoreError> {
+    match (v.get(..16).and_then(|u| Uuid::from_slice(u).ok()), v.get(16)) {
+        (Some(u), Some(k)) if v.len() == 17 => Ok((u, *k == 1)),
+        _ => Err(StoreError::Corrupt("undecodable index entry".into())),
+    }
 }
 
 fn split_time_key(k: &[u8]) -> Result<(u64, String), StoreError> {
@@ -188,7 +244,22 @@ impl Store {
         }
         let records = db.keyspace("records", KeyspaceCreateOptions::default).map_err(io)?;
         let by_time = db.keyspace("by_time", KeyspaceCreateOptions::default).map_err(io)?;
+        let by_bucket = db.keyspace("by_bucket", KeyspaceCreateOptions::default).map_err(io)?;
+        let summary = db.keyspace("summary", KeyspaceCreateOptions::default).map_err(io)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io)?;
+        let mut leaves = vec![0u64; LEAVES];
+        for guard in summary.iter() {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            match (<[u8; 2]>::try_from(k.as_ref()), <[u8; 8]>::try_from(v.as_ref())) {
+                (Ok(k), Ok(v)) => leaves[u16::from_be_bytes(k) as usize] = u64::from_be_bytes(v),
+                _ => return Err(StoreError::Corrupt("undecodable summary entry".into())),
+            }
+        }
+        let newest = match by_time.last_key_value() {
+            Some(g) => split_time_key(&g.key().map_err(io)?)?.0,
+            None => 0,
+        };
+        let gc_horizon = read_u64(&meta, META_GC_HORIZON)?;
         let counts = Counts {
             live_keys: AtomicU64::new(read_u64(&meta, META_LIVE_KEYS)?),
             tombstones: AtomicU64::new(read_u64(&meta, META_TOMBSTONES)?),
@@ -200,8 +271,13 @@ impl Store {
                 db,
                 records,
                 by_time,
+                by_bucket,
+                summary,
                 meta,
                 counts,
+                leaves: Mutex::new(leaves),
+                newest: AtomicU64::new(newest),
+                gc_horizon: AtomicU64::new(gc_horizon),
                 failed: watch::channel(None).0,
                 failed_flag: AtomicBool::new(false),
             }),
@@ -292,25 +368,115 @@ impl Store {
         Ok(KeyPage { keys, next })
     }
 
-    /// The newest `n` writes (tombstones included), newest first, as `(timestamp, path)`.
-    pub fn newest(&self, n: usize) -> Result<Vec<(u64, String)>, StoreError> {
-        let mut out = Vec::with_capacity(n.min(1024));
-        for guard in self.inner.by_time.iter().rev().take(n) {
-            let k = guard.key().map_err(|e| self.fail(io(e)))?;
-            out.push(split_time_key(&k).map_err(|e| self.fail(e))?);
+    /// Versions from the timestamp index, newest first: entries below `before`
+    /// (`(timestamp, path)`, exclusive; `None`: from the newest) and at or above
+    /// `min_ts`, at most `limit`.
+    pub fn newest_versions(
+        &self,
+        before: Option<(u64, &str)>,
+        min_ts: u64,
+        limit: usize,
+    ) -> Result<Vec<Version>, StoreError> {
+        let lo = std::ops::Bound::Included(min_ts.to_be_bytes().to_vec());
+        let hi = match before {
+            Some((ts, p)) => std::ops::Bound::Excluded(time_key(ts, p)),
+            None => std::ops::Bound::Unbounded,
+        };
+        self.index_versions(self.inner.by_time.range::<Vec<u8>, _>((lo, hi)).rev(), limit)
+    }
+
+    /// Versions from the timestamp index, oldest first, after `after` (`(timestamp,
+    /// path)`, exclusive; `None`: from timestamp 0), at most `limit`.
+    pub fn versions_since(&self, after: Option<(u64, &str)>, limit: usize) -> Result<Vec<Version>, StoreError> {
+        let lo = match after {
+            Some((ts, p)) => std::ops::Bound::Excluded(time_key(ts, p)),
+            None => std::ops::Bound::Unbounded,
+        };
+        self.index_versions(self.inner.by_time.range::<Vec<u8>, _>((lo, std::ops::Bound::Unbounded)), limit)
+    }
+
+    fn index_versions(
+        &self,
+        iter: impl Iterator<Item = fjall::Guard>,
+        limit: usize,
+    ) -> Result<Vec<Version>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for guard in iter.take(limit) {
+            let (k, v) = guard.into_inner().map_err(|e| self.fail(io(e)))?;
+            let (timestamp, path) = split_time_key(&k).map_err(|e| self.fail(e))?;
+            let (uuid, tombstone) = decode_uuid_kind(&v).map_err(|e| self.fail(e))?;
+            out.push(Version { path, timestamp, uuid, tombstone });
         }
         Ok(out)
     }
 
-    /// Writes with a timestamp `>= since` (tombstones included), oldest first, at most
-    /// `limit`, as `(timestamp, path)`.
-    pub fn since(&self, since: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError> {
-        let mut out = Vec::with_capacity(limit.min(1024));
-        for guard in self.inner.by_time.range(since.to_be_bytes()..).take(limit) {
-            let k = guard.key().map_err(|e| self.fail(io(e)))?;
-            out.push(split_time_key(&k).map_err(|e| self.fail(e))?);
+    /// Tombstones with a timestamp below `floor`, oldest first, at most `limit`, as
+    /// `(path, timestamp)`.
+    pub fn expired_tombstones(&self, floor: u64, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.inner.by_time.range(..floor.to_be_bytes()) {
+            let (k, v) = guard.into_inner().map_err(|e| self.fail(io(e)))?;
+            if v.get(16) == Some(&1) {
+                let (ts, path) = split_time_key(&k).map_err(|e| self.fail(e))?;
+                out.push((path, ts));
+                if out.len() == limit {
+                    break;
+                }
+            }
         }
         Ok(out)
+    }
+
+    /// The current records of `paths` (absent paths are left out).
+    pub fn records(&self, paths: &[String]) -> Result<Vec<(String, Record)>, StoreError> {
+        let mut out = Vec::with_capacity(paths.len());
+        for p in paths {
+            if let Some(r) = self.get(p)? {
+                out.push((p.clone(), r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The 256 level-1 hashes of the summary.
+    pub fn level1(&self) -> Vec<u64> {
+        crate::antientropy::level1(&self.inner.leaves.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The leaf hashes under each of the given level-1 indices, 256 per index.
+    pub fn leaves_under(&self, tops: &[usize]) -> Vec<u64> {
+        let leaves = self.inner.leaves.lock().unwrap_or_else(|p| p.into_inner());
+        let per = LEAVES / FANOUT;
+        tops.iter().filter(|&&t| t < FANOUT).flat_map(|&t| leaves[t * per..(t + 1) * per].to_vec()).collect()
+    }
+
+    /// The versions held in the given leaves, sorted by path.
+    pub fn versions_in_leaves(&self, leaves: &[u16]) -> Result<Vec<Version>, StoreError> {
+        let mut out = Vec::new();
+        for leaf in leaves {
+            for guard in self.inner.by_bucket.prefix(leaf.to_be_bytes()) {
+                let (k, v) = guard.into_inner().map_err(|e| self.fail(io(e)))?;
+                let path = k.get(2..).and_then(|p| std::str::from_utf8(p).ok());
+                let ts = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+                let (Some(path), Some(timestamp)) = (path, ts) else {
+                    return Err(self.fail(StoreError::Corrupt("undecodable bucket entry".into())));
+                };
+                let (uuid, tombstone) = decode_uuid_kind(&v[8..]).map_err(|e| self.fail(e))?;
+                out.push(Version { path: path.to_string(), timestamp, uuid, tombstone });
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// Newest timestamp held (0 when empty).
+    pub fn newest_timestamp(&self) -> u64 {
+        self.inner.newest.load(Ordering::Relaxed)
+    }
+
+    /// Tombstones with timestamps up to this may have been purged here.
+    pub fn gc_horizon(&self) -> u64 {
+        self.inner.gc_horizon.load(Ordering::Relaxed)
     }
 
     /// Number of live keys.
@@ -338,13 +504,16 @@ impl Store {
 enum Op {
     Put { path: String, data: Bytes },
     Delete { path: String },
+    Apply { records: Vec<(String, Record)>, tombstone_floor: u64 },
+    Purge { tombstones: Vec<(String, u64)> },
+    Discard { up_to: u64, limit: usize },
     SetMeta { key: String, value: Bytes },
     Close,
 }
 
 struct Request {
     op: Op,
-    reply: oneshot::Sender<Result<Written, StoreError>>,
+    reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
 /// Handle to the writer thread. Cloning shares the one thread.
@@ -369,20 +538,56 @@ impl Writer {
         Ok(Writer { queue, thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
     }
 
-    async fn submit(&self, op: Op) -> Result<Written, StoreError> {
+    async fn submit(&self, op: Op) -> Result<Reply, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.queue.send(Request { op, reply }).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    async fn written(&self, op: Op) -> Result<Written, StoreError> {
+        match self.submit(op).await? {
+            Reply::Written(w) => Ok(w),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
     /// Stores `data` as the new version of `path`.
     pub async fn put(&self, path: String, data: Bytes) -> Result<Written, StoreError> {
-        self.submit(Op::Put { path, data }).await
+        self.written(Op::Put { path, data }).await
     }
 
     /// Records a tombstone for `path`, whether or not it held a value.
     pub async fn delete(&self, path: String) -> Result<Written, StoreError> {
-        self.submit(Op::Delete { path }).await
+        self.written(Op::Delete { path }).await
+    }
+
+    /// Applies replicated records by the merge rule: newer versions are stored, older
+    /// and identical ones skipped, collisions reported (the local version is kept).
+    /// Tombstones older than `tombstone_floor` are not stored for paths held nowhere
+    /// here: they would only be purged again.
+    pub async fn apply(&self, records: Vec<(String, Record)>, tombstone_floor: u64) -> Result<ApplyReport, StoreError> {
+        match self.submit(Op::Apply { records, tombstone_floor }).await? {
+            Reply::Applied(r) => Ok(r),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
+    /// Removes tombstones that are still the current version at the given timestamp;
+    /// raises the purge horizon. Returns how many were removed.
+    pub async fn purge(&self, tombstones: Vec<(String, u64)>) -> Result<usize, StoreError> {
+        match self.submit(Op::Purge { tombstones }).await? {
+            Reply::Removed(n) => Ok(n),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
+    /// Removes up to `limit` records (values and tombstones) with a timestamp at or
+    /// below `up_to`, oldest first. Returns how many were removed (0: none left).
+    pub async fn discard(&self, up_to: u64, limit: usize) -> Result<usize, StoreError> {
+        match self.submit(Op::Discard { up_to, limit }).await? {
+            Reply::Removed(n) => Ok(n),
+            _ => Err(StoreError::Closed),
+        }
     }
 
     /// Durably sets a node-local metadata value.
@@ -413,10 +618,11 @@ struct WriterState {
     last_timestamp: u64,
 }
 
-/// The per-path effect of one group: the version on disk before, and the version after.
+/// The per-path effect of one group: the version on disk before, and the version after
+/// (`None`: the path is removed entirely).
 struct Change {
     before: Option<Record>,
-    after: Record,
+    after: Option<Record>,
 }
 
 impl WriterState {
@@ -441,21 +647,31 @@ impl WriterState {
     fn commit_group(&mut self, group: &mut Vec<Request>) {
         let mut changes: HashMap<String, Change> = HashMap::new();
         let mut meta: Vec<(String, Bytes)> = Vec::new();
-        let mut results: Vec<Result<Written, StoreError>> = Vec::with_capacity(group.len());
+        let mut results: Vec<Result<Reply, StoreError>> = Vec::with_capacity(group.len());
         let last_before = self.last_timestamp;
+        let mut horizon = self.store.gc_horizon();
         for req in group.iter_mut() {
             let r = match &mut req.op {
-                Op::Put { path, data } => self.stage_client_write(&mut changes, path, Some(std::mem::take(data))),
-                Op::Delete { path } => self.stage_client_write(&mut changes, path, None),
+                Op::Put { path, data } => {
+                    self.stage_client_write(&mut changes, path, Some(std::mem::take(data))).map(Reply::Written)
+                }
+                Op::Delete { path } => self.stage_client_write(&mut changes, path, None).map(Reply::Written),
+                Op::Apply { records, tombstone_floor } => {
+                    self.stage_apply(&mut changes, std::mem::take(records), *tombstone_floor).map(Reply::Applied)
+                }
+                Op::Purge { tombstones } => {
+                    self.stage_purge(&mut changes, tombstones, &mut horizon).map(Reply::Removed)
+                }
+                Op::Discard { up_to, limit } => self.stage_discard(&mut changes, *up_to, *limit).map(Reply::Removed),
                 Op::SetMeta { key, value } => {
                     meta.push((std::mem::take(key), value.clone()));
-                    Ok(Written { uuid: Uuid::nil(), timestamp: 0 })
+                    Ok(Reply::Done)
                 }
-                Op::Close => Ok(Written { uuid: Uuid::nil(), timestamp: 0 }),
+                Op::Close => Ok(Reply::Done),
             };
             results.push(r);
         }
-        let committed = self.commit(&changes, &meta);
+        let committed = self.commit(&changes, &meta, horizon);
         if let Err(e) = &committed {
             self.last_timestamp = last_before;
             let e = self.store.fail(e.clone());
@@ -463,6 +679,23 @@ impl WriterState {
         }
         for (req, result) in group.drain(..).zip(results) {
             let _ = req.reply.send(result);
+        }
+    }
+
+    /// The version of `path` as of this group so far.
+    fn current(&self, changes: &HashMap<String, Change>, path: &str) -> Result<Option<Record>, StoreError> {
+        match changes.get(path) {
+            Some(c) => Ok(c.after.clone()),
+            None => self.store.get_inner(path),
+        }
+    }
+
+    fn stage(&self, changes: &mut HashMap<String, Change>, path: &str, before: Option<Record>, after: Option<Record>) {
+        match changes.get_mut(path) {
+            Some(c) => c.after = after,
+            None => {
+                changes.insert(path.to_string(), Change { before, after });
+            }
         }
     }
 
@@ -475,54 +708,161 @@ impl WriterState {
         path: &str,
         data: Option<Bytes>,
     ) -> Result<Written, StoreError> {
-        let current = match changes.get(path) {
-            Some(c) => Some(c.after.clone()),
-            None => self.store.get_inner(path)?,
-        };
+        let current = self.current(changes, path)?;
         let floor = current.as_ref().map_or(0, |r| r.timestamp);
         let timestamp = now_ms().max(self.last_timestamp + 1).max(floor + 1);
         self.last_timestamp = timestamp;
         let record = Record { timestamp, uuid: Uuid::new_v4(), data };
         let written = Written { uuid: record.uuid, timestamp };
-        match changes.get_mut(path) {
-            Some(c) => c.after = record,
-            None => {
-                changes.insert(path.to_string(), Change { before: current, after: record });
-            }
-        }
+        self.stage(changes, path, current, Some(record));
         Ok(written)
     }
 
-    fn commit(&self, changes: &HashMap<String, Change>, meta: &[(String, Bytes)]) -> Result<(), StoreError> {
+    fn stage_apply(
+        &mut self,
+        changes: &mut HashMap<String, Change>,
+        records: Vec<(String, Record)>,
+        tombstone_floor: u64,
+    ) -> Result<ApplyReport, StoreError> {
+        let mut report = ApplyReport::default();
+        for (path, incoming) in records {
+            let current = self.current(changes, &path)?;
+            match compare(current.as_ref(), &incoming) {
+                Order::Newer
+                    if current.is_none() && incoming.is_tombstone() && incoming.timestamp < tombstone_floor =>
+                {
+                    report.skipped += 1;
+                }
+                Order::Newer => {
+                    report.applied += 1;
+                    self.stage(changes, &path, current, Some(incoming));
+                }
+                Order::Older | Order::Same => report.skipped += 1,
+                Order::Collision => {
+                    report.skipped += 1;
+                    if let Some(local) = current {
+                        report.collisions.push((path, local, incoming));
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn stage_purge(
+        &mut self,
+        changes: &mut HashMap<String, Change>,
+        tombstones: &[(String, u64)],
+        horizon: &mut u64,
+    ) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for (path, ts) in tombstones {
+            let current = self.current(changes, path)?;
+            if current.as_ref().is_some_and(|r| r.is_tombstone() && r.timestamp == *ts) {
+                *horizon = (*horizon).max(*ts);
+                self.stage(changes, path, current, None);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn stage_discard(
+        &mut self,
+        changes: &mut HashMap<String, Change>,
+        up_to: u64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let old = self.store.inner.by_time.range(..=up_to.to_be_bytes()).take(limit);
+        let mut paths = Vec::new();
+        for guard in old {
+            let k = guard.key().map_err(io)?;
+            paths.push(split_time_key(&k)?.1);
+        }
+        let mut removed = 0;
+        for path in paths {
+            let current = self.current(changes, &path)?;
+            if current.as_ref().is_some_and(|r| r.timestamp <= up_to) {
+                self.stage(changes, &path, current, None);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn commit(
+        &self,
+        changes: &HashMap<String, Change>,
+        meta: &[(String, Bytes)],
+        horizon: u64,
+    ) -> Result<(), StoreError> {
         let inner = &self.store.inner;
         let mut batch = inner.db.batch().durability(Some(self.mode));
         let (mut live, mut tombs) =
             (inner.counts.live_keys.load(Ordering::Relaxed), inner.counts.tombstones.load(Ordering::Relaxed));
-        for (path, c) in changes {
-            if let Some(before) = &c.before {
-                // One entry per path in the index: the old one goes in the same batch.
-                batch.remove(&inner.by_time, time_key(before.timestamp, path));
-                if before.is_tombstone() { tombs -= 1 } else { live -= 1 }
+        let mut leaf_updates: HashMap<u16, u64> = HashMap::new();
+        let mut newest = inner.newest.load(Ordering::Relaxed);
+        {
+            let leaves = inner.leaves.lock().unwrap_or_else(|p| p.into_inner());
+            let mut xor_leaf = |path: &str, r: &Record| {
+                let leaf = leaf_of(path);
+                *leaf_updates.entry(leaf).or_insert(leaves[leaf as usize]) ^= record_digest(path, r);
+            };
+            for (path, c) in changes {
+                if c.before == c.after {
+                    continue;
+                }
+                if let Some(before) = &c.before {
+                    // One entry per path in each index: the old ones go in the same batch.
+                    batch.remove(&inner.by_time, time_key(before.timestamp, path));
+                    xor_leaf(path, before);
+                    if before.is_tombstone() { tombs -= 1 } else { live -= 1 }
+                }
+                match &c.after {
+                    Some(after) => {
+                        if after.is_tombstone() {
+                            tombs += 1
+                        } else {
+                            live += 1
+                        }
+                        xor_leaf(path, after);
+                        newest = newest.max(after.timestamp);
+                        batch.insert(&inner.records, path.as_str(), after.encode());
+                        batch.insert(&inner.by_time, time_key(after.timestamp, path), uuid_kind(after));
+                        let mut version = after.timestamp.to_be_bytes().to_vec();
+                        version.extend_from_slice(&uuid_kind(after));
+                        batch.insert(&inner.by_bucket, bucket_key(path), version);
+                    }
+                    None => {
+                        batch.remove(&inner.records, path.as_str());
+                        batch.remove(&inner.by_bucket, bucket_key(path));
+                    }
+                }
             }
-            if c.after.is_tombstone() {
-                tombs += 1
-            } else {
-                live += 1
-            }
-            batch.insert(&inner.records, path.as_str(), c.after.encode());
-            batch.insert(&inner.by_time, time_key(c.after.timestamp, path), b"".as_slice());
+        }
+        for (leaf, hash) in &leaf_updates {
+            batch.insert(&inner.summary, leaf.to_be_bytes().as_slice(), hash.to_be_bytes().as_slice());
         }
         if !changes.is_empty() {
             batch.insert(&inner.meta, META_LAST_TIMESTAMP, self.last_timestamp.to_be_bytes().as_slice());
             batch.insert(&inner.meta, META_LIVE_KEYS, live.to_be_bytes().as_slice());
             batch.insert(&inner.meta, META_TOMBSTONES, tombs.to_be_bytes().as_slice());
+            batch.insert(&inner.meta, META_GC_HORIZON, horizon.to_be_bytes().as_slice());
         }
         for (k, v) in meta {
             batch.insert(&inner.meta, k.as_str(), v.as_ref());
         }
         batch.commit().map_err(io)?;
+        {
+            let mut leaves = inner.leaves.lock().unwrap_or_else(|p| p.into_inner());
+            for (leaf, hash) in leaf_updates {
+                leaves[leaf as usize] = hash;
+            }
+        }
         inner.counts.live_keys.store(live, Ordering::Relaxed);
         inner.counts.tombstones.store(tombs, Ordering::Relaxed);
+        inner.newest.store(newest, Ordering::Relaxed);
+        inner.gc_horizon.store(horizon, Ordering::Relaxed);
         Ok(())
     }
 }

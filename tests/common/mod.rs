@@ -281,6 +281,11 @@ pub fn members(n: &Node) -> Vec<(String, String)> {
     out
 }
 
+/// Waits until `n` has finished bootstrapping (mode `normal`).
+pub fn wait_normal(n: &Node) {
+    wait_for(DEADLINE, &format!("{} in mode normal", n.addr), || (n.health()["mode"] == "normal").then_some(()));
+}
+
 /// Waits until `n` lists exactly these members, all alive.
 pub fn wait_members_alive(n: &Node, ids: &[&str]) {
     let mut want: Vec<(String, String)> = ids.iter().map(|i| (i.to_string(), "alive".to_string())).collect();

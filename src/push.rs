@@ -1,0 +1,118 @@
+//! Push: every client write goes to every alive peer right away.
+//!
+//! The API hands each committed write to [`Pusher::enqueue`], which never waits: a
+//! full queue drops the record (counted), and sync repairs it later. One dispatcher
+//! task drains the queue in batches and copies each batch to one queue per alive peer;
+//! one task per peer sends what its queue holds as one request. A slow or dead peer
+//! fills only its own queue, so it never holds back the others.
+
+use crate::cluster::Cluster;
+use crate::record::Record;
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+use crate::wire;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+/// Records waiting to be pushed, across all peers.
+const QUEUE_BOUND: usize = 16_384;
+/// Batches waiting for one peer.
+const PEER_QUEUE_BOUND: usize = 64;
+/// Most records in one dispatched batch.
+const MAX_BATCH: usize = 1_000;
+/// Timeout of one push request.
+pub const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The handle the API pushes writes through.
+#[derive(Clone)]
+pub struct Pusher {
+    queue: mpsc::Sender<(String, Record)>,
+    stats: Arc<Stats>,
+}
+
+impl Pusher {
+    /// A pusher and the receiving end for [`run`].
+    pub fn new(stats: Arc<Stats>) -> (Pusher, mpsc::Receiver<(String, Record)>) {
+        let (queue, rx) = mpsc::channel(QUEUE_BOUND);
+        (Pusher { queue, stats }, rx)
+    }
+
+    /// Queues a committed write for every alive peer. Never waits.
+    pub fn enqueue(&self, path: String, record: Record) {
+        if self.queue.try_send((path, record)).is_err() {
+            self.stats.push_dropped.add(1);
+        }
+    }
+}
+
+struct PeerLink {
+    address: String,
+    queue: mpsc::Sender<(usize, Bytes)>,
+}
+
+/// Dispatches queued writes to per-peer senders until shutdown.
+pub async fn run(
+    mut rx: mpsc::Receiver<(String, Record)>,
+    cluster: Arc<Cluster>,
+    stats: Arc<Stats>,
+    mut shutdown: Shutdown,
+) {
+    let mut links: HashMap<String, PeerLink> = HashMap::new();
+    let mut senders = JoinSet::new();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { break },
+            _ = shutdown.wait() => break,
+        }
+        let records = batch.len();
+        let mut buf = BytesMut::new();
+        for (path, record) in batch.drain(..) {
+            wire::put(&mut buf, &path, &record);
+        }
+        let body = buf.freeze();
+        let peers = cluster.alive_peers();
+        links.retain(|id, link| peers.iter().any(|p| &p.id == id && p.address == link.address));
+        for peer in peers {
+            let link = links.entry(peer.id.clone()).or_insert_with(|| {
+                let (tx, prx) = mpsc::channel(PEER_QUEUE_BOUND);
+                senders.spawn(send_to_peer(peer.address.clone(), prx, cluster.clone(), stats.clone()));
+                PeerLink { address: peer.address.clone(), queue: tx }
+            });
+            if link.queue.try_send((records, body.clone())).is_err() {
+                stats.push_dropped.add(records as u64);
+            }
+        }
+        while senders.try_join_next().is_some() {}
+    }
+    drop(links);
+    senders.abort_all();
+}
+
+/// Sends everything queued for one peer, coalescing queued batches into one request.
+async fn send_to_peer(
+    address: String,
+    mut rx: mpsc::Receiver<(usize, Bytes)>,
+    cluster: Arc<Cluster>,
+    stats: Arc<Stats>,
+) {
+    let mut pending = Vec::new();
+    while rx.recv_many(&mut pending, PEER_QUEUE_BOUND).await > 0 {
+        let records: usize = pending.iter().map(|(n, _)| n).sum();
+        let mut body = BytesMut::with_capacity(pending.iter().map(|(_, b)| b.len()).sum());
+        for (_, b) in pending.drain(..) {
+            body.extend_from_slice(&b);
+        }
+        match cluster.client().post_bytes(&address, "/internal/push", body.freeze(), PUSH_TIMEOUT).await {
+            Ok(_) => stats.pushed.add(records as u64),
+            Err(e) => {
+                stats.push_failed.add(1);
+                tracing::debug!(peer = %address, error = %e, records, "push failed; sync will repair");
+            }
+        }
+    }
+}

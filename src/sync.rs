@@ -1,0 +1,523 @@
+//! Pull-side replication: regular anti-entropy sync, catch-up, bootstrap, and the
+//! maintenance that keeps deletes from coming back.
+//!
+//! - **Regular sync** (every `sync_interval`, one random alive peer): compare the hash
+//!   summaries level by level ([`crate::antientropy`]), then fetch what the peer has
+//!   newer and send what we have newer. Heals any divergence, however old.
+//! - **Catch-up**: right after start, pull every write since our newest from the peer
+//!   with the newest data; later, whenever a peer's newest write (gossiped) is more
+//!   than [`CATCHUP_LAG_MS`] ahead of ours, pull again.
+//! - **Bootstrap**: a node with seeds and no completed bootstrap (new, or one that had
+//!   to discard stale records) is in mode `syncing` (client writes get 503): it lists
+//!   a peer's versions newest-first in pages back to `bootstrap_max_age_hours`, fetches
+//!   those it lacks, pausing `throttle_delay_ms` before each page and `fetch_delay_ms`
+//!   before each fetch, then switches to `normal`. Older data arrives by regular sync.
+//! - **Maintenance**: purges tombstones older than `tombstone_grace_hours`, persists
+//!   the time of the last contact with the cluster, and when a peer has purged
+//!   tombstones past that time, discards the records that might have missed their
+//!   delete and bootstraps again (the stale rule in [`crate::antientropy`]).
+//!
+//! Node-to-node endpoints (README "Internal endpoints"): `POST /internal/push`,
+//! `GET /internal/sync/level1`, `POST /internal/sync/leaves`, `POST
+//! /internal/sync/versions`, `POST /internal/sync/fetch`, `GET /internal/since`, `GET
+//! /internal/newest`.
+
+use crate::antientropy::{self, FANOUT, LEAVES, Version};
+use crate::clock::now_ms;
+use crate::cluster::Cluster;
+use crate::peer::PeerError;
+use crate::record::Record;
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+use crate::storage::{ApplyReport, Store, StoreError, Writer};
+use crate::wire;
+use bytes::Bytes;
+use hyper::Method;
+use rand::seq::IndexedRandom;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A peer whose newest write is this far ahead of ours triggers a catch-up.
+pub const CATCHUP_LAG_MS: u64 = 1_000;
+/// Records per page of catch-up and bootstrap.
+pub const PAGE: usize = 1_000;
+/// Records per fetch request.
+const FETCH_CHUNK: usize = 1_000;
+/// Leaves per version-listing request of a sync round.
+const LEAF_CHUNK: usize = 1_024;
+/// Timeout of one data call to a peer.
+pub const DATA_TIMEOUT: Duration = Duration::from_secs(30);
+/// Records removed per writer batch when discarding or purging.
+const REMOVE_CHUNK: usize = 10_000;
+
+const META_BOOTSTRAPPED: &str = "bootstrapped";
+const META_LAST_CONTACT: &str = "last_contact";
+
+/// Timing and limits of replication, from the config.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Pause between regular syncs.
+    pub sync_interval: Duration,
+    /// Pause between catch-up checks.
+    pub catchup_interval: Duration,
+    /// How long tombstones are kept.
+    pub tombstone_grace: Duration,
+    /// How far back bootstrap fetches.
+    pub bootstrap_max_age: Duration,
+    /// Pause before each bootstrap page request.
+    pub throttle_delay: Duration,
+    /// Pause before each bootstrap fetch.
+    pub fetch_delay: Duration,
+    /// Largest value accepted from a peer.
+    pub max_value_bytes: u64,
+}
+
+/// Replication state shared by the sync tasks and the internal endpoints.
+pub struct Replication {
+    store: Store,
+    writer: Writer,
+    cluster: Arc<Cluster>,
+    stats: Arc<Stats>,
+    config: SyncConfig,
+    syncing: AtomicBool,
+    /// Newest timestamp held when this process started: the first catch-up pulls
+    /// everything after it.
+    newest_at_start: u64,
+    last_persisted_contact: AtomicU64,
+}
+
+/// Why a sync step failed.
+#[derive(Debug)]
+pub enum SyncError {
+    /// The peer failed or answered nonsense.
+    Peer(PeerError),
+    /// Local storage failed.
+    Store(StoreError),
+}
+
+impl std::fmt::Display for SyncError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyncError::Peer(e) => write!(f, "peer: {e}"),
+            SyncError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<PeerError> for SyncError {
+    fn from(e: PeerError) -> Self {
+        SyncError::Peer(e)
+    }
+}
+
+impl From<StoreError> for SyncError {
+    fn from(e: StoreError) -> Self {
+        SyncError::Store(e)
+    }
+}
+
+fn protocol(e: impl std::fmt::Display) -> SyncError {
+    SyncError::Peer(PeerError::Protocol(e.to_string()))
+}
+
+/// Decodes a body of big-endian u64 hashes.
+pub fn decode_hashes(b: &[u8]) -> Result<Vec<u64>, String> {
+    if !b.len().is_multiple_of(8) {
+        return Err("hash list length is not a multiple of 8".into());
+    }
+    Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect())
+}
+
+/// Encodes hashes as big-endian u64s.
+pub fn encode_hashes(h: &[u64]) -> Bytes {
+    Bytes::from(h.iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| StoreError::Closed)?
+}
+
+/// Sleeps for `d`, or returns false at once on shutdown.
+async fn pause(d: Duration, shutdown: &mut Shutdown) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shutdown.wait() => false,
+    }
+}
+
+impl Replication {
+    /// Replication for a node. `needs_bootstrap` puts it in mode `syncing` at once.
+    pub fn new(
+        store: Store,
+        writer: Writer,
+        cluster: Arc<Cluster>,
+        stats: Arc<Stats>,
+        config: SyncConfig,
+        needs_bootstrap: bool,
+    ) -> Replication {
+        let newest_at_start = store.newest_timestamp();
+        let last = cluster.last_contact();
+        Replication {
+            store,
+            writer,
+            cluster,
+            stats,
+            config,
+            syncing: AtomicBool::new(needs_bootstrap),
+            newest_at_start,
+            last_persisted_contact: AtomicU64::new(last),
+        }
+    }
+
+    /// Whether this node must bootstrap: it has seeds and never completed one.
+    pub fn bootstrap_pending(store: &Store, has_seeds: bool) -> Result<bool, StoreError> {
+        Ok(has_seeds && store.meta(META_BOOTSTRAPPED)?.is_none())
+    }
+
+    /// The persisted time of the last contact with the cluster (0: never).
+    pub fn persisted_last_contact(store: &Store) -> Result<u64, StoreError> {
+        Ok(store.meta(META_LAST_CONTACT)?.as_deref().and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes))
+    }
+
+    /// True while bootstrapping: client writes are refused with 503.
+    pub fn is_syncing(&self) -> bool {
+        self.syncing.load(Ordering::Relaxed)
+    }
+
+    /// The replication counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Bootstrap progress for `/health`.
+    pub fn bootstrap_progress(&self) -> serde_json::Value {
+        serde_json::json!({
+            "fetched": self.stats.bootstrap_fetched.get(),
+            "reached_back_to": self.stats.bootstrap_reached.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Tombstones older than this are purged (and not taken from peers).
+    pub fn tombstone_floor(&self) -> u64 {
+        now_ms().saturating_sub(self.config.tombstone_grace.as_millis() as u64)
+    }
+
+    /// Applies records received from a peer and counts them.
+    pub async fn apply(&self, records: Vec<(String, Record)>) -> Result<ApplyReport, StoreError> {
+        let n = records.len() as u64;
+        let report = self.writer.apply(records, self.tombstone_floor()).await?;
+        self.stats.received.add(n);
+        self.stats.applied.add(report.applied as u64);
+        self.stats.skipped.add(report.skipped as u64);
+        if !report.collisions.is_empty() {
+            self.stats.collisions.add(report.collisions.len() as u64);
+            for (path, local, incoming) in &report.collisions {
+                tracing::info!(path = %path, local = %local.uuid, incoming = %incoming.uuid, timestamp = local.timestamp, "timestamp collision; keeping the local version");
+            }
+        }
+        Ok(report)
+    }
+
+    async fn fetch_records(&self, peer: &str, paths: &[String]) -> Result<Vec<(String, Record)>, SyncError> {
+        let body = Bytes::from(serde_json::to_vec(paths).map_err(protocol)?);
+        let answer = self.cluster.client().post_bytes(peer, "/internal/sync/fetch", body, DATA_TIMEOUT).await?;
+        self.stats.sync_bytes.add(answer.len() as u64);
+        wire::decode(answer, self.config.max_value_bytes).map_err(protocol)
+    }
+
+    async fn send_records(&self, peer: &str, paths: Vec<String>) -> Result<usize, SyncError> {
+        let store = self.store.clone();
+        let records = blocking(move || store.records(&paths)).await?;
+        let body = wire::encode(records.iter().map(|(p, r)| (p.as_str(), r)));
+        self.stats.sync_bytes.add(body.len() as u64);
+        self.cluster.client().post_bytes(peer, "/internal/push", body, DATA_TIMEOUT).await?;
+        Ok(records.len())
+    }
+
+    /// One regular sync round with `peer`; returns (fetched, sent).
+    pub async fn sync_with(&self, peer: &str) -> Result<(usize, usize), SyncError> {
+        let client = self.cluster.client();
+        let theirs = client.fetch(Method::GET, peer, "/internal/sync/level1", Bytes::new(), DATA_TIMEOUT).await?;
+        self.stats.sync_bytes.add(theirs.len() as u64);
+        let tops = antientropy::differing(&self.store.level1(), &decode_hashes(&theirs).map_err(protocol)?);
+        if tops.is_empty() {
+            return Ok((0, 0));
+        }
+        let body = Bytes::from(serde_json::to_vec(&tops).map_err(protocol)?);
+        let theirs = client.post_bytes(peer, "/internal/sync/leaves", body, DATA_TIMEOUT).await?;
+        self.stats.sync_bytes.add(theirs.len() as u64);
+        let per = LEAVES / FANOUT;
+        let theirs = decode_hashes(&theirs).map_err(protocol)?;
+        if theirs.len() != tops.len() * per {
+            return Err(protocol("wrong number of leaf hashes"));
+        }
+        let mine = self.store.leaves_under(&tops);
+        let leaves: Vec<u16> = antientropy::differing(&mine, &theirs)
+            .into_iter()
+            .map(|i| (tops[i / per] * per + i % per) as u16)
+            .collect();
+        let (mut fetched, mut sent) = (0, 0);
+        for chunk in leaves.chunks(LEAF_CHUNK) {
+            let body = Bytes::from(serde_json::to_vec(chunk).map_err(protocol)?);
+            let answer = client.post_bytes(peer, "/internal/sync/versions", body, DATA_TIMEOUT).await?;
+            self.stats.sync_bytes.add(answer.len() as u64);
+            let theirs: Vec<Version> = serde_json::from_slice(&answer).map_err(protocol)?;
+            let store = self.store.clone();
+            let chunk = chunk.to_vec();
+            let mine = blocking(move || store.versions_in_leaves(&chunk)).await?;
+            let plan = antientropy::plan(&mine, &theirs, self.tombstone_floor());
+            // Collisions are fetched too: applying them reports them to conflict handling.
+            let wanted: Vec<String> = plan.fetch.into_iter().chain(plan.collisions).collect();
+            for paths in wanted.chunks(FETCH_CHUNK) {
+                let records = self.fetch_records(peer, paths).await?;
+                fetched += records.len();
+                self.apply(records).await?;
+            }
+            for paths in plan.send.chunks(FETCH_CHUNK) {
+                sent += self.send_records(peer, paths.to_vec()).await?;
+            }
+        }
+        Ok((fetched, sent))
+    }
+
+    /// Can this node hand out its records (serve sync, start sync)? Not while
+    /// bootstrapping, and not before it knows it is not stale.
+    pub fn ready(&self) -> bool {
+        !self.is_syncing() && self.cluster.verified()
+    }
+
+    /// Regular anti-entropy sync with one random alive peer every `sync_interval`.
+    pub async fn sync_loop(self: Arc<Self>, mut shutdown: Shutdown) {
+        while pause(self.config.sync_interval, &mut shutdown).await {
+            if !self.ready() {
+                continue;
+            }
+            let peer = self.cluster.alive_peers().choose(&mut rand::rng()).cloned();
+            let Some(peer) = peer else { continue };
+            match self.sync_with(&peer.address).await {
+                Ok((fetched, sent)) => {
+                    self.stats.sync_ok.add(1);
+                    self.stats.sync_fetched.add(fetched as u64);
+                    self.stats.sync_sent.add(sent as u64);
+                    if fetched + sent > 0 {
+                        tracing::info!(peer = %peer.id, fetched, sent, "sync repaired divergence");
+                    } else {
+                        tracing::debug!(peer = %peer.id, "sync: in sync");
+                    }
+                }
+                Err(e) => {
+                    self.stats.sync_failed.add(1);
+                    tracing::warn!(peer = %peer.id, error = %e, "sync failed");
+                }
+            }
+        }
+    }
+
+    /// Pulls every write after `since` from `peer`, page by page; returns the count.
+    async fn catch_up_from(&self, peer: &str, since: u64, shutdown: &Shutdown) -> Result<usize, SyncError> {
+        let mut cursor = (since, String::new());
+        let mut total = 0;
+        loop {
+            let q = format!(
+                "/internal/since?after_ts={}&after_path={}&limit={PAGE}",
+                cursor.0,
+                crate::path::percent_encode(&cursor.1)
+            );
+            let answer = self.cluster.client().fetch(Method::GET, peer, &q, Bytes::new(), DATA_TIMEOUT).await?;
+            let records = wire::decode(answer, self.config.max_value_bytes).map_err(protocol)?;
+            let n = records.len();
+            if let Some((p, r)) = records.last() {
+                cursor = (r.timestamp, p.clone());
+            }
+            total += n;
+            self.stats.catchup_records.add(n as u64);
+            self.apply(records).await?;
+            if n < PAGE || shutdown.is_triggered() {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Catch-up: once after start (everything since our newest at start), then
+    /// whenever a peer is more than [`CATCHUP_LAG_MS`] ahead.
+    pub async fn catchup_loop(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut first = true;
+        loop {
+            let wait = if first { Duration::from_millis(100) } else { self.config.catchup_interval };
+            if !pause(wait, &mut shutdown).await {
+                return;
+            }
+            if !self.ready() {
+                continue;
+            }
+            let peers = self.cluster.alive_peers();
+            let Some(best) = peers.iter().max_by_key(|p| p.newest_write) else { continue };
+            let mine = self.store.newest_timestamp();
+            let since = if first {
+                self.newest_at_start
+            } else if best.newest_write > mine + CATCHUP_LAG_MS {
+                mine
+            } else {
+                continue;
+            };
+            tracing::info!(peer = %best.id, since, peer_newest = best.newest_write, first, "catch-up: pulling writes");
+            match self.catch_up_from(&best.address, since, &shutdown).await {
+                Ok(n) => {
+                    first = false;
+                    self.stats.catchup_ok.add(1);
+                    tracing::info!(peer = %best.id, records = n, "catch-up: done");
+                }
+                Err(e) => tracing::warn!(peer = %best.id, error = %e, "catch-up failed; will retry"),
+            }
+        }
+    }
+
+    /// Fetches a peer's versions newest-first back to `bootstrap_max_age`, taking those
+    /// this node lacks; then marks bootstrap done and switches to `normal`.
+    pub async fn bootstrap(&self, shutdown: &mut Shutdown) -> Result<(), StoreError> {
+        self.syncing.store(true, Ordering::Relaxed);
+        let min_ts = now_ms().saturating_sub(self.config.bootstrap_max_age.as_millis() as u64);
+        let mut cursor: Option<(u64, String)> = None;
+        tracing::info!(min_ts, "bootstrap: started");
+        loop {
+            if !pause(self.config.throttle_delay, shutdown).await {
+                return Ok(());
+            }
+            let peer = self.cluster.alive_peers().choose(&mut rand::rng()).cloned();
+            let Some(peer) = peer else {
+                // Not joined yet, or every peer is down: wait for one.
+                if !pause(Duration::from_millis(200), shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            };
+            match self.bootstrap_page(&peer.address, &mut cursor, min_ts, shutdown).await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(SyncError::Store(e)) => return Err(e),
+                Err(SyncError::Peer(e)) => {
+                    tracing::warn!(peer = %peer.id, error = %e, "bootstrap page failed; retrying")
+                }
+            }
+        }
+        self.writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
+        self.syncing.store(false, Ordering::Relaxed);
+        tracing::info!(
+            fetched = self.stats.bootstrap_fetched.get(),
+            reached_back_to = self.stats.bootstrap_reached.load(Ordering::Relaxed),
+            "bootstrap: done; mode normal"
+        );
+        Ok(())
+    }
+
+    /// One page of bootstrap; true when the last page was reached.
+    async fn bootstrap_page(
+        &self,
+        peer: &str,
+        cursor: &mut Option<(u64, String)>,
+        min_ts: u64,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, SyncError> {
+        let mut q = format!("/internal/newest?min_ts={min_ts}&limit={PAGE}");
+        if let Some((ts, p)) = cursor.as_ref() {
+            q.push_str(&format!("&before_ts={ts}&before_path={}", crate::path::percent_encode(p)));
+        }
+        let answer = self.cluster.client().fetch(Method::GET, peer, &q, Bytes::new(), DATA_TIMEOUT).await?;
+        let page: Vec<Version> = serde_json::from_slice(&answer).map_err(protocol)?;
+        let store = self.store.clone();
+        let candidates = page.clone();
+        let lacking: Vec<String> = blocking(move || {
+            let mut out = Vec::new();
+            for v in candidates {
+                if store.get(&v.path)?.is_none_or(|r| r.timestamp < v.timestamp) {
+                    out.push(v.path);
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+        for paths in lacking.chunks(FETCH_CHUNK) {
+            if !pause(self.config.fetch_delay, shutdown).await {
+                return Ok(true);
+            }
+            let records = self.fetch_records(peer, paths).await?;
+            self.stats.bootstrap_fetched.add(records.len() as u64);
+            self.apply(records).await?;
+        }
+        if let Some(last) = page.last() {
+            self.stats.bootstrap_reached.store(last.timestamp, Ordering::Relaxed);
+            tracing::info!(
+                fetched = self.stats.bootstrap_fetched.get(),
+                reached_back_to = last.timestamp,
+                "bootstrap: progress"
+            );
+            *cursor = Some((last.timestamp, last.path.clone()));
+        }
+        Ok(page.len() < PAGE)
+    }
+
+    /// Bootstraps if needed, then runs maintenance every `interval` until shutdown:
+    /// purge expired tombstones, persist the last contact, and discard stale records
+    /// (then bootstrap again) when a peer found this node stale.
+    pub async fn maintenance_loop(self: Arc<Self>, mut shutdown: Shutdown, interval: Duration) {
+        if self.is_syncing()
+            && let Err(e) = self.bootstrap(&mut shutdown).await
+        {
+            tracing::error!(error = %e, "bootstrap failed");
+            return;
+        }
+        while pause(interval, &mut shutdown).await {
+            if let Err(e) = self.maintain(&mut shutdown).await {
+                tracing::error!(error = %e, "maintenance failed");
+            }
+        }
+    }
+
+    async fn maintain(&self, shutdown: &mut Shutdown) -> Result<(), StoreError> {
+        if let Some(horizon) = self.cluster.stale_below() {
+            self.syncing.store(true, Ordering::Relaxed);
+            let mut discarded = 0;
+            loop {
+                let n = self.writer.discard(horizon, REMOVE_CHUNK).await?;
+                discarded += n;
+                if n == 0 {
+                    break;
+                }
+            }
+            self.stats.stale_discarded.add(discarded as u64);
+            tracing::info!(horizon, discarded, "discarded records that may have missed a purged delete");
+            self.cluster.clear_stale();
+            self.persist_contact(true).await?;
+            return self.bootstrap(shutdown).await;
+        }
+        let floor = self.tombstone_floor();
+        loop {
+            let store = self.store.clone();
+            let expired = blocking(move || store.expired_tombstones(floor, REMOVE_CHUNK)).await?;
+            if expired.is_empty() {
+                break;
+            }
+            let n = self.writer.purge(expired).await?;
+            self.stats.tombstones_purged.add(n as u64);
+            tracing::debug!(purged = n, "purged tombstones past the grace period");
+            if n == 0 {
+                break;
+            }
+        }
+        self.persist_contact(false).await
+    }
+
+    /// Persists the last contact time, at most about once a second unless forced.
+    async fn persist_contact(&self, force: bool) -> Result<(), StoreError> {
+        let now = self.cluster.last_contact();
+        let last = self.last_persisted_contact.load(Ordering::Relaxed);
+        if now > last && (force || now - last >= 1_000) {
+            self.writer.set_meta(META_LAST_CONTACT, Bytes::copy_from_slice(&now.to_be_bytes())).await?;
+            self.last_persisted_contact.store(now, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
