@@ -11,6 +11,7 @@ use crate::membership::MemberInfo;
 use crate::node::App;
 use crate::path::{parse_key, percent_decode, validate_key};
 use crate::record::Record;
+use crate::resolve::{VoteAnswer, VoteRequest, held};
 use crate::storage::StoreError;
 use crate::sync::encode_hashes;
 use crate::wire;
@@ -195,8 +196,9 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
     let path = req.uri().path().to_string();
     let (get, post) = (req.method() == Method::GET, req.method() == Method::POST);
     let store = app.store.clone();
-    // Only push (data coming in) is taken while this node may hold stale records.
-    if path != "/internal/push" && !app.replication.ready() {
+    // Only data coming in (push) and votes are served while this node may hold stale
+    // records.
+    if path != "/internal/push" && path != "/internal/vote" && !app.replication.ready() {
         return Err(ApiError::Syncing);
     }
     match path.as_str() {
@@ -205,6 +207,17 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
             let records = wire::decode(body, app.config.max_value_bytes).map_err(ApiError::BadRequest)?;
             let report = app.replication.apply(records).await?;
             Ok(json_response(StatusCode::OK, &json!({ "applied": report.applied, "skipped": report.skipped })))
+        }
+        "/internal/vote" if post => {
+            let req: VoteRequest = read_json(req).await?;
+            if req.paths.len() > MAX_FETCH {
+                return Err(ApiError::BadRequest(format!("at most {MAX_FETCH} paths per vote")));
+            }
+            for p in &req.paths {
+                validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
+            }
+            let held = blocking(move || held(&store, &req.paths)).await?;
+            Ok(json_response(StatusCode::OK, &json!(VoteAnswer { held })))
         }
         "/internal/sync/level1" if get => Ok(binary_response(encode_hashes(&store.level1()))),
         "/internal/sync/leaves" if post => {
@@ -252,9 +265,11 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
                     .await?;
             Ok(json_response(StatusCode::OK, &json!(versions)))
         }
-        "/internal/push" | "/internal/sync/leaves" | "/internal/sync/versions" | "/internal/sync/fetch" => {
-            Err(ApiError::MethodNotAllowed(POST_METHOD))
-        }
+        "/internal/push"
+        | "/internal/vote"
+        | "/internal/sync/leaves"
+        | "/internal/sync/versions"
+        | "/internal/sync/fetch" => Err(ApiError::MethodNotAllowed(POST_METHOD)),
         "/internal/sync/level1" | "/internal/since" | "/internal/newest" => Err(ApiError::MethodNotAllowed(GET_METHOD)),
         _ => Err(ApiError::NotFound("route")),
     }

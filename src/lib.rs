@@ -15,6 +15,8 @@
 //! - [`wire`]: the binary record batches nodes exchange.
 //! - [`push`], [`sync`]: replication tasks: push of fresh writes; regular sync,
 //!   catch-up, bootstrap and tombstone purge. [`stats`]: their counters.
+//! - [`conflict`]: the vote rules for timestamp collisions (majority, oldest node,
+//!   fallback), no I/O; [`resolve`]: the task that runs the votes.
 //! - [`api`]: the HTTP API (client routes and node-to-node routes): routing, handlers,
 //!   JSON errors.
 //! - [`server`]: the accept loop: connection cap, timeouts, graceful drain.
@@ -46,12 +48,14 @@ pub mod api;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod conflict;
 pub mod membership;
 pub mod node;
 pub mod path;
 pub mod peer;
 pub mod push;
 pub mod record;
+pub mod resolve;
 pub mod server;
 pub mod shutdown;
 pub mod stats;

@@ -9,6 +9,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::membership::{MemberInfo, Timeouts};
 use crate::push::{self, Pusher};
+use crate::resolve::{self, Resolver, Voting};
 use crate::server;
 use crate::shutdown;
 use crate::stats::Stats;
@@ -220,6 +221,7 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
         max_value_bytes: config.max_value_bytes,
     };
     let maintenance_interval = (config.tombstone_grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let (resolver, collisions) = Resolver::new();
     let replication = Arc::new(Replication::new(
         store.clone(),
         writer.clone(),
@@ -227,7 +229,16 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
         stats.clone(),
         sync_config,
         needs_bootstrap,
+        resolver.clone(),
     ));
+    let voting = Voting {
+        resolver,
+        store: store.clone(),
+        writer: writer.clone(),
+        cluster: cluster.clone(),
+        pusher: pusher.clone(),
+        stats: stats.clone(),
+    };
     let app = Arc::new(App {
         config,
         store: store.clone(),
@@ -245,6 +256,7 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(cluster.clone().gossip_loop(shutdown.clone()));
     tasks.spawn(push::run(push_queue, cluster.clone(), stats, shutdown.clone()));
+    tasks.spawn(resolve::run(collisions, voting, shutdown.clone()));
     tasks.spawn(replication.clone().sync_loop(shutdown.clone()));
     tasks.spawn(replication.clone().catchup_loop(shutdown.clone()));
     tasks.spawn(replication.maintenance_loop(shutdown.clone(), maintenance_interval));

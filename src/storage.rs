@@ -507,6 +507,7 @@ enum Op {
     Apply { records: Vec<(String, Record)>, tombstone_floor: u64 },
     Purge { tombstones: Vec<(String, u64)> },
     Discard { up_to: u64, limit: usize },
+    Replace { path: String, record: Record, if_timestamp: Option<u64> },
     SetMeta { key: String, value: Bytes },
     Close,
 }
@@ -590,6 +591,16 @@ impl Writer {
         }
     }
 
+    /// Stores `record` as the version of `path`, replacing what is held: only if the
+    /// held version has timestamp `if_timestamp` (a collision's loser) when given,
+    /// unconditionally otherwise (tools). Returns whether it replaced anything.
+    pub async fn replace(&self, path: String, record: Record, if_timestamp: Option<u64>) -> Result<bool, StoreError> {
+        match self.submit(Op::Replace { path, record, if_timestamp }).await? {
+            Reply::Removed(n) => Ok(n > 0),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
     /// Durably sets a node-local metadata value.
     pub async fn set_meta(&self, key: &str, value: Bytes) -> Result<(), StoreError> {
         self.submit(Op::SetMeta { key: key.to_string(), value }).await.map(|_| ())
@@ -663,6 +674,19 @@ impl WriterState {
                     self.stage_purge(&mut changes, tombstones, &mut horizon).map(Reply::Removed)
                 }
                 Op::Discard { up_to, limit } => self.stage_discard(&mut changes, *up_to, *limit).map(Reply::Removed),
+                Op::Replace { path, record, if_timestamp } => {
+                    let current = self.current(&changes, path);
+                    current.map(|current| {
+                        let replace = match if_timestamp {
+                            Some(ts) => current.as_ref().is_some_and(|c| c.timestamp == *ts && c.uuid != record.uuid),
+                            None => current.as_ref() != Some(record),
+                        };
+                        if replace {
+                            self.stage(&mut changes, path, current, Some(record.clone()));
+                        }
+                        Reply::Removed(usize::from(replace))
+                    })
+                }
                 Op::SetMeta { key, value } => {
                     meta.push((std::mem::take(key), value.clone()));
                     Ok(Reply::Done)

@@ -27,6 +27,7 @@ use crate::clock::now_ms;
 use crate::cluster::Cluster;
 use crate::peer::PeerError;
 use crate::record::Record;
+use crate::resolve::Resolver;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::storage::{ApplyReport, Store, StoreError, Writer};
@@ -85,6 +86,7 @@ pub struct Replication {
     /// everything after it.
     newest_at_start: u64,
     last_persisted_contact: AtomicU64,
+    resolver: Arc<Resolver>,
 }
 
 /// Why a sync step failed.
@@ -157,6 +159,7 @@ impl Replication {
         stats: Arc<Stats>,
         config: SyncConfig,
         needs_bootstrap: bool,
+        resolver: Arc<Resolver>,
     ) -> Replication {
         let newest_at_start = store.newest_timestamp();
         let last = cluster.last_contact();
@@ -169,6 +172,7 @@ impl Replication {
             syncing: AtomicBool::new(needs_bootstrap),
             newest_at_start,
             last_persisted_contact: AtomicU64::new(last),
+            resolver,
         }
     }
 
@@ -208,15 +212,13 @@ impl Replication {
     /// Applies records received from a peer and counts them.
     pub async fn apply(&self, records: Vec<(String, Record)>) -> Result<ApplyReport, StoreError> {
         let n = records.len() as u64;
-        let report = self.writer.apply(records, self.tombstone_floor()).await?;
+        let mut report = self.writer.apply(records, self.tombstone_floor()).await?;
         self.stats.received.add(n);
         self.stats.applied.add(report.applied as u64);
         self.stats.skipped.add(report.skipped as u64);
         if !report.collisions.is_empty() {
             self.stats.collisions.add(report.collisions.len() as u64);
-            for (path, local, incoming) in &report.collisions {
-                tracing::info!(path = %path, local = %local.uuid, incoming = %incoming.uuid, timestamp = local.timestamp, "timestamp collision; keeping the local version");
-            }
+            self.resolver.report(std::mem::take(&mut report.collisions));
         }
         Ok(report)
     }
@@ -316,9 +318,11 @@ impl Replication {
         }
     }
 
-    /// Pulls every write after `since` from `peer`, page by page; returns the count.
+    /// Pulls every write with a timestamp after `since` from `peer`, page by page;
+    /// returns the count.
     async fn catch_up_from(&self, peer: &str, since: u64, shutdown: &Shutdown) -> Result<usize, SyncError> {
-        let mut cursor = (since, String::new());
+        // (since + 1, "") excludes nothing at since + 1: no path is empty.
+        let mut cursor = (since + 1, String::new());
         let mut total = 0;
         loop {
             let q = format!(
