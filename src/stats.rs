@@ -45,6 +45,8 @@ pub struct Stats {
     pub sync_sent: Counter,
     /// Body bytes exchanged by regular sync (both ways).
     pub sync_bytes: Counter,
+    /// Duration of the last regular sync round that moved records, in ms.
+    pub last_repair_ms: AtomicU64,
     /// Catch-up passes that completed.
     pub catchup_ok: Counter,
     /// Records pulled by catch-up.
@@ -81,6 +83,7 @@ impl Stats {
             "sync_fetched": self.sync_fetched.get(),
             "sync_sent": self.sync_sent.get(),
             "sync_bytes": self.sync_bytes.get(),
+            "last_repair_ms": self.last_repair_ms.load(Ordering::Relaxed),
             "catchup_ok": self.catchup_ok.get(),
             "catchup_records": self.catchup_records.get(),
             "bootstrap_fetched": self.bootstrap_fetched.get(),

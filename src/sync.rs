@@ -52,7 +52,8 @@ pub const DATA_TIMEOUT: Duration = Duration::from_secs(30);
 /// Records removed per writer batch when discarding or purging.
 const REMOVE_CHUNK: usize = 10_000;
 
-const META_BOOTSTRAPPED: &str = "bootstrapped";
+/// Meta key set once a bootstrap completed (tools that build data dirs set it too).
+pub const META_BOOTSTRAPPED: &str = "bootstrapped";
 const META_LAST_CONTACT: &str = "last_contact";
 
 /// Timing and limits of replication, from the config.
@@ -225,6 +226,7 @@ impl Replication {
 
     async fn fetch_records(&self, peer: &str, paths: &[String]) -> Result<Vec<(String, Record)>, SyncError> {
         let body = Bytes::from(serde_json::to_vec(paths).map_err(protocol)?);
+        self.stats.sync_bytes.add(body.len() as u64);
         let answer = self.cluster.client().post_bytes(peer, "/internal/sync/fetch", body, DATA_TIMEOUT).await?;
         self.stats.sync_bytes.add(answer.len() as u64);
         wire::decode(answer, self.config.max_value_bytes).map_err(protocol)
@@ -249,6 +251,7 @@ impl Replication {
             return Ok((0, 0));
         }
         let body = Bytes::from(serde_json::to_vec(&tops).map_err(protocol)?);
+        self.stats.sync_bytes.add(body.len() as u64);
         let theirs = client.post_bytes(peer, "/internal/sync/leaves", body, DATA_TIMEOUT).await?;
         self.stats.sync_bytes.add(theirs.len() as u64);
         let per = LEAVES / FANOUT;
@@ -264,6 +267,7 @@ impl Replication {
         let (mut fetched, mut sent) = (0, 0);
         for chunk in leaves.chunks(LEAF_CHUNK) {
             let body = Bytes::from(serde_json::to_vec(chunk).map_err(protocol)?);
+            self.stats.sync_bytes.add(body.len() as u64);
             let answer = client.post_bytes(peer, "/internal/sync/versions", body, DATA_TIMEOUT).await?;
             self.stats.sync_bytes.add(answer.len() as u64);
             let theirs: Vec<Version> = serde_json::from_slice(&answer).map_err(protocol)?;
@@ -299,8 +303,12 @@ impl Replication {
             }
             let peer = self.cluster.alive_peers().choose(&mut rand::rng()).cloned();
             let Some(peer) = peer else { continue };
+            let started = std::time::Instant::now();
             match self.sync_with(&peer.address).await {
                 Ok((fetched, sent)) => {
+                    if fetched + sent > 0 {
+                        self.stats.last_repair_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    }
                     self.stats.sync_ok.add(1);
                     self.stats.sync_fetched.add(fetched as u64);
                     self.stats.sync_sent.add(sent as u64);

@@ -1,0 +1,646 @@
+//! kvs-bench: load and convergence bench. Starts everything it measures itself (the
+//! release `kvs` binary next to this one, temporary data dirs, 127.0.0.1) and prints a
+//! table, or JSON with `--json`.
+//!
+//! ```text
+//! cargo build --release && ./target/release/kvs-bench [--quick] [--json] [--only a,b] [--keys N]
+//! ```
+//! Scenarios: `ceiling` (a minimal hyper server with a fixed 64-byte JSON body, run as
+//! a separate process like kvs), `get`, `put` (sync and buffer durability, 100-byte
+//! and 10 KB values), `lag` (3 nodes), `antientropy`, `bootstrap`, `restart`. Sizes are
+//! flags; `--quick` shrinks them so the whole run takes about a minute.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use kvs::config::Durability;
+use kvs::record::Record;
+use kvs::storage::Store;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+type Err = Box<dyn std::error::Error + Send + Sync>;
+type Res<T> = Result<T, Err>;
+
+#[derive(Clone)]
+struct Opts {
+    quick: bool,
+    json: bool,
+    only: Option<Vec<String>>,
+    keys: usize,
+    load_secs: f64,
+    lag_writes: usize,
+}
+
+fn parse_opts() -> Res<Opts> {
+    let mut o = Opts { quick: false, json: false, only: None, keys: 1_000_000, load_secs: 5.0, lag_writes: 1_000 };
+    let mut keys = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--json" => o.json = true,
+            "--only" => o.only = Some(args.next().ok_or("--only needs a list")?.split(',').map(String::from).collect()),
+            "--keys" => keys = Some(args.next().ok_or("--keys needs a number")?.parse()?),
+            "--serve-ceiling" => {
+                serve_ceiling()?;
+                std::process::exit(0);
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,antientropy,bootstrap,restart] [--keys N]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unexpected argument {other:?}").into()),
+        }
+    }
+    if o.quick {
+        o.keys = 20_000;
+        o.load_secs = 1.0;
+        o.lag_writes = 200;
+    }
+    if let Some(k) = keys {
+        o.keys = k;
+    }
+    Ok(o)
+}
+
+/// The minimal server the HTTP figures are compared with.
+fn serve_ceiling() -> Res<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("{}", listener.local_addr()?);
+        const BODY: &[u8; 64] = br#"{"name":"John Doe","age":30,"city":"Berlin","tags":["a","b"]}   "#;
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(
+                        hyper::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(BODY)))
+                            .unwrap_or_default(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    })
+}
+
+/// A child process killed on drop.
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn rss_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn exe_dir() -> Res<PathBuf> {
+    Ok(std::env::current_exe()?.parent().ok_or("no exe dir")?.to_path_buf())
+}
+
+fn start_ceiling() -> Res<Proc> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--serve-ceiling")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?), &mut line)?;
+    Ok(Proc { child, addr: line.trim().to_string() })
+}
+
+/// Starts kvs in `dir` with `extra` config lines; waits until it listens.
+fn start_kvs(dir: &Path, extra: &str) -> Res<(Proc, Instant)> {
+    std::fs::create_dir_all(dir)?;
+    let config = dir.join("config.yaml");
+    let log_path = dir.join("node.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let offset = log.metadata()?.len() as usize;
+    let started = Instant::now();
+    std::fs::write(
+        &config,
+        format!(
+            "port: 0\ndata_dir: ./data\nlog_level: {}\n{extra}",
+            std::env::var("KVS_BENCH_LOG").unwrap_or("info".into())
+        ),
+    )?;
+    let child = Command::new(exe_dir()?.join("kvs"))
+        .arg(&config)
+        .current_dir(dir)
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()?;
+    let mut p = Proc { child, addr: String::new() };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(&log_path)?;
+        if let Some(addr) = text.get(offset..).unwrap_or_default().lines().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "listening").then(|| v["addr"].as_str().map(String::from)).flatten()
+        }) {
+            p.addr = addr;
+            return Ok((p, started));
+        }
+        if let Ok(Some(s)) = p.child.try_wait() {
+            return Err(format!("kvs exited with {s}; see {}", log_path.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err("kvs did not start".into())
+}
+
+/// One keep-alive HTTP/1 connection.
+struct Conn {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> Res<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(Conn { send, host: addr.to_string() })
+    }
+
+    async fn call(&mut self, method: Method, path: &str, body: Bytes) -> Res<(StatusCode, Bytes)> {
+        let req = Request::builder().method(method).uri(path).header("host", &self.host).body(Full::new(body))?;
+        // A request sent before the connection is ready again is rejected as canceled.
+        self.send.ready().await?;
+        let resp = self.send.send_request(req).await?;
+        let status = resp.status();
+        Ok((status, resp.into_body().collect().await?.to_bytes()))
+    }
+}
+
+async fn health(addr: &str) -> Res<Value> {
+    let mut c = Conn::open(addr).await?;
+    let (_, b) = c.call(Method::GET, "/health", Bytes::new()).await?;
+    Ok(serde_json::from_slice(&b)?)
+}
+
+async fn wait_health(addr: &str, what: &str, f: impl Fn(&Value) -> bool) -> Res<Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Ok(h) = health(addr).await
+            && f(&h)
+        {
+            return Ok(h);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(format!("timed out waiting for {what}").into())
+}
+
+struct Load {
+    ops: u64,
+    secs: f64,
+    lat_us: Vec<u64>,
+    errors: u64,
+}
+
+impl Load {
+    fn pct(&self, p: f64) -> f64 {
+        if self.lat_us.is_empty() {
+            return 0.0;
+        }
+        self.lat_us[((self.lat_us.len() as f64 * p) as usize).min(self.lat_us.len() - 1)] as f64 / 1000.0
+    }
+    fn rps(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+    fn to_json(&self) -> Value {
+        json!({"rps": self.rps().round(), "p50_ms": self.pct(0.5), "p99_ms": self.pct(0.99), "p999_ms": self.pct(0.999), "errors": self.errors})
+    }
+}
+
+/// Runs `conns` connections for `secs`, each sending requests made by `make`.
+async fn load(
+    addr: &str,
+    conns: usize,
+    secs: f64,
+    make: impl Fn(&mut StdRng) -> (Method, String, Bytes) + Send + Sync + Clone + 'static,
+) -> Res<Load> {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..conns {
+        let addr = addr.to_string();
+        let make = make.clone();
+        tasks.spawn(async move {
+            let mut rng = StdRng::seed_from_u64(i as u64);
+            let mut c = Conn::open(&addr).await?;
+            let (mut lat, mut errors) = (Vec::with_capacity(100_000), 0u64);
+            while Instant::now() < deadline {
+                let (m, p, b) = make(&mut rng);
+                let t = Instant::now();
+                let (status, _) = c.call(m, &p, b).await?;
+                lat.push(t.elapsed().as_micros() as u64);
+                if !status.is_success() {
+                    errors += 1;
+                }
+            }
+            Ok::<_, Err>((lat, errors))
+        });
+    }
+    let started = Instant::now();
+    let mut all = Load { ops: 0, secs: 0.0, lat_us: Vec::new(), errors: 0 };
+    while let Some(r) = tasks.join_next().await {
+        let (lat, errors) = r??;
+        all.ops += lat.len() as u64;
+        all.errors += errors;
+        all.lat_us.extend(lat);
+    }
+    all.secs = started.elapsed().as_secs_f64();
+    all.lat_us.sort_unstable();
+    Ok(all)
+}
+
+fn key_path(rng: &mut StdRng, space: usize) -> String {
+    let i = rng.random_range(0..space);
+    format!("/kv/users/u{}/items/i{}", i % 10_000, i)
+}
+
+fn value(size: usize) -> Bytes {
+    let pad = "x".repeat(size.saturating_sub(30));
+    Bytes::from(format!("{{\"name\":\"bench\",\"pad\":\"{pad}\"}}"))
+}
+
+async fn preload(addr: &str, keys: usize, size: usize) -> Res<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..16 {
+        let addr = addr.to_string();
+        tasks.spawn(async move {
+            let mut c = Conn::open(&addr).await?;
+            for i in (w..keys).step_by(16) {
+                let p = format!("/kv/users/u{}/items/i{}", i % 10_000, i);
+                c.call(Method::PUT, &p, value(size)).await?;
+            }
+            Ok::<_, Err>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// Writes `keys` records straight into a data dir (fast dataset creation). Timestamps
+/// are `base + 2 i`, so a later version `base + 2 i + 1` is newer for that key but
+/// older than the newest write.
+async fn build_dataset(dir: &Path, keys: usize, base: u64, modified: &[usize]) -> Res<()> {
+    let d = dir.to_path_buf();
+    let (store, writer) = tokio::task::spawn_blocking(move || Store::open(&d, Durability::Buffer)).await??;
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..keys {
+        let path = format!("users/u{}/items/i{}", i % 10_000, i);
+        let mut ts = base + 2 * i as u64;
+        let mut data = value(100);
+        if modified.contains(&i) {
+            ts += 1;
+            data = Bytes::from_static(b"{\"modified\":true}");
+        }
+        batch.push((path, Record::value(ts, Uuid::from_u128(((ts as u128) << 64) | i as u128), data)));
+        if batch.len() == 10_000 {
+            writer.apply(std::mem::take(&mut batch), 0).await?;
+        }
+    }
+    writer.apply(batch, 0).await?;
+    // A member's data dir, not a new node's: no bootstrap on start.
+    writer.set_meta(kvs::sync::META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
+    tokio::task::spawn_blocking(move || writer.close(&store)).await??;
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Res<()> {
+    let status = Command::new("cp").arg("-r").arg(from).arg(to).status()?;
+    if !status.success() {
+        return Err("cp failed".into());
+    }
+    Ok(())
+}
+
+/// A scratch directory removed when the bench ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Res<TempDir> {
+        let dir = std::env::temp_dir().join(format!("kvs-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("KVS_BENCH_KEEP").is_some() {
+            eprintln!("kvs-bench: kept {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+struct Bench {
+    opts: Opts,
+    tmp: TempDir,
+    results: serde_json::Map<String, Value>,
+}
+
+impl Bench {
+    fn wants(&self, name: &str) -> bool {
+        self.opts.only.as_ref().is_none_or(|o| o.iter().any(|x| x == name))
+    }
+
+    fn record(&mut self, name: &str, v: Value) {
+        if !self.opts.json {
+            println!("{name:<28} {v}");
+        }
+        self.results.insert(name.to_string(), v);
+    }
+
+    async fn http(&mut self) -> Res<()> {
+        let secs = self.opts.load_secs;
+        let space = if self.opts.quick { 10_000 } else { 100_000 };
+        let ceiling = start_ceiling()?;
+        let mut ceiling_rps = [0.0; 2];
+        if self.wants("ceiling") || self.wants("get") || self.wants("put") {
+            for (i, c) in [1, 32].into_iter().enumerate() {
+                let l = load(&ceiling.addr, c, secs, |_| (Method::GET, "/".into(), Bytes::new())).await?;
+                ceiling_rps[i] = l.rps();
+                self.record(&format!("ceiling c={c}"), l.to_json());
+            }
+        }
+        if self.wants("get") {
+            let (node, _) = start_kvs(&self.tmp.path().join("get"), "durability: buffer\n")?;
+            preload(&node.addr, space, 100).await?;
+            for (i, c) in [1, 32].into_iter().enumerate() {
+                let l = load(&node.addr, c, secs, move |r| (Method::GET, key_path(r, space), Bytes::new())).await?;
+                let mut j = l.to_json();
+                j["x_ceiling"] = json!((l.rps() / ceiling_rps[i] * 100.0).round() / 100.0);
+                self.record(&format!("get c={c}"), j);
+            }
+        }
+        if self.wants("put") {
+            let mut sync1 = 0.0;
+            for durability in ["buffer", "sync"] {
+                let (node, _) = start_kvs(
+                    &self.tmp.path().join(format!("put-{durability}")),
+                    &format!("durability: {durability}\n"),
+                )?;
+                for (i, c) in [1, 32].into_iter().enumerate() {
+                    let l = load(&node.addr, c, secs, move |r| (Method::PUT, key_path(r, space), value(100))).await?;
+                    let mut j = l.to_json();
+                    j["x_ceiling"] = json!((l.rps() / ceiling_rps[i] * 100.0).round() / 100.0);
+                    if durability == "sync" {
+                        if c == 1 {
+                            sync1 = l.rps();
+                        } else {
+                            j["x_c1"] = json!((l.rps() / sync1 * 10.0).round() / 10.0);
+                        }
+                    }
+                    self.record(&format!("put {durability} c={c}"), j);
+                }
+                if durability == "buffer" {
+                    let l =
+                        load(&node.addr, 32, secs, move |r| (Method::PUT, key_path(r, space), value(10_240))).await?;
+                    self.record("put buffer 10KB c=32", l.to_json());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn lag(&mut self) -> Res<()> {
+        let dir = self.tmp.path().join("lag");
+        let cluster = "gossip_interval_min: 0.2\ngossip_interval_max: 0.4\nfailure_timeout: 3\nremoval_timeout: 6\n";
+        let (a, _) = start_kvs(&dir.join("a"), &format!("node_id: a\n{cluster}"))?;
+        let (b, _) = start_kvs(&dir.join("b"), &format!("node_id: b\nseed_nodes: [\"{}\"]\n{cluster}", a.addr))?;
+        let (c, _) = start_kvs(&dir.join("c"), &format!("node_id: c\nseed_nodes: [\"{}\"]\n{cluster}", a.addr))?;
+        for n in [&a, &b, &c] {
+            wait_health(&n.addr, "3 members", |h| h["member_count"] == 3 && h["mode"] == "normal").await?;
+        }
+        let (mut ca, mut cb, mut cc) =
+            (Conn::open(&a.addr).await?, Conn::open(&b.addr).await?, Conn::open(&c.addr).await?);
+        let mut lags = Vec::with_capacity(self.opts.lag_writes);
+        let interval = Duration::from_millis(5);
+        for i in 0..self.opts.lag_writes {
+            let tick = Instant::now();
+            let p = format!("/kv/lag/{i}");
+            ca.call(Method::PUT, &p, value(100)).await.map_err(|e| format!("lag PUT {i}: {e}"))?;
+            let t = Instant::now();
+            let mut pending = [true, true];
+            while pending.iter().any(|x| *x) {
+                for (j, conn) in [&mut cb, &mut cc].into_iter().enumerate() {
+                    if pending[j]
+                        && conn
+                            .call(Method::GET, &p, Bytes::new())
+                            .await
+                            .map_err(|e| format!("lag GET {i} on {j}: {e}"))?
+                            .0
+                            == StatusCode::OK
+                    {
+                        pending[j] = false;
+                    }
+                }
+                if t.elapsed() > Duration::from_secs(30) {
+                    return Err("a write did not replicate within 30 s".into());
+                }
+            }
+            lags.push(t.elapsed().as_micros() as u64);
+            tokio::time::sleep(interval.saturating_sub(tick.elapsed())).await;
+        }
+        lags.sort_unstable();
+        let l = Load { ops: lags.len() as u64, secs: 1.0, lat_us: lags, errors: 0 };
+        self.record(
+            "lag 3 nodes",
+            json!({"writes": l.ops, "p50_ms": l.pct(0.5), "p99_ms": l.pct(0.99), "max_ms": l.pct(1.0)}),
+        );
+        Ok(())
+    }
+
+    /// Builds the shared 1M-key dataset once.
+    async fn dataset(&self) -> Res<(PathBuf, u64)> {
+        let dir = self.tmp.path().join("dataset");
+        let base = kvs::clock::now_ms() - 3_600_000;
+        if !dir.exists() {
+            let t = Instant::now();
+            build_dataset(&dir, self.opts.keys, base, &[]).await?;
+            if !self.opts.json {
+                println!(
+                    "{:<28} {{\"keys\": {}, \"secs\": {:.1}}}",
+                    "(dataset built)",
+                    self.opts.keys,
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
+        Ok((dir, base))
+    }
+
+    async fn antientropy(&mut self) -> Res<()> {
+        let (data, base) = self.dataset().await?;
+        let dir = self.tmp.path().join("ae");
+        std::fs::create_dir_all(dir.join("a"))?;
+        std::fs::create_dir_all(dir.join("b"))?;
+        copy_dir(&data, &dir.join("a/data"))?;
+        copy_dir(&data, &dir.join("b/data"))?;
+        // 100 keys differ: b holds a newer version, still older than the newest write.
+        let mut rng = StdRng::seed_from_u64(3);
+        let modified: Vec<usize> = (0..100).map(|_| rng.random_range(0..self.opts.keys - 1)).collect();
+        {
+            let d = dir.join("b/data");
+            let (store, writer) = tokio::task::spawn_blocking(move || Store::open(&d, Durability::Buffer)).await??;
+            let records = modified
+                .iter()
+                .map(|&i| {
+                    let ts = base + 2 * i as u64 + 1;
+                    (
+                        format!("users/u{}/items/i{}", i % 10_000, i),
+                        Record::value(ts, Uuid::new_v4(), Bytes::from_static(b"{\"modified\":true}")),
+                    )
+                })
+                .collect();
+            writer.apply(records, 0).await?;
+            tokio::task::spawn_blocking(move || writer.close(&store)).await??;
+        }
+        // a syncs every 0.2 s, b never: one round of a's makes them identical.
+        let common = "gossip_interval_min: 0.1\ngossip_interval_max: 0.2\nfailure_timeout: 3\nremoval_timeout: 6\ncatchup_interval: 3600\n";
+        let (b, _) = start_kvs(&dir.join("b"), &format!("node_id: b\nsync_interval: 3600\n{common}"))?;
+        let (a, _) = start_kvs(
+            &dir.join("a"),
+            &format!("node_id: a\nsync_interval: 0.2\nseed_nodes: [\"{}\"]\n{common}", b.addr),
+        )?;
+        let h = wait_health(&a.addr, "a sync round that repairs", |h| {
+            h["replication"]["sync_fetched"].as_u64() >= Some(100)
+        })
+        .await?;
+        let (bytes, ms) = (
+            h["replication"]["sync_bytes"].as_u64().unwrap_or(0),
+            h["replication"]["last_repair_ms"].as_u64().unwrap_or(0),
+        );
+        let hb = health(&b.addr).await?;
+        let identical = {
+            let mut ca = Conn::open(&a.addr).await?;
+            let mut all = true;
+            for &i in &modified {
+                let p = format!("/kv/users/u{}/items/i{}", i % 10_000, i);
+                all &= ca.call(Method::GET, &p, Bytes::new()).await?.1.as_ref() == b"{\"modified\":true}";
+            }
+            all
+        };
+        self.record(
+            "antientropy",
+            json!({"keys": self.opts.keys, "differ": 100, "fetched": h["replication"]["sync_fetched"], "round_ms": ms,
+                   "bytes": bytes, "identical": identical && hb["keys"] == h["keys"]}),
+        );
+        Ok(())
+    }
+
+    async fn bootstrap_and_restart(&mut self) -> Res<()> {
+        let (data, _) = self.dataset().await?;
+        let dir = self.tmp.path().join("bs");
+        std::fs::create_dir_all(dir.join("a"))?;
+        copy_dir(&data, &dir.join("a/data"))?;
+        if self.wants("restart") {
+            let (a, started) = start_kvs(&dir.join("a"), "node_id: a\n")?;
+            wait_health(&a.addr, "first request", |_| true).await?;
+            let first = started.elapsed();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            self.record(
+                "restart",
+                json!({"keys": self.opts.keys, "first_request_ms": first.as_millis(), "rss_at_rest_mb": a.rss_kib("VmRSS:") / 1024}),
+            );
+        }
+        if self.wants("bootstrap") {
+            let common = "gossip_interval_min: 0.2\ngossip_interval_max: 0.4\nfailure_timeout: 3\nremoval_timeout: 6\nthrottle_delay_ms: 0\nfetch_delay_ms: 0\n";
+            let (a, _) = start_kvs(&dir.join("a"), &format!("node_id: a\n{common}"))?;
+            let (c, started) =
+                start_kvs(&dir.join("c"), &format!("node_id: c\nseed_nodes: [\"{}\"]\n{common}", a.addr))?;
+            let h = wait_health(&c.addr, "bootstrap done", |h| h["mode"] == "normal").await?;
+            let secs = started.elapsed().as_secs_f64();
+            self.record(
+                "bootstrap",
+                json!({"keys": h["keys"], "secs": (secs * 100.0).round() / 100.0, "keys_per_s": (h["keys"].as_f64().unwrap_or(0.0) / secs).round(),
+                       "peak_rss_mb_source": a.rss_kib("VmHWM:") / 1024, "peak_rss_mb_new": c.rss_kib("VmHWM:") / 1024}),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let opts = match parse_opts() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("kvs-bench: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let run = || -> Res<Value> {
+        if !exe_dir()?.join("kvs").exists() {
+            return Err("build kvs first: cargo build --release".into());
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let mut bench = Bench { opts: opts.clone(), tmp: TempDir::new()?, results: serde_json::Map::new() };
+        rt.block_on(async {
+            if ["ceiling", "get", "put"].iter().any(|s| bench.wants(s)) {
+                bench.http().await?;
+            }
+            if bench.wants("lag") {
+                bench.lag().await?;
+            }
+            if bench.wants("antientropy") {
+                bench.antientropy().await?;
+            }
+            if bench.wants("bootstrap") || bench.wants("restart") {
+                bench.bootstrap_and_restart().await?;
+            }
+            Ok::<_, Err>(())
+        })?;
+        Ok(Value::Object(bench.results))
+    };
+    match run() {
+        Ok(v) => {
+            if opts.json {
+                println!("{v:#}");
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kvs-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
