@@ -495,9 +495,23 @@ impl Store {
         Ok(v.map(|v| Bytes::copy_from_slice(&v)))
     }
 
-    /// Makes everything written so far durable (used at shutdown).
+    /// Makes everything written so far durable, and writes the in-memory tables out
+    /// so that the next start does not replay the journal (used at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.persist(PersistMode::SyncAll).map_err(|e| self.fail(io(e)))
+        let inner = &self.inner;
+        inner.db.persist(PersistMode::SyncAll).map_err(|e| self.fail(io(e)))?;
+        // rotate_memtable_and_wait is public but undocumented in fjall 3.1 (the
+        // version is pinned by Cargo.lock). Without it, a clean restart of a node
+        // holding 1M keys replayed the whole journal: 6.6 s to the first request.
+        for ks in [&inner.records, &inner.by_time, &inner.by_bucket, &inner.summary, &inner.meta] {
+            ks.rotate_memtable_and_wait().map_err(|e| self.fail(io(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Bytes the database takes on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.inner.db.disk_space().unwrap_or(0)
     }
 }
 
