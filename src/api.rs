@@ -395,8 +395,10 @@ async fn get_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result<Ht
     }
     refuse_query(query)?;
     let path = key(raw_key)?;
-    let store = app.store.clone();
-    let record = blocking(move || store.get(&path)).await?;
+    // A point read runs inline: fjall throttles writers, never readers, and a read is
+    // one bounded lookup. The handoff to the blocking pool cost more than the read
+    // itself (see BENCHMARKS.md). Scans (listing, sync) still run on the blocking pool.
+    let record = app.store.get(&path)?;
     let Some(record) = record else { return Err(ApiError::NotFound("key")) };
     let Some(data) = record.data else { return Err(ApiError::NotFound("key")) };
     let mut resp = Response::new(Full::new(data));
