@@ -70,13 +70,18 @@ pub async fn run(
             _ = shutdown.wait() => break,
         }
         let records = batch.len();
+        let peers = cluster.alive_peers();
+        links.retain(|id, link| peers.iter().any(|p| &p.id == id && p.address == link.address));
+        if peers.is_empty() {
+            // Nobody to push to: a node that joins later gets these by sync.
+            batch.clear();
+            continue;
+        }
         let mut buf = BytesMut::new();
         for (path, record) in batch.drain(..) {
             wire::put(&mut buf, &path, &record);
         }
         let body = buf.freeze();
-        let peers = cluster.alive_peers();
-        links.retain(|id, link| peers.iter().any(|p| &p.id == id && p.address == link.address));
         for peer in peers {
             let link = links.entry(peer.id.clone()).or_insert_with(|| {
                 let (tx, prx) = mpsc::channel(PEER_QUEUE_BOUND);
