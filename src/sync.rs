@@ -41,10 +41,11 @@ use std::time::Duration;
 
 /// A peer whose newest write is this far ahead of ours triggers a catch-up.
 pub const CATCHUP_LAG_MS: u64 = 1_000;
-/// Records per page of catch-up and bootstrap.
-pub const PAGE: usize = 1_000;
+/// Records per page of catch-up and bootstrap. 5,000 rather than 1,000 doubled
+/// bootstrap speed (fewer round trips and fsyncs; BENCHMARKS.md).
+pub const PAGE: usize = 5_000;
 /// Records per fetch request.
-const FETCH_CHUNK: usize = 1_000;
+const FETCH_CHUNK: usize = 5_000;
 /// Leaves per version-listing request of a sync round.
 const LEAF_CHUNK: usize = 1_024;
 /// Timeout of one data call to a peer.
@@ -388,13 +389,17 @@ impl Replication {
     }
 
     /// Fetches a peer's versions newest-first back to `bootstrap_max_age`, taking those
-    /// this node lacks; then marks bootstrap done and switches to `normal`.
+    /// this node lacks; then marks bootstrap done and switches to `normal`. Listing the
+    /// next page overlaps with fetching and storing the previous one.
     pub async fn bootstrap(&self, shutdown: &mut Shutdown) -> Result<(), StoreError> {
         self.syncing.store(true, Ordering::Relaxed);
         let min_ts = now_ms().saturating_sub(self.config.bootstrap_max_age.as_millis() as u64);
         let mut cursor: Option<(u64, String)> = None;
+        // Paths listed but not yet fetched, and the peer that listed them.
+        let mut pending: Option<(String, Vec<String>)> = None;
+        let mut last_page = false;
         tracing::info!(min_ts, "bootstrap: started");
-        loop {
+        while !(last_page && pending.is_none()) {
             if !pause(self.config.throttle_delay, shutdown).await {
                 return Ok(());
             }
@@ -406,13 +411,45 @@ impl Replication {
                 }
                 continue;
             };
-            match self.bootstrap_page(&peer.address, &mut cursor, min_ts, shutdown).await {
-                Ok(true) => break,
-                Ok(false) => {}
+            let list = async {
+                if last_page {
+                    Ok(None)
+                } else {
+                    self.list_page(&peer.address, cursor.as_ref(), min_ts).await.map(Some)
+                }
+            };
+            let mut fetch_shutdown = shutdown.clone();
+            let fetch = async {
+                match &pending {
+                    Some((from, paths)) => self.fetch_and_apply(from, paths, &mut fetch_shutdown).await,
+                    None => Ok(()),
+                }
+            };
+            let (listed, fetched) = tokio::join!(list, fetch);
+            match fetched {
+                Ok(()) => pending = None,
+                Err(SyncError::Store(e)) => return Err(e),
+                Err(SyncError::Peer(e)) => tracing::warn!(error = %e, "bootstrap fetch failed; retrying"),
+            }
+            match listed {
+                Ok(Some((lacking, next, short))) => {
+                    if let Some(next) = next {
+                        cursor = Some(next);
+                    }
+                    last_page = short;
+                    match &mut pending {
+                        Some((_, paths)) => paths.extend(lacking),
+                        None => pending = Some((peer.address.clone(), lacking)),
+                    }
+                }
+                Ok(None) => {}
                 Err(SyncError::Store(e)) => return Err(e),
                 Err(SyncError::Peer(e)) => {
                     tracing::warn!(peer = %peer.id, error = %e, "bootstrap page failed; retrying")
                 }
+            }
+            if shutdown.is_triggered() {
+                return Ok(());
             }
         }
         self.writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
@@ -425,25 +462,30 @@ impl Replication {
         Ok(())
     }
 
-    /// One page of bootstrap; true when the last page was reached.
-    async fn bootstrap_page(
+    /// Lists one page of a peer's versions below `cursor`: the paths this node lacks,
+    /// the next cursor, and whether it was the last page.
+    async fn list_page(
         &self,
         peer: &str,
-        cursor: &mut Option<(u64, String)>,
+        cursor: Option<&(u64, String)>,
         min_ts: u64,
-        shutdown: &mut Shutdown,
-    ) -> Result<bool, SyncError> {
+    ) -> Result<(Vec<String>, Option<(u64, String)>, bool), SyncError> {
         let mut q = format!("/internal/newest?min_ts={min_ts}&limit={PAGE}");
-        if let Some((ts, p)) = cursor.as_ref() {
+        if let Some((ts, p)) = cursor {
             q.push_str(&format!("&before_ts={ts}&before_path={}", crate::path::percent_encode(p)));
         }
         let answer = self.cluster.client().fetch(Method::GET, peer, &q, Bytes::new(), DATA_TIMEOUT).await?;
         let page: Vec<Version> = serde_json::from_slice(&answer).map_err(protocol)?;
+        let next = page.last().map(|v| (v.timestamp, v.path.clone()));
+        if let Some((ts, _)) = &next {
+            self.stats.bootstrap_reached.store(*ts, Ordering::Relaxed);
+            tracing::info!(fetched = self.stats.bootstrap_fetched.get(), reached_back_to = ts, "bootstrap: progress");
+        }
+        let short = page.len() < PAGE;
         let store = self.store.clone();
-        let candidates = page.clone();
-        let lacking: Vec<String> = blocking(move || {
+        let lacking = blocking(move || {
             let mut out = Vec::new();
-            for v in candidates {
+            for v in page {
                 if store.get(&v.path)?.is_none_or(|r| r.timestamp < v.timestamp) {
                     out.push(v.path);
                 }
@@ -451,24 +493,20 @@ impl Replication {
             Ok(out)
         })
         .await?;
-        for paths in lacking.chunks(FETCH_CHUNK) {
+        Ok((lacking, next, short))
+    }
+
+    /// Fetches and stores records, pausing `fetch_delay` before each request.
+    async fn fetch_and_apply(&self, peer: &str, paths: &[String], shutdown: &mut Shutdown) -> Result<(), SyncError> {
+        for chunk in paths.chunks(FETCH_CHUNK) {
             if !pause(self.config.fetch_delay, shutdown).await {
-                return Ok(true);
+                return Ok(());
             }
-            let records = self.fetch_records(peer, paths).await?;
+            let records = self.fetch_records(peer, chunk).await?;
             self.stats.bootstrap_fetched.add(records.len() as u64);
             self.apply(records).await?;
         }
-        if let Some(last) = page.last() {
-            self.stats.bootstrap_reached.store(last.timestamp, Ordering::Relaxed);
-            tracing::info!(
-                fetched = self.stats.bootstrap_fetched.get(),
-                reached_back_to = last.timestamp,
-                "bootstrap: progress"
-            );
-            *cursor = Some((last.timestamp, last.path.clone()));
-        }
-        Ok(page.len() < PAGE)
+        Ok(())
     }
 
     /// Bootstraps if needed, then runs maintenance every `interval` until shutdown:
