@@ -10,6 +10,7 @@ use crate::config::{check_host_port, check_node_id};
 use crate::membership::MemberInfo;
 use crate::node::App;
 use crate::path::{parse_key, percent_decode, validate_key};
+use crate::peer::LAST_CONTACT_HEADER;
 use crate::record::Record;
 use crate::resolve::{VoteAnswer, VoteRequest, held};
 use crate::storage::StoreError;
@@ -126,11 +127,76 @@ const GET_METHOD: &str = "GET";
 const INTERNAL_BODY_LIMIT: u64 = 256 * 1024 * 1024;
 const READ_METHODS: &str = "GET, HEAD";
 
-/// Routes one client request.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpResponse {
+/// The route name used in metrics (a fixed set, so label cardinality stays bounded).
+fn route_name(req: &Request<Incoming>) -> &'static str {
+    let path = req.uri().path();
+    if path.starts_with("/kv/") {
+        let listing = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "keys" || p.starts_with("keys=")));
+        return if listing { "kv_list" } else { "kv" };
+    }
+    match path {
+        "/health" => "health",
+        "/metrics" => "metrics",
+        "/members" | "/members/" => "members",
+        "/members/join" | "/members/leave" => "membership",
+        p if p.starts_with("/internal/") => "internal",
+        _ => "unknown",
+    }
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy, in which case
+/// the right-most `X-Forwarded-For` entry that is not a trusted proxy (entries to its
+/// left could have been written by the client itself).
+pub fn client_address(
+    trusted: &[std::net::IpAddr],
+    peer: std::net::IpAddr,
+    forwarded_for: Option<&str>,
+) -> std::net::IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for entry in forwarded_for.unwrap_or_default().rsplit(',') {
+        match entry.trim().parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !trusted.contains(&ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
+}
+
+/// Routes one request; records its metrics and (at debug) an access log line with the
+/// real client address.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: std::net::SocketAddr) -> HttpResponse {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = route_name(&req);
+    let log = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        let h = req.headers();
+        let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok());
+        let trusted = app.config.trusted_proxies.contains(&peer.ip());
+        let client = client_address(&app.config.trusted_proxies, peer.ip(), header("x-forwarded-for"));
+        let proto = if trusted { header("x-forwarded-proto").unwrap_or("http") } else { "http" }.to_string();
+        (client, proto, req.uri().to_string())
+    });
+    let resp = respond(&app, req).await;
+    let status = resp.status().as_u16();
+    app.metrics.observe(route, &method, status, started.elapsed().as_secs_f64());
+    if let Some((client, proto, uri)) = log {
+        tracing::debug!(%client, proto, method = %method, uri, status, micros = started.elapsed().as_micros() as u64, "request");
+    }
+    resp
+}
+
+async fn respond(app: &Arc<App>, req: Request<Incoming>) -> HttpResponse {
     let head_only = req.method() == Method::HEAD;
     let result =
-        if header_bytes(&req) > MAX_HEADER_BYTES { Err(ApiError::HeadersTooLarge) } else { route(&app, req).await };
+        if header_bytes(&req) > MAX_HEADER_BYTES { Err(ApiError::HeadersTooLarge) } else { route(app, req).await };
     let mut resp = result.unwrap_or_else(ApiError::into_response);
     if head_only {
         // HEAD answers like GET without the body; the length still says what GET sends.
@@ -161,8 +227,16 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
     let post = req.method() == Method::POST;
     match path {
         "/health" if read => Ok(json_response(StatusCode::OK, &app.health())),
+        "/metrics" if read => {
+            let mut resp = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            Ok(resp)
+        }
         "/members" | "/members/" if read => Ok(json_response(StatusCode::OK, &json!(app.cluster.view()))),
-        "/health" | "/members" | "/members/" => Err(ApiError::MethodNotAllowed(READ_METHODS)),
+        "/health" | "/metrics" | "/members" | "/members/" => Err(ApiError::MethodNotAllowed(READ_METHODS)),
         "/members/join" if post => {
             let info: MemberInfo = read_json(req).await?;
             check_member(&info)?;
@@ -203,9 +277,10 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
     }
     match path.as_str() {
         "/internal/push" if post => {
+            let sender = req.headers().get(LAST_CONTACT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
             let body = read_body(req, INTERNAL_BODY_LIMIT).await?;
             let records = wire::decode(body, app.config.max_value_bytes).map_err(ApiError::BadRequest)?;
-            let report = app.replication.apply(records).await?;
+            let report = app.replication.apply(records, sender).await?;
             Ok(json_response(StatusCode::OK, &json!({ "applied": report.applied, "skipped": report.skipped })))
         }
         "/internal/vote" if post => {
@@ -241,7 +316,7 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
                 validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
             }
             let records = blocking(move || store.records(&paths)).await?;
-            Ok(binary_response(wire::encode(records.iter().map(|(p, r)| (p.as_str(), r)))))
+            Ok(records_response(app, &records))
         }
         "/internal/since" if get => {
             let q = Query::parse(req.uri().query())?;
@@ -251,7 +326,7 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
                 store.records(&versions.into_iter().map(|v| v.path).collect::<Vec<_>>())
             })
             .await?;
-            Ok(binary_response(wire::encode(records.iter().map(|(p, r)| (p.as_str(), r)))))
+            Ok(records_response(app, &records))
         }
         "/internal/newest" if get => {
             let q = Query::parse(req.uri().query())?;
@@ -304,6 +379,13 @@ impl Query {
         }
         Ok(n)
     }
+}
+
+/// A record batch, with this node's `last_contact` for the receiver's stale check.
+fn records_response(app: &App, records: &[(String, Record)]) -> HttpResponse {
+    let mut resp = binary_response(wire::encode(records.iter().map(|(p, r)| (p.as_str(), r))));
+    resp.headers_mut().insert(LAST_CONTACT_HEADER, HeaderValue::from(app.cluster.last_contact()));
+    resp
 }
 
 fn binary_response(body: Bytes) -> HttpResponse {
@@ -510,7 +592,25 @@ pub fn validate_json(bytes: &[u8]) -> Result<(), serde_json::Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::validate_json;
+    use super::{client_address, validate_json};
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let trusted = [ip("10.0.0.1"), ip("10.0.0.2")];
+        // Direct client: headers ignored.
+        assert_eq!(client_address(&trusted, ip("192.0.2.7"), Some("6.6.6.6")), ip("192.0.2.7"));
+        // Through one proxy.
+        assert_eq!(client_address(&trusted, ip("10.0.0.1"), Some("192.0.2.7")), ip("192.0.2.7"));
+        // A client-written entry to the left of the real one is not believed.
+        assert_eq!(client_address(&trusted, ip("10.0.0.1"), Some("6.6.6.6, 192.0.2.7")), ip("192.0.2.7"));
+        // Through two trusted proxies.
+        assert_eq!(client_address(&trusted, ip("10.0.0.1"), Some("192.0.2.7, 10.0.0.2")), ip("192.0.2.7"));
+        // No header, or garbage: the proxy itself.
+        assert_eq!(client_address(&trusted, ip("10.0.0.1"), None), ip("10.0.0.1"));
+        assert_eq!(client_address(&trusted, ip("10.0.0.1"), Some("nonsense")), ip("10.0.0.1"));
+        assert_eq!(client_address(&[], ip("10.0.0.1"), Some("192.0.2.7")), ip("10.0.0.1"));
+    }
 
     #[test]
     fn json_validation() {

@@ -43,8 +43,10 @@ pub struct Cluster {
     gossip_min: Duration,
     gossip_max: Duration,
     rounds: AtomicU64,
-    /// Wall-clock ms of the last exchange with a peer that found this node current
-    /// (0: never in contact). See [`crate::antientropy::stale_below`].
+    /// Wall-clock ms at which this node last had the cluster's data: the start of its
+    /// last completed sync, catch-up or bootstrap (0: never). Talking is not enough: a
+    /// node that just returned has news of its peers but not yet their deletes. See
+    /// [`crate::antientropy::stale_below`].
     last_contact: AtomicU64,
     /// Set when a peer has purged tombstones past our last contact: records up to
     /// this timestamp must be discarded and fetched again.
@@ -113,6 +115,14 @@ impl Cluster {
         self.rounds.load(Ordering::Relaxed)
     }
 
+    /// Known members (this node included) as (alive, down).
+    pub fn member_counts(&self) -> (usize, usize) {
+        let now = self.now();
+        let m = self.lock();
+        let alive = m.alive_count(now);
+        (alive, m.view(now, 0).len() - alive)
+    }
+
     /// Alive members, this node included.
     pub fn alive_count(&self) -> usize {
         let now = self.now();
@@ -130,9 +140,17 @@ impl Cluster {
         self.lock().me().clone()
     }
 
-    /// Wall-clock ms of the last exchange that found this node current (0: never).
+    /// Wall-clock ms at which this node last had the cluster's data (0: never).
     pub fn last_contact(&self) -> u64 {
         self.last_contact.load(Ordering::Relaxed)
+    }
+
+    /// A sync, catch-up or bootstrap that started at `started` (wall ms) completed:
+    /// this node had every delete its peer had then.
+    pub fn note_synced(&self, started: u64) {
+        if self.stale_below().is_none() {
+            self.last_contact.fetch_max(started, Ordering::Relaxed);
+        }
     }
 
     /// The horizon up to which this node must discard its records (see
@@ -141,9 +159,10 @@ impl Cluster {
         Some(self.stale_below.load(Ordering::Relaxed)).filter(|&h| h > 0)
     }
 
-    /// Called once stale records were discarded: this node is current again.
-    pub fn clear_stale(&self) {
-        self.last_contact.store(now_ms(), Ordering::Relaxed);
+    /// Called once the records up to `horizon` were discarded: nothing this node
+    /// holds can have missed a delete purged up to there.
+    pub fn clear_stale(&self, horizon: u64) {
+        self.last_contact.fetch_max(horizon, Ordering::Relaxed);
         self.stale_below.store(0, Ordering::Relaxed);
         self.verified.store(true, Ordering::Relaxed);
     }
@@ -154,8 +173,8 @@ impl Cluster {
         self.verified.load(Ordering::Relaxed) && self.stale_below().is_none()
     }
 
-    /// After news from peers: either this node is current (note the contact) or a
-    /// peer has purged tombstones past our last contact (we are stale).
+    /// After news from peers: a peer that has purged tombstones past our last contact
+    /// makes us stale; otherwise we know we are not (verified).
     fn note_contact(&self, m: &Membership) {
         if self.stale_below().is_some() {
             return;
@@ -170,10 +189,7 @@ impl Cluster {
                 );
                 self.stale_below.store(h, Ordering::Relaxed);
             }
-            None => {
-                self.last_contact.store(now_ms(), Ordering::Relaxed);
-                self.verified.store(true, Ordering::Relaxed);
-            }
+            None => self.verified.store(true, Ordering::Relaxed),
         }
     }
 

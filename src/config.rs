@@ -56,6 +56,30 @@ pub fn log_filter(level: LogLevel) -> tracing_subscriber::EnvFilter {
     tracing_subscriber::EnvFilter::new(format!("{},fjall=warn,lsm_tree=warn", level.as_str()))
 }
 
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LogLevel, String> {
+        match s {
+            "debug" => Ok(LogLevel::Debug),
+            "info" => Ok(LogLevel::Info),
+            "warn" => Ok(LogLevel::Warn),
+            "error" => Ok(LogLevel::Error),
+            _ => Err(format!("{s:?} is not one of debug, info, warn, error")),
+        }
+    }
+}
+
+/// Environment variable that overrides `log_level` (at start and on SIGHUP).
+pub const LOG_LEVEL_ENV: &str = "KVS_LOG_LEVEL";
+
+/// The effective log level: `KVS_LOG_LEVEL` when set, else the config's.
+pub fn effective_log_level(configured: LogLevel) -> Result<LogLevel, String> {
+    match std::env::var(LOG_LEVEL_ENV) {
+        Ok(v) if !v.is_empty() => v.parse().map_err(|e| format!("{LOG_LEVEL_ENV}: {e}")),
+        _ => Ok(configured),
+    }
+}
+
 /// The file as written: every key optional, unknown keys refused.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -80,6 +104,7 @@ struct RawConfig {
     failure_timeout: f64,
     removal_timeout: f64,
     tombstone_grace_hours: f64,
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for RawConfig {
@@ -105,6 +130,7 @@ impl Default for RawConfig {
             failure_timeout: 300.0,
             removal_timeout: 600.0,
             tombstone_grace_hours: 168.0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -153,6 +179,8 @@ pub struct Config {
     pub removal_timeout: Duration,
     /// How long tombstones are kept before they are purged.
     pub tombstone_grace: Duration,
+    /// Proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` headers are believed.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 /// Why a config could not be used. Displayed as one line naming the key.
@@ -199,6 +227,13 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new(""));
         let config = Config::parse(&text, base).map_err(|(key, message)| err(key.as_deref(), message))?;
         Ok((config, created))
+    }
+
+    /// Reads an existing config (no creation), for reloads.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |key: Option<String>, message: String| ConfigError { file: path.to_path_buf(), key, message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(None, format!("cannot read: {e}")))?;
+        Config::parse(&text, path.parent().unwrap_or(Path::new(""))).map_err(|(k, m)| err(k, m))
     }
 
     /// Parses and validates YAML text; relative `data_dir` is resolved against `base`.
@@ -370,6 +405,11 @@ impl RawConfig {
                 format!("must be between 1 and {MAX_VALUE_BYTES_LIMIT}, got {}", self.max_value_bytes),
             );
         }
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .map(|p| p.parse().or_else(|_| field_err("trusted_proxies", format!("{p:?} is not an IP address"))))
+            .collect::<FieldResult<Vec<IpAddr>>>()?;
         let failure_timeout = seconds("failure_timeout", self.failure_timeout)?;
         let removal_timeout = seconds("removal_timeout", self.removal_timeout)?;
         if failure_timeout <= gossip_interval_max {
@@ -408,6 +448,7 @@ impl RawConfig {
             failure_timeout,
             removal_timeout,
             tombstone_grace: Duration::from_secs_f64(grace * 3600.0),
+            trusted_proxies,
         })
     }
 }
@@ -462,6 +503,8 @@ fetch_delay_ms: 50
 max_value_bytes: 1048576
 # sync: acknowledge writes after fsync (group commit); buffer: after the OS has them.
 durability: sync
+# IP addresses of reverse proxies whose X-Forwarded-For/-Proto headers are believed.
+trusted_proxies: []
 "#;
 
 #[cfg(test)]
@@ -533,6 +576,7 @@ mod tests {
         assert_eq!(key_of("failure_timeout: 100").as_deref(), Some("failure_timeout"));
         assert_eq!(key_of("removal_timeout: 300").as_deref(), Some("removal_timeout"));
         assert_eq!(key_of("tombstone_grace_hours: 0").as_deref(), Some("tombstone_grace_hours"));
+        assert_eq!(key_of("trusted_proxies: [\"nginx\"]").as_deref(), Some("trusted_proxies"));
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //!   JSON errors.
 //! - [`server`]: the accept loop: connection cap, timeouts, graceful drain.
 //! - [`node`]: wires one node together and runs it until a signal.
+//! - [`metrics`]: Prometheus metrics for `GET /metrics`; [`notify`]: systemd readiness
+//!   and watchdog notifications.
 //! - [`shutdown`], [`clock`]: the stop signal every task watches; Unix-millisecond time.
 //!
 //! # A client request
@@ -50,7 +52,9 @@ pub mod cluster;
 pub mod config;
 pub mod conflict;
 pub mod membership;
+pub mod metrics;
 pub mod node;
+pub mod notify;
 pub mod path;
 pub mod peer;
 pub mod push;

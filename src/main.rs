@@ -32,15 +32,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
+    let level = match kvs::config::effective_log_level(config.log_level) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("kvs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let builder = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_span_list(false)
         .with_target(false)
-        .with_env_filter(kvs::config::log_filter(config.log_level))
+        .with_env_filter(kvs::config::log_filter(level))
         .with_writer(std::io::stdout)
-        .init();
+        .with_filter_reloading();
+    let reload = builder.reload_handle();
+    builder.init();
+    let set_level: kvs::node::SetLogLevel = Box::new(move |l| {
+        if let Err(e) = reload.reload(kvs::config::log_filter(l)) {
+            tracing::error!(error = %e, "cannot change the log level");
+        }
+    });
     if created {
         tracing::info!(path = %path.display(), "config file not found; wrote the default");
     }
@@ -51,7 +65,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(kvs::node::run(config)) {
+    match runtime.block_on(kvs::node::run(config, path, set_level)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "kvs stopped");

@@ -6,17 +6,21 @@
 
 use crate::clock::now_ms;
 use crate::cluster::Cluster;
-use crate::config::Config;
+use crate::config::{Config, LogLevel};
 use crate::membership::{MemberInfo, Timeouts};
+use crate::metrics::{Metrics, NodeCollector};
+use crate::notify::Notifier;
 use crate::push::{self, Pusher};
 use crate::resolve::{self, Resolver, Voting};
 use crate::server;
 use crate::shutdown;
+use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::storage::{Store, StoreError, Writer};
 use crate::sync::{Replication, SyncConfig};
 use bytes::Bytes;
 use serde_json::json;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -43,6 +47,8 @@ pub struct App {
     pub pusher: Pusher,
     /// Replication state and counters.
     pub replication: Arc<Replication>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
     /// When this process started.
     pub started: Instant,
 }
@@ -68,6 +74,8 @@ impl App {
             "keys": self.store.live_keys(),
             "tombstones": self.store.tombstones(),
             "newest_write": self.store.newest_timestamp(),
+            "last_contact": self.cluster.last_contact(),
+            "gc_horizon": self.store.gc_horizon(),
             "replication": self.replication.stats().to_json(),
         });
         if mode == "syncing" {
@@ -144,13 +152,18 @@ async fn identity(store: &Store, writer: &Writer) -> Result<Identity, StoreError
     Ok(Identity { uid, joined_timestamp, incarnation })
 }
 
+/// Changes the log level of the running process (from SIGHUP).
+pub type SetLogLevel = Box<dyn Fn(LogLevel) + Send + Sync>;
+
 /// Runs the node until a signal or a fatal error. `Ok` means a clean stop.
-pub async fn run(config: Config) -> Result<(), NodeError> {
+/// `config_path` is re-read on SIGHUP for `log_level`.
+pub async fn run(config: Config, config_path: PathBuf, set_log_level: SetLogLevel) -> Result<(), NodeError> {
     let dir = config.data_dir.clone();
     let durability = config.durability;
     let (store, writer) =
         tokio::task::spawn_blocking(move || Store::open(&dir, durability)).await.map_err(|_| StoreError::Closed)??;
-    let result = serve(config, store.clone(), writer.clone()).await;
+    let notifier = Arc::new(Notifier::from_env());
+    let result = serve(config, store.clone(), writer.clone(), notifier.clone(), (config_path, set_log_level)).await;
     // Whatever happened, finish queued writes and fsync before exiting.
     let closed = tokio::task::spawn_blocking(move || writer.close(&store)).await.map_err(|_| StoreError::Closed);
     result?;
@@ -159,7 +172,13 @@ pub async fn run(config: Config) -> Result<(), NodeError> {
     Ok(())
 }
 
-async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeError> {
+async fn serve(
+    config: Config,
+    store: Store,
+    writer: Writer,
+    notifier: Arc<Notifier>,
+    reload: (PathBuf, SetLogLevel),
+) -> Result<(), NodeError> {
     let id = identity(&store, &writer).await?;
     let listener = TcpListener::bind((config.bind_address, config.port))
         .await
@@ -239,6 +258,12 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
         pusher: pusher.clone(),
         stats: stats.clone(),
     };
+    let metrics = Metrics::new(NodeCollector {
+        store: store.clone(),
+        cluster: cluster.clone(),
+        stats: stats.clone(),
+        pusher: pusher.clone(),
+    });
     let app = Arc::new(App {
         config,
         store: store.clone(),
@@ -246,11 +271,12 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
         cluster: cluster.clone(),
         pusher,
         replication: replication.clone(),
+        metrics,
         started: Instant::now(),
     });
     let (trigger, shutdown) = shutdown::channel();
     let (fatal_tx, mut fatal) = mpsc::channel::<NodeError>(1);
-    let server = tokio::spawn(server::serve(listener, app, shutdown.clone()));
+    let server = tokio::spawn(server::serve(listener, app.clone(), shutdown.clone()));
     tracing::info!(addr = %local, "listening");
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -260,6 +286,10 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
     tasks.spawn(replication.clone().sync_loop(shutdown.clone()));
     tasks.spawn(replication.clone().catchup_loop(shutdown.clone()));
     tasks.spawn(replication.maintenance_loop(shutdown.clone(), maintenance_interval));
+    tasks.spawn(notifier.clone().watchdog_loop(shutdown.clone()));
+    tasks.spawn(reload_on_hangup(app.clone(), reload, shutdown.clone()));
+    // Storage is open and the port answers: tell systemd.
+    notifier.send("READY=1\nSTATUS=serving");
     let join_shutdown = shutdown.clone();
     let join_cluster = cluster.clone();
     tasks.spawn(async move {
@@ -274,6 +304,7 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
         Some(e) = fatal.recv() => Some(e),
     };
     tracing::info!("shutting down");
+    notifier.send("STOPPING=1\nSTATUS=shutting down");
     if failure.is_none() {
         cluster.announce_leave().await;
     }
@@ -281,6 +312,38 @@ async fn serve(config: Config, store: Store, writer: Writer) -> Result<(), NodeE
     while tasks.join_next().await.is_some() {}
     let _ = server.await;
     failure.map_or(Ok(()), Err)
+}
+
+/// On SIGHUP: re-reads the config and applies `log_level` (or `KVS_LOG_LEVEL`).
+/// Other keys take effect at the next restart; a bad config is logged and ignored.
+async fn reload_on_hangup(app: Arc<App>, (path, set_level): (PathBuf, SetLogLevel), mut shutdown: Shutdown) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler; log_level reload disabled");
+        return;
+    };
+    loop {
+        tokio::select! {
+            r = hup.recv() => if r.is_none() { return },
+            _ = shutdown.wait() => return,
+        }
+        let reloaded = Config::load(&path).map_err(|e| e.to_string()).and_then(|c| {
+            let level = crate::config::effective_log_level(c.log_level)?;
+            Ok((c, level))
+        });
+        match reloaded {
+            Ok((c, level)) => {
+                set_level(level);
+                tracing::info!(log_level = level.as_str(), "SIGHUP: log_level reloaded");
+                let mut now = c;
+                now.log_level = app.config.log_level;
+                if format!("{now:?}") != format!("{:?}", app.config) {
+                    tracing::warn!("SIGHUP: the config has other changes; they take effect after a restart");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "SIGHUP: config not reloaded"),
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

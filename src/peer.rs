@@ -12,6 +12,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
+/// Header carrying a node's `last_contact` (see [`crate::antientropy::stale_below`])
+/// on every exchange of records, both ways.
+pub const LAST_CONTACT_HEADER: &str = "x-kvs-last-contact";
+
 /// Largest answer read from a peer.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -73,21 +77,55 @@ impl PeerClient {
         body: Bytes,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), PeerError> {
-        let req = Request::builder()
+        self.call_inner(method, addr, path_and_query, body, timeout, None).await.map(|(s, _, b)| (s, b))
+    }
+
+    /// Exchanges records: sends our `last_contact` and returns a 2xx answer's body with
+    /// the peer's `last_contact`.
+    pub async fn exchange(
+        &self,
+        method: Method,
+        addr: &str,
+        path_and_query: &str,
+        body: Bytes,
+        timeout: Duration,
+        last_contact: u64,
+    ) -> Result<(Bytes, Option<u64>), PeerError> {
+        let (status, theirs, answer) =
+            self.call_inner(method, addr, path_and_query, body, timeout, Some(last_contact)).await?;
+        if !status.is_success() {
+            return Err(PeerError::Status(status, String::from_utf8_lossy(&answer).chars().take(500).collect()));
+        }
+        Ok((answer, theirs))
+    }
+
+    async fn call_inner(
+        &self,
+        method: Method,
+        addr: &str,
+        path_and_query: &str,
+        body: Bytes,
+        timeout: Duration,
+        last_contact: Option<u64>,
+    ) -> Result<(StatusCode, Option<u64>, Bytes), PeerError> {
+        let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path_and_query}"))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| PeerError::Protocol(e.to_string()))?;
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(lc) = last_contact {
+            req = req.header(LAST_CONTACT_HEADER, lc);
+        }
+        let req = req.body(Full::new(body)).map_err(|e| PeerError::Protocol(e.to_string()))?;
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| PeerError::Transport(e.to_string()))?;
             let status = resp.status();
+            let theirs = resp.headers().get(LAST_CONTACT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
             let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
                 .map_err(|e| PeerError::Transport(e.to_string()))?
                 .to_bytes();
-            Ok((status, body))
+            Ok((status, theirs, body))
         };
         tokio::time::timeout(timeout, exchange).await.map_err(|_| PeerError::Timeout)?
     }

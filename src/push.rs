@@ -12,6 +12,7 @@ use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::wire;
 use bytes::{Bytes, BytesMut};
+use hyper::Method;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,11 @@ impl Pusher {
     pub fn new(stats: Arc<Stats>) -> (Pusher, mpsc::Receiver<(String, Record)>) {
         let (queue, rx) = mpsc::channel(QUEUE_BOUND);
         (Pusher { queue, stats }, rx)
+    }
+
+    /// Writes waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
     }
 
     /// Queues a committed write for every alive peer. Never waits.
@@ -112,7 +118,9 @@ async fn send_to_peer(
         for (_, b) in pending.drain(..) {
             body.extend_from_slice(&b);
         }
-        match cluster.client().post_bytes(&address, "/internal/push", body.freeze(), PUSH_TIMEOUT).await {
+        let lc = cluster.last_contact();
+        match cluster.client().exchange(Method::POST, &address, "/internal/push", body.freeze(), PUSH_TIMEOUT, lc).await
+        {
             Ok(_) => stats.pushed.add(records as u64),
             Err(e) => {
                 stats.push_failed.add(1);

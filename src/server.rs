@@ -61,7 +61,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown)
             let _slot = slot;
             let service = service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(api::handle(app, req).await) }
+                async move { Ok::<_, Infallible>(api::handle(app, req, peer).await) }
             });
             let conn = http.serve_connection(TokioIo::new(stream), service);
             serve_until_shutdown(conn, conn_shutdown, peer).await;

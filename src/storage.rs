@@ -518,7 +518,7 @@ impl Store {
 enum Op {
     Put { path: String, data: Bytes },
     Delete { path: String },
-    Apply { records: Vec<(String, Record)>, tombstone_floor: u64 },
+    Apply { records: Vec<(String, Record)>, tombstone_floor: u64, absent_floor: u64 },
     Purge { tombstones: Vec<(String, u64)> },
     Discard { up_to: u64, limit: usize },
     Replace { path: String, record: Record, if_timestamp: Option<u64> },
@@ -579,9 +579,16 @@ impl Writer {
     /// Applies replicated records by the merge rule: newer versions are stored, older
     /// and identical ones skipped, collisions reported (the local version is kept).
     /// Tombstones older than `tombstone_floor` are not stored for paths held nowhere
-    /// here: they would only be purged again.
-    pub async fn apply(&self, records: Vec<(String, Record)>, tombstone_floor: u64) -> Result<ApplyReport, StoreError> {
-        match self.submit(Op::Apply { records, tombstone_floor }).await? {
+    /// here: they would only be purged again. Records at or below `absent_floor` are
+    /// not stored for paths held nowhere here either: they come from a node that may
+    /// have missed a delete this node has purged (0: no such limit).
+    pub async fn apply(
+        &self,
+        records: Vec<(String, Record)>,
+        tombstone_floor: u64,
+        absent_floor: u64,
+    ) -> Result<ApplyReport, StoreError> {
+        match self.submit(Op::Apply { records, tombstone_floor, absent_floor }).await? {
             Reply::Applied(r) => Ok(r),
             _ => Err(StoreError::Closed),
         }
@@ -681,9 +688,9 @@ impl WriterState {
                     self.stage_client_write(&mut changes, path, Some(std::mem::take(data))).map(Reply::Written)
                 }
                 Op::Delete { path } => self.stage_client_write(&mut changes, path, None).map(Reply::Written),
-                Op::Apply { records, tombstone_floor } => {
-                    self.stage_apply(&mut changes, std::mem::take(records), *tombstone_floor).map(Reply::Applied)
-                }
+                Op::Apply { records, tombstone_floor, absent_floor } => self
+                    .stage_apply(&mut changes, std::mem::take(records), *tombstone_floor, *absent_floor)
+                    .map(Reply::Applied),
                 Op::Purge { tombstones } => {
                     self.stage_purge(&mut changes, tombstones, &mut horizon).map(Reply::Removed)
                 }
@@ -761,14 +768,15 @@ impl WriterState {
         changes: &mut HashMap<String, Change>,
         records: Vec<(String, Record)>,
         tombstone_floor: u64,
+        absent_floor: u64,
     ) -> Result<ApplyReport, StoreError> {
         let mut report = ApplyReport::default();
         for (path, incoming) in records {
             let current = self.current(changes, &path)?;
+            let refused_if_absent =
+                (incoming.is_tombstone() && incoming.timestamp < tombstone_floor) || incoming.timestamp <= absent_floor;
             match compare(current.as_ref(), &incoming) {
-                Order::Newer
-                    if current.is_none() && incoming.is_tombstone() && incoming.timestamp < tombstone_floor =>
-                {
+                Order::Newer if current.is_none() && refused_if_absent => {
                     report.skipped += 1;
                 }
                 Order::Newer => {

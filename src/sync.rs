@@ -206,15 +206,39 @@ impl Replication {
         })
     }
 
+    /// How far before a completed sync's start `last_contact` is set: a delete made
+    /// just before may not have reached that peer yet. Two sync intervals (at least a
+    /// second), never more than a quarter of the grace period.
+    fn contact_margin(&self) -> u64 {
+        let two_rounds = (self.config.sync_interval * 2).max(Duration::from_secs(1));
+        two_rounds.min(self.config.tombstone_grace / 4).as_millis() as u64
+    }
+
     /// Tombstones older than this are purged (and not taken from peers).
     pub fn tombstone_floor(&self) -> u64 {
         now_ms().saturating_sub(self.config.tombstone_grace.as_millis() as u64)
     }
 
-    /// Applies records received from a peer and counts them.
-    pub async fn apply(&self, records: Vec<(String, Record)>) -> Result<ApplyReport, StoreError> {
+    /// Applies records received from a peer whose `last_contact` is `sender_contact`
+    /// (`None`: unknown), and counts them. A sender that is stale relative to our purge
+    /// horizon may hold records whose deletes we purged: its records at or below the
+    /// horizon are not taken for paths we do not hold.
+    pub async fn apply(
+        &self,
+        records: Vec<(String, Record)>,
+        sender_contact: Option<u64>,
+    ) -> Result<ApplyReport, StoreError> {
         let n = records.len() as u64;
-        let mut report = self.writer.apply(records, self.tombstone_floor()).await?;
+        let absent_floor =
+            sender_contact.and_then(|lc| antientropy::stale_below(lc, self.store.gc_horizon())).unwrap_or(0);
+        if absent_floor > 0 {
+            tracing::debug!(
+                sender_contact,
+                absent_floor,
+                "records from a stale node: old records for unknown paths refused"
+            );
+        }
+        let mut report = self.writer.apply(records, self.tombstone_floor(), absent_floor).await?;
         self.stats.received.add(n);
         self.stats.applied.add(report.applied as u64);
         self.stats.skipped.add(report.skipped as u64);
@@ -225,12 +249,18 @@ impl Replication {
         Ok(report)
     }
 
-    async fn fetch_records(&self, peer: &str, paths: &[String]) -> Result<Vec<(String, Record)>, SyncError> {
+    /// Fetches records and stores them.
+    async fn fetch_and_store(&self, peer: &str, paths: &[String]) -> Result<usize, SyncError> {
         let body = Bytes::from(serde_json::to_vec(paths).map_err(protocol)?);
         self.stats.sync_bytes.add(body.len() as u64);
-        let answer = self.cluster.client().post_bytes(peer, "/internal/sync/fetch", body, DATA_TIMEOUT).await?;
+        let lc = self.cluster.last_contact();
+        let (answer, theirs) =
+            self.cluster.client().exchange(Method::POST, peer, "/internal/sync/fetch", body, DATA_TIMEOUT, lc).await?;
         self.stats.sync_bytes.add(answer.len() as u64);
-        wire::decode(answer, self.config.max_value_bytes).map_err(protocol)
+        let records = wire::decode(answer, self.config.max_value_bytes).map_err(protocol)?;
+        let n = records.len();
+        self.apply(records, theirs).await?;
+        Ok(n)
     }
 
     async fn send_records(&self, peer: &str, paths: Vec<String>) -> Result<usize, SyncError> {
@@ -238,7 +268,8 @@ impl Replication {
         let records = blocking(move || store.records(&paths)).await?;
         let body = wire::encode(records.iter().map(|(p, r)| (p.as_str(), r)));
         self.stats.sync_bytes.add(body.len() as u64);
-        self.cluster.client().post_bytes(peer, "/internal/push", body, DATA_TIMEOUT).await?;
+        let lc = self.cluster.last_contact();
+        self.cluster.client().exchange(Method::POST, peer, "/internal/push", body, DATA_TIMEOUT, lc).await?;
         Ok(records.len())
     }
 
@@ -279,9 +310,7 @@ impl Replication {
             // Collisions are fetched too: applying them reports them to conflict handling.
             let wanted: Vec<String> = plan.fetch.into_iter().chain(plan.collisions).collect();
             for paths in wanted.chunks(FETCH_CHUNK) {
-                let records = self.fetch_records(peer, paths).await?;
-                fetched += records.len();
-                self.apply(records).await?;
+                fetched += self.fetch_and_store(peer, paths).await?;
             }
             for paths in plan.send.chunks(FETCH_CHUNK) {
                 sent += self.send_records(peer, paths.to_vec()).await?;
@@ -305,8 +334,15 @@ impl Replication {
             let peer = self.cluster.alive_peers().choose(&mut rand::rng()).cloned();
             let Some(peer) = peer else { continue };
             let started = std::time::Instant::now();
+            let started_wall = now_ms();
             match self.sync_with(&peer.address).await {
                 Ok((fetched, sent)) => {
+                    self.cluster.note_synced(started_wall.saturating_sub(self.contact_margin()));
+                    // Persisted before the round is counted: a node killed after a
+                    // counted round remembers it.
+                    if let Err(e) = self.persist_contact(false).await {
+                        tracing::error!(error = %e, "cannot persist last_contact");
+                    }
                     if fetched + sent > 0 {
                         self.stats.last_repair_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                     }
@@ -339,7 +375,9 @@ impl Replication {
                 cursor.0,
                 crate::path::percent_encode(&cursor.1)
             );
-            let answer = self.cluster.client().fetch(Method::GET, peer, &q, Bytes::new(), DATA_TIMEOUT).await?;
+            let lc = self.cluster.last_contact();
+            let (answer, theirs) =
+                self.cluster.client().exchange(Method::GET, peer, &q, Bytes::new(), DATA_TIMEOUT, lc).await?;
             let records = wire::decode(answer, self.config.max_value_bytes).map_err(protocol)?;
             let n = records.len();
             if let Some((p, r)) = records.last() {
@@ -347,7 +385,7 @@ impl Replication {
             }
             total += n;
             self.stats.catchup_records.add(n as u64);
-            self.apply(records).await?;
+            self.apply(records, theirs).await?;
             if n < PAGE || shutdown.is_triggered() {
                 return Ok(total);
             }
@@ -393,7 +431,8 @@ impl Replication {
     /// next page overlaps with fetching and storing the previous one.
     pub async fn bootstrap(&self, shutdown: &mut Shutdown) -> Result<(), StoreError> {
         self.syncing.store(true, Ordering::Relaxed);
-        let min_ts = now_ms().saturating_sub(self.config.bootstrap_max_age.as_millis() as u64);
+        let started = now_ms();
+        let min_ts = started.saturating_sub(self.config.bootstrap_max_age.as_millis() as u64);
         let mut cursor: Option<(u64, String)> = None;
         // Paths listed but not yet fetched, and the peer that listed them.
         let mut pending: Option<(String, Vec<String>)> = None;
@@ -453,6 +492,7 @@ impl Replication {
             }
         }
         self.writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
+        self.cluster.note_synced(started.saturating_sub(self.contact_margin()));
         self.syncing.store(false, Ordering::Relaxed);
         tracing::info!(
             fetched = self.stats.bootstrap_fetched.get(),
@@ -502,9 +542,8 @@ impl Replication {
             if !pause(self.config.fetch_delay, shutdown).await {
                 return Ok(());
             }
-            let records = self.fetch_records(peer, chunk).await?;
-            self.stats.bootstrap_fetched.add(records.len() as u64);
-            self.apply(records).await?;
+            let n = self.fetch_and_store(peer, chunk).await?;
+            self.stats.bootstrap_fetched.add(n as u64);
         }
         Ok(())
     }
@@ -539,7 +578,7 @@ impl Replication {
             }
             self.stats.stale_discarded.add(discarded as u64);
             tracing::info!(horizon, discarded, "discarded records that may have missed a purged delete");
-            self.cluster.clear_stale();
+            self.cluster.clear_stale(horizon);
             self.persist_contact(true).await?;
             return self.bootstrap(shutdown).await;
         }

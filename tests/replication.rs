@@ -84,7 +84,7 @@ fn writes_and_deletes_replicate_by_push() {
 fn concurrent_writes_to_one_key_converge_to_the_newest() {
     let d = Dirs::new();
     let (n1, n2, n3) = three(&d, "");
-    let mut last = (0, String::new());
+    let mut written: Vec<(u64, String)> = Vec::new();
     for round in 0..5 {
         // Each node writes the same key at (nearly) the same time.
         let handles: Vec<_> = [&n1, &n2, &n3]
@@ -99,15 +99,18 @@ fn concurrent_writes_to_one_key_converge_to_the_newest() {
                 })
             })
             .collect();
-        for h in handles {
-            last = last.max(h.join().unwrap());
-        }
+        written.extend(handles.into_iter().map(|h| h.join().unwrap()));
     }
-    // The newest timestamp wins everywhere (uuid order decides equal timestamps only
-    // through a vote, which the next issue adds; distinct timestamps here).
-    for n in [&n1, &n2, &n3] {
-        wait_value(n, "/kv/contended", Some(&last.1));
-    }
+    // The newest timestamp wins everywhere. Writes in the same millisecond on two
+    // nodes collide; the vote then picks one of them, the same on every node.
+    let newest = written.iter().map(|(t, _)| *t).max().unwrap();
+    let candidates: Vec<&String> = written.iter().filter(|(t, _)| *t == newest).map(|(_, v)| v).collect();
+    wait_for(DEADLINE, "one newest version everywhere", || {
+        let answers: Vec<Resp> = [&n1, &n2, &n3].iter().map(|n| n.get("/kv/contended")).collect();
+        let same = answers.iter().all(|r| r.header("etag") == answers[0].header("etag"));
+        (same && candidates.contains(&&answers[0].text())).then_some(())
+    });
+    assert_eq!(n1.get("/kv/contended").header("x-kvs-timestamp"), Some(newest.to_string().as_str()));
 }
 
 #[test]
@@ -205,8 +208,9 @@ fn a_node_away_past_the_grace_period_does_not_resurrect_deletes() {
     assert_eq!(n1.put("/kv/kept", "\"value\"").status, 200);
     wait_value(&n3, "/kv/doomed", Some("\"value\""));
     wait_value(&n3, "/kv/kept", Some("\"value\""));
-    // Let n3 note (and persist) its contact with the cluster, then it goes away.
-    wait_gossip_rounds(&n3, 12);
+    // Let n3 complete (and persist) a sync with the cluster, then it goes away.
+    wait_sync_rounds(&n3, 1);
+    assert!(n3.health()["last_contact"].as_u64().unwrap() > 0);
     n3.kill9();
     assert_eq!(n1.delete("/kv/doomed").status, 204);
     wait_value(&n2, "/kv/doomed", None);

@@ -330,10 +330,10 @@ async fn build_dataset(dir: &Path, keys: usize, base: u64, modified: &[usize]) -
         }
         batch.push((path, Record::value(ts, Uuid::from_u128(((ts as u128) << 64) | i as u128), data)));
         if batch.len() == 10_000 {
-            writer.apply(std::mem::take(&mut batch), 0).await?;
+            writer.apply(std::mem::take(&mut batch), 0, 0).await?;
         }
     }
-    writer.apply(batch, 0).await?;
+    writer.apply(batch, 0, 0).await?;
     // A member's data dir, not a new node's: no bootstrap on start.
     writer.set_meta(kvs::sync::META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
     tokio::task::spawn_blocking(move || writer.close(&store)).await??;
@@ -532,7 +532,7 @@ impl Bench {
                     )
                 })
                 .collect();
-            writer.apply(records, 0).await?;
+            writer.apply(records, 0, 0).await?;
             tokio::task::spawn_blocking(move || writer.close(&store)).await??;
         }
         // a syncs every 0.2 s, b never: one round of a's makes them identical.

@@ -33,6 +33,8 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Opti
 /// A running (or stopped) kvs process with its own directory.
 pub struct Node {
     child: Option<Child>,
+    /// Extra environment for the process.
+    pub env: Vec<(String, String)>,
     /// `127.0.0.1:port` it listens on.
     pub addr: String,
     /// Directory holding its config, data dir and log.
@@ -52,14 +54,21 @@ impl Node {
     /// Starts a node without waiting for it to listen (for nodes expected to fail).
     pub fn spawn_in(dir: &Path, extra: &str) -> Node {
         let config = write_config(dir, extra);
-        let mut node = Node { child: None, addr: String::new(), dir: dir.to_path_buf(), config };
+        let mut node = Node { child: None, env: Vec::new(), addr: String::new(), dir: dir.to_path_buf(), config };
         node.spawn();
         node
     }
 
     /// Starts a node on an existing config file; its log goes to `dir/node.log`.
     pub fn start_config(dir: &Path, config: &Path) -> Node {
-        let mut node = Node { child: None, addr: String::new(), dir: dir.to_path_buf(), config: config.to_path_buf() };
+        Node::start_config_env(dir, config, &[])
+    }
+
+    /// Starts a node with extra environment variables.
+    pub fn start_config_env(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Node {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut node =
+            Node { child: None, env, addr: String::new(), dir: dir.to_path_buf(), config: config.to_path_buf() };
         node.restart();
         node
     }
@@ -84,6 +93,7 @@ impl Node {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(BIN)
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.dir)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -160,11 +170,19 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(matches!(ok, Ok(true)), "kill -{sig} {pid} failed");
 }
 
+/// Writes `dir/config.yaml` (see [`Node::start_in`]) and returns its path.
+pub fn config_in(dir: &Path, extra: &str) -> PathBuf {
+    write_config(dir, extra)
+}
+
 /// Writes `dir/config.yaml`: port 0 and data dir `dir/data` unless `extra` sets them.
 fn write_config(dir: &Path, extra: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let config = dir.join("config.yaml");
-    let mut text = String::from("log_level: debug\n");
+    let mut text = String::new();
+    if !extra.contains("log_level:") {
+        text.push_str("log_level: debug\n");
+    }
     if !extra.contains("port:") {
         text.push_str("port: 0\n");
     }
