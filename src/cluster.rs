@@ -198,6 +198,24 @@ impl Cluster {
         self.lock().joined_timestamp_of(id)
     }
 
+    /// Puts this node's current newest write and purge horizon in its own entry.
+    fn refresh_facts(&self, m: &mut Membership) {
+        let (newest, horizon) = (self.data_facts)();
+        m.set_data_facts(newest, horizon);
+    }
+
+    /// Merges what a peer told us, checks whether it makes us stale, logs the changes.
+    fn take_news(&self, members: Vec<MemberInfo>, via: &str) {
+        let now = self.now();
+        let changes = {
+            let mut m = self.lock();
+            let changes = m.merge(members, now);
+            self.note_contact(&m);
+            changes
+        };
+        self.log_changes(&changes, via);
+    }
+
     fn log_changes(&self, changes: &Changes, via: &str) {
         for id in &changes.joined {
             tracing::info!(member = %id, via, "member joined");
@@ -218,6 +236,7 @@ impl Cluster {
         match m.join(info, now) {
             JoinOutcome::Accepted => {
                 self.note_contact(&m);
+                self.refresh_facts(&mut m);
                 tracing::info!(member = %id, "join accepted");
                 Ok(m.gossip_payload())
             }
@@ -241,6 +260,7 @@ impl Cluster {
         let mut m = self.lock();
         let changes = m.merge(msg.members, now);
         self.note_contact(&m);
+        self.refresh_facts(&mut m);
         let members = m.gossip_payload();
         drop(m);
         self.log_changes(&changes, "gossip");
@@ -260,22 +280,15 @@ impl Cluster {
             rand::seq::SliceRandom::shuffle(seeds.as_mut_slice(), &mut rng);
             for seed in &seeds {
                 let me = {
-                    let (newest, horizon) = (self.data_facts)();
                     let mut m = self.lock();
-                    m.set_data_facts(newest, horizon);
+                    self.refresh_facts(&mut m);
                     m.me().clone()
                 };
                 match self.client.post_json::<_, GossipMessage>(seed, "/members/join", &me, CALL_TIMEOUT).await {
                     Ok(answer) => {
-                        let now = self.now();
-                        let changes = {
-                            let mut m = self.lock();
-                            let c = m.merge(answer.members, now);
-                            self.note_contact(&m);
-                            c
-                        };
-                        tracing::info!(seed = %seed, members = changes.joined.len() + 1, "joined the cluster");
-                        self.log_changes(&changes, "join");
+                        let members = answer.members.len();
+                        self.take_news(answer.members, "join");
+                        tracing::info!(seed = %seed, members, "joined the cluster");
                         return Ok(());
                     }
                     Err(PeerError::Status(hyper::StatusCode::CONFLICT, body)) => {
@@ -313,10 +326,9 @@ impl Cluster {
             while exchanges.try_join_next().is_some() {}
             self.rounds.fetch_add(1, Ordering::Relaxed);
             let now = self.now();
-            let (newest, horizon) = (self.data_facts)();
             let (targets, payload) = {
                 let mut m = self.lock();
-                m.set_data_facts(newest, horizon);
+                self.refresh_facts(&mut m);
                 let changes = m.tick(now);
                 self.log_changes(&changes, "tick");
                 (m.gossip_targets(&self.seeds, now, &mut rng), m.gossip_payload())
@@ -333,16 +345,7 @@ impl Cluster {
                         .post_json::<_, GossipMessage>(&target, "/internal/gossip", &*msg, CALL_TIMEOUT)
                         .await
                     {
-                        Ok(answer) => {
-                            let now = cluster.now();
-                            let changes = {
-                                let mut m = cluster.lock();
-                                let c = m.merge(answer.members, now);
-                                cluster.note_contact(&m);
-                                c
-                            };
-                            cluster.log_changes(&changes, "gossip");
-                        }
+                        Ok(answer) => cluster.take_news(answer.members, "gossip"),
                         Err(e) => tracing::debug!(peer = %target, error = %e, "gossip failed"),
                     }
                 });

@@ -43,6 +43,15 @@ impl std::fmt::Display for PeerError {
     }
 }
 
+/// A 2xx answer's body, or the error status with the start of the body.
+fn success(status: StatusCode, answer: Bytes) -> Result<Bytes, PeerError> {
+    if status.is_success() {
+        Ok(answer)
+    } else {
+        Err(PeerError::Status(status, String::from_utf8_lossy(&answer).chars().take(500).collect()))
+    }
+}
+
 /// A pooled client for talking to peers. Cheap to clone.
 #[derive(Clone)]
 pub struct PeerClient {
@@ -93,10 +102,7 @@ impl PeerClient {
     ) -> Result<(Bytes, Option<u64>), PeerError> {
         let (status, theirs, answer) =
             self.call_inner(method, addr, path_and_query, body, timeout, Some(last_contact)).await?;
-        if !status.is_success() {
-            return Err(PeerError::Status(status, String::from_utf8_lossy(&answer).chars().take(500).collect()));
-        }
-        Ok((answer, theirs))
+        Ok((success(status, answer)?, theirs))
     }
 
     async fn call_inner(
@@ -140,10 +146,7 @@ impl PeerClient {
         timeout: Duration,
     ) -> Result<Bytes, PeerError> {
         let (status, answer) = self.call(method, addr, path_and_query, body, timeout).await?;
-        if !status.is_success() {
-            return Err(PeerError::Status(status, String::from_utf8_lossy(&answer).chars().take(500).collect()));
-        }
-        Ok(answer)
+        success(status, answer)
     }
 
     /// POSTs raw bytes and returns a 2xx answer's body.
