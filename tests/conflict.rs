@@ -19,7 +19,7 @@ fn stopped_cluster(n: usize) -> (tempfile::TempDir, Vec<Node>) {
         let id = format!("n{i}");
         let seeds: Vec<&str> = nodes.first().map(|f| vec![f.addr.as_str()]).unwrap_or_default();
         // Slow regular sync: every member is back before the collision is found.
-        let config = cluster_config(&id, &seeds).replace("sync_interval: 0.5", "sync_interval: 2");
+        let config = cluster_config_with(&id, &seeds, "sync_interval: 2");
         nodes.push(Node::start_in(&d.path().join(&id), &config));
     }
     let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();

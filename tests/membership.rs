@@ -4,17 +4,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-struct Dirs(tempfile::TempDir);
-
-impl Dirs {
-    fn new() -> Dirs {
-        Dirs(tempfile::tempdir().unwrap())
-    }
-    fn start(&self, id: &str, seeds: &[&str], extra: &str) -> Node {
-        Node::start_in(&self.0.path().join(id), &(cluster_config(id, seeds) + extra))
-    }
-}
-
 #[test]
 fn three_nodes_form_a_cluster_and_learn_by_gossip() {
     let d = Dirs::new();
@@ -75,11 +64,10 @@ fn crashed_node_goes_down_then_is_removed_then_comes_back() {
 fn sigterm_leave_removes_the_node_at_once() {
     let d = Dirs::new();
     // Long timeouts: only the leave can remove n3 within the deadline below.
-    let slow = "failure_timeout: 60\nremoval_timeout: 120\n";
-    let patch = |s: String| s.replace("failure_timeout: 1\nremoval_timeout: 2\n", "");
-    let n1 = Node::start_in(&d.0.path().join("n1"), &(patch(cluster_config("n1", &[])) + slow));
-    let n2 = Node::start_in(&d.0.path().join("n2"), &(patch(cluster_config("n2", &[&n1.addr])) + slow));
-    let mut n3 = Node::start_in(&d.0.path().join("n3"), &(patch(cluster_config("n3", &[&n1.addr])) + slow));
+    let slow = "failure_timeout: 60\nremoval_timeout: 120";
+    let n1 = d.start("n1", &[], slow);
+    let n2 = d.start("n2", &[&n1.addr], slow);
+    let mut n3 = d.start("n3", &[&n1.addr], slow);
     for n in [&n1, &n2, &n3] {
         wait_members_alive(n, &["n1", "n2", "n3"]);
     }

@@ -3,28 +3,6 @@
 mod common;
 use common::*;
 
-struct Dirs(tempfile::TempDir);
-
-impl Dirs {
-    fn new() -> Dirs {
-        Dirs(tempfile::tempdir().unwrap())
-    }
-    fn start(&self, id: &str, seeds: &[&str], extra: &str) -> Node {
-        Node::start_in(&self.0.path().join(id), &(config(id, seeds, extra)))
-    }
-}
-
-/// The cluster config with `extra` keys replacing the defaults they name.
-fn config(id: &str, seeds: &[&str], extra: &str) -> String {
-    let mut lines: Vec<String> = cluster_config(id, seeds).lines().map(str::to_string).collect();
-    for e in extra.lines() {
-        let key = e.split(':').next().unwrap();
-        lines.retain(|l| !l.starts_with(&format!("{key}:")));
-        lines.push(e.to_string());
-    }
-    lines.join("\n") + "\n"
-}
-
 fn stat(n: &Node, name: &str) -> u64 {
     n.health()["replication"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
 }

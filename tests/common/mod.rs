@@ -275,6 +275,31 @@ fn parse_response(buf: &[u8], head: bool) -> Resp {
     Resp { status, headers, body }
 }
 
+/// A temporary directory holding one sub-directory per node of a test cluster.
+pub struct Dirs(pub tempfile::TempDir);
+
+impl Dirs {
+    pub fn new() -> Dirs {
+        Dirs(tempfile::tempdir().unwrap())
+    }
+
+    /// Starts node `id` seeded with `seeds`; `extra` lines replace the keys they name.
+    pub fn start(&self, id: &str, seeds: &[&str], extra: &str) -> Node {
+        Node::start_in(&self.0.path().join(id), &cluster_config_with(id, seeds, extra))
+    }
+}
+
+/// [`cluster_config`] with `extra` lines replacing the keys they name.
+pub fn cluster_config_with(id: &str, seeds: &[&str], extra: &str) -> String {
+    let mut lines: Vec<String> = cluster_config(id, seeds).lines().map(str::to_string).collect();
+    for e in extra.lines() {
+        let key = e.split(':').next().unwrap();
+        lines.retain(|l| !l.starts_with(&format!("{key}:")));
+        lines.push(e.to_string());
+    }
+    lines.join("\n") + "\n"
+}
+
 /// Config lines for a cluster node with sub-second intervals.
 pub fn cluster_config(id: &str, seeds: &[&str]) -> String {
     let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
