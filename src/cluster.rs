@@ -55,7 +55,18 @@ pub struct Cluster {
     /// peer shows it is not stale: until then it must not hand out its records.
     verified: AtomicBool,
     /// Reads this node's newest write and purge horizon for gossip.
-    data_facts: Box<dyn Fn() -> (u64, u64) + Send + Sync>,
+    data_facts: Box<dyn Fn() -> DataFacts + Send + Sync>,
+}
+
+/// What this node tells peers about its data in gossip.
+#[derive(Debug, Clone, Copy)]
+pub struct DataFacts {
+    /// Newest write held.
+    pub newest_write: u64,
+    /// Purge horizon.
+    pub gc_horizon: u64,
+    /// Bootstrapping.
+    pub syncing: bool,
 }
 
 /// The join was refused for good.
@@ -70,7 +81,7 @@ impl Cluster {
         seeds: Vec<String>,
         gossip: (Duration, Duration),
         last_contact: u64,
-        data_facts: Box<dyn Fn() -> (u64, u64) + Send + Sync>,
+        data_facts: Box<dyn Fn() -> DataFacts + Send + Sync>,
     ) -> Cluster {
         let seeds = seeds.into_iter().filter(|s| *s != me.address).collect();
         Cluster {
@@ -135,9 +146,11 @@ impl Cluster {
         self.lock().alive_peers(now)
     }
 
-    /// This node's entry.
+    /// This node's entry, with current data facts.
     pub fn me(&self) -> MemberInfo {
-        self.lock().me().clone()
+        let mut m = self.lock();
+        self.refresh_facts(&mut m);
+        m.me().clone()
     }
 
     /// Wall-clock ms at which this node last had the cluster's data (0: never).
@@ -200,8 +213,8 @@ impl Cluster {
 
     /// Puts this node's current newest write and purge horizon in its own entry.
     fn refresh_facts(&self, m: &mut Membership) {
-        let (newest, horizon) = (self.data_facts)();
-        m.set_data_facts(newest, horizon);
+        let f = (self.data_facts)();
+        m.set_data_facts(f.newest_write, f.gc_horizon, f.syncing);
     }
 
     /// Merges what a peer told us, checks whether it makes us stale, logs the changes.

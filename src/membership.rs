@@ -45,6 +45,9 @@ pub struct MemberInfo {
     /// The member has purged tombstones up to this timestamp (for the stale rule).
     #[serde(default)]
     pub gc_horizon: u64,
+    /// The member is bootstrapping (mode `syncing`) and cannot serve data yet.
+    #[serde(default)]
+    pub syncing: bool,
 }
 
 impl MemberInfo {
@@ -152,11 +155,12 @@ impl Membership {
         &self.me
     }
 
-    /// Records this node's newest write and purge horizon, told to peers with the
-    /// next gossip.
-    pub fn set_data_facts(&mut self, newest_write: u64, gc_horizon: u64) {
+    /// Records this node's newest write, purge horizon and whether it is
+    /// bootstrapping, told to peers with the next gossip.
+    pub fn set_data_facts(&mut self, newest_write: u64, gc_horizon: u64, syncing: bool) {
         self.me.newest_write = newest_write;
         self.me.gc_horizon = gc_horizon;
+        self.me.syncing = syncing;
     }
 
     /// The highest purge horizon among the members we know (alive or not).
@@ -346,6 +350,17 @@ impl Membership {
     }
 }
 
+/// Whether a bootstrapping node should found a new cluster instead of waiting for a
+/// peer to bootstrap from: there are alive peers, every one of them is bootstrapping
+/// too (a brand-new cluster whose nodes list each other as seeds), and this node is
+/// the oldest of them (earliest `joined_timestamp`, then smallest id). Every node
+/// computes the same, so exactly one founds; the others then bootstrap from it.
+pub fn should_found(me: &MemberInfo, alive_peers: &[MemberInfo]) -> bool {
+    !alive_peers.is_empty()
+        && alive_peers.iter().all(|p| p.syncing)
+        && alive_peers.iter().all(|p| (me.joined_timestamp, &me.id) < (p.joined_timestamp, &p.id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,7 +380,23 @@ mod tests {
             left: false,
             newest_write: 0,
             gc_horizon: 0,
+            syncing: false,
         }
+    }
+
+    #[test]
+    fn the_oldest_of_an_all_new_cluster_founds_it() {
+        let syncing = |id: &str, joined: u64| MemberInfo { syncing: true, joined_timestamp: joined, ..info(id, 1, 0) };
+        let me = syncing("a", 10);
+        assert!(should_found(&me, &[syncing("b", 20), syncing("c", 30)]));
+        assert!(!should_found(&syncing("b", 20), &[me.clone(), syncing("c", 30)]), "b is younger");
+        // A peer that is not bootstrapping has data to give: no founding.
+        assert!(!should_found(&me, &[syncing("b", 20), info("c", 1, 0)]));
+        // Alone: the seeds may hold data; wait for them.
+        assert!(!should_found(&me, &[]));
+        // Same joined_timestamp: the smaller id founds.
+        assert!(should_found(&syncing("a", 5), &[syncing("b", 5)]));
+        assert!(!should_found(&syncing("b", 5), &[syncing("a", 5)]));
     }
 
     fn view_ids(m: &Membership, now: u64) -> Vec<(String, Status)> {

@@ -5,7 +5,7 @@
 //! (in-flight requests finish), then the storage writer finishes its queue and fsyncs.
 
 use crate::clock::now_ms;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, DataFacts};
 use crate::config::{Config, LogLevel};
 use crate::membership::{MemberInfo, Timeouts};
 use crate::metrics::{Metrics, NodeCollector};
@@ -22,6 +22,7 @@ use bytes::Bytes;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -202,6 +203,7 @@ async fn serve(
         left: false,
         newest_write: 0,
         gc_horizon: 0,
+        syncing: false,
     };
     let timeouts = Timeouts {
         failure_ms: config.failure_timeout.as_millis() as u64,
@@ -220,13 +222,19 @@ async fn serve(
         .map_err(|_| StoreError::Closed)??
     };
     let facts_store = store.clone();
+    let syncing = Arc::new(AtomicBool::new(needs_bootstrap));
+    let facts_syncing = syncing.clone();
     let cluster = Arc::new(Cluster::new(
         me,
         timeouts,
         config.seed_nodes.clone(),
         (config.gossip_interval_min, config.gossip_interval_max),
         last_contact,
-        Box::new(move || (facts_store.newest_timestamp(), facts_store.gc_horizon())),
+        Box::new(move || DataFacts {
+            newest_write: facts_store.newest_timestamp(),
+            gc_horizon: facts_store.gc_horizon(),
+            syncing: facts_syncing.load(Ordering::Relaxed),
+        }),
     ));
     let stats = Arc::new(Stats::default());
     let (pusher, push_queue) = Pusher::new(stats.clone());
@@ -247,7 +255,7 @@ async fn serve(
         cluster.clone(),
         stats.clone(),
         sync_config,
-        needs_bootstrap,
+        syncing,
         resolver.clone(),
     ));
     let voting = Voting {

@@ -83,7 +83,8 @@ pub struct Replication {
     cluster: Arc<Cluster>,
     stats: Arc<Stats>,
     config: SyncConfig,
-    syncing: AtomicBool,
+    /// Bootstrapping; shared with the gossip facts.
+    syncing: Arc<AtomicBool>,
     /// Newest timestamp held when this process started: the first catch-up pulls
     /// everything after it.
     newest_at_start: u64,
@@ -153,14 +154,14 @@ async fn pause(d: Duration, shutdown: &mut Shutdown) -> bool {
 }
 
 impl Replication {
-    /// Replication for a node. `needs_bootstrap` puts it in mode `syncing` at once.
+    /// Replication for a node. `syncing` set means it must bootstrap first.
     pub fn new(
         store: Store,
         writer: Writer,
         cluster: Arc<Cluster>,
         stats: Arc<Stats>,
         config: SyncConfig,
-        needs_bootstrap: bool,
+        syncing: Arc<AtomicBool>,
         resolver: Arc<Resolver>,
     ) -> Replication {
         let newest_at_start = store.newest_timestamp();
@@ -171,7 +172,7 @@ impl Replication {
             cluster,
             stats,
             config,
-            syncing: AtomicBool::new(needs_bootstrap),
+            syncing,
             newest_at_start,
             last_persisted_contact: AtomicU64::new(last),
             resolver,
@@ -442,9 +443,18 @@ impl Replication {
             if !pause(self.config.throttle_delay, shutdown).await {
                 return Ok(());
             }
-            let peer = self.cluster.alive_peers().choose(&mut rand::rng()).cloned();
-            let Some(peer) = peer else {
-                // Not joined yet, or every peer is down: wait for one.
+            let alive = self.cluster.alive_peers();
+            let serving: Vec<_> = alive.iter().filter(|p| !p.syncing).collect();
+            let Some(peer) = serving.choose(&mut rand::rng()).map(|p| (*p).clone()) else {
+                if cursor.is_none() && pending.is_none() && crate::membership::should_found(&self.cluster.me(), &alive)
+                {
+                    tracing::info!(
+                        peers = alive.len(),
+                        "bootstrap: every peer is new too; this node, the oldest, founds the cluster"
+                    );
+                    break;
+                }
+                // Not joined yet, every peer is down, or all are bootstrapping: wait.
                 if !pause(Duration::from_millis(200), shutdown).await {
                     return Ok(());
                 }

@@ -262,3 +262,31 @@ fn read_only_nodes_take_replicated_writes_and_bad_batches_are_refused_whole() {
     raw(&n1.addr, &req, false).assert_error(400);
     n1.get("/kv/fine/key").assert_error(404);
 }
+
+#[test]
+fn a_new_cluster_whose_nodes_all_seed_each_other_forms_and_serves() {
+    let d = Dirs::new();
+    // Learn three ports, then start afresh: empty data dirs, every node seeded with
+    // all three (the usual production config).
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"].iter().map(|id| d.start(id, &[], "")).collect();
+    for n in nodes.iter_mut() {
+        n.pin_port();
+        assert!(n.terminate().success());
+    }
+    let seeds: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.addr)).collect();
+    for n in nodes.iter_mut() {
+        std::fs::remove_dir_all(n.dir.join("data")).unwrap();
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        std::fs::write(&n.config, text.replace("seed_nodes: []", &format!("seed_nodes: [{}]", seeds.join(", "))))
+            .unwrap();
+        n.restart();
+    }
+    for n in &nodes {
+        wait_members_alive(n, &["n1", "n2", "n3"]);
+        wait_normal(n);
+    }
+    let founders = nodes.iter().filter(|n| n.log().contains("founds the cluster")).count();
+    assert_eq!(founders, 1, "exactly one node founds");
+    assert_eq!(nodes[2].put("/kv/formed", "true").status, 200);
+    wait_value(&nodes[0], "/kv/formed", Some("true"));
+}
