@@ -36,6 +36,8 @@ use uuid::Uuid;
 
 /// Most requests folded into one batch; bounds the latency one commit adds.
 const MAX_GROUP: usize = 1024;
+/// Yields the writer takes looking for more work before it parks.
+const SPIN_BEFORE_PARK: usize = 50;
 /// Bound of the writer's queue; senders wait (backpressure) when it is full.
 const QUEUE_BOUND: usize = 4096;
 
@@ -660,7 +662,22 @@ struct Change {
 impl WriterState {
     fn run(&mut self, mut rx: mpsc::Receiver<Request>) {
         let mut group = Vec::with_capacity(64);
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            // After a commit more requests usually follow within microseconds (the
+            // answered clients send their next write): look for them briefly before
+            // parking, which costs a futex wake-up per group.
+            let mut first = None;
+            for _ in 0..SPIN_BEFORE_PARK {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        first = Some(r);
+                        break;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => std::thread::yield_now(),
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            }
+            let Some(first) = first.or_else(|| rx.blocking_recv()) else { return };
             group.push(first);
             while group.len() < MAX_GROUP {
                 match rx.try_recv() {
