@@ -2,7 +2,8 @@
 //!
 //! [`handle`] routes one request and always produces a response: every error a client
 //! can cause becomes an [`ApiError`], rendered as `{"error": "..."}` with its status.
-//! Storage reads run on the blocking pool; writes go to the storage writer thread.
+//! Point reads run inline, scans on the blocking pool; writes go to the storage writer
+//! thread.
 
 use crate::antientropy::FANOUT;
 use crate::cluster::GossipMessage;
@@ -13,7 +14,7 @@ use crate::path::{parse_key, percent_decode, validate_key};
 use crate::peer::LAST_CONTACT_HEADER;
 use crate::record::Record;
 use crate::resolve::{VoteAnswer, VoteRequest, held};
-use crate::storage::StoreError;
+use crate::storage::{StoreError, blocking};
 use crate::sync::encode_hashes;
 use crate::wire;
 use bytes::Bytes;
@@ -460,22 +461,14 @@ fn key(raw: &str) -> Result<String, ApiError> {
     parse_key(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-/// Runs a storage read on the blocking pool, off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(ApiError::Storage),
-        Err(_) => Err(ApiError::Storage(StoreError::Closed)),
-    }
-}
-
 async fn get_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result<HttpResponse, ApiError> {
     let params = parse_query(query)?;
     if params.iter().any(|(k, _)| k == "keys") {
         return list_keys(app, raw_key, params).await;
     }
-    refuse_query(query)?;
+    if let Some((k, _)) = params.first() {
+        return Err(ApiError::BadRequest(format!("unexpected query parameter {k:?}")));
+    }
     let path = key(raw_key)?;
     // A point read runs inline: fjall throttles writers, never readers, and a read is
     // one bounded lookup. The handoff to the blocking pool cost more than the read

@@ -131,7 +131,7 @@ impl Cluster {
         let now = self.now();
         let m = self.lock();
         let alive = m.alive_count(now);
-        (alive, m.view(now, 0).len() - alive)
+        (alive, m.known_count() - alive)
     }
 
     /// Alive members, this node included.
@@ -204,11 +204,6 @@ impl Cluster {
             }
             None => self.verified.store(true, Ordering::Relaxed),
         }
-    }
-
-    /// `joined_timestamp` of a known member.
-    pub fn joined_timestamp_of(&self, id: &str) -> Option<u64> {
-        self.lock().joined_timestamp_of(id)
     }
 
     /// Puts this node's current newest write and purge horizon in its own entry.

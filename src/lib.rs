@@ -28,7 +28,7 @@
 //! # A client request
 //! `server` accepts the connection and hands each request to [`api::handle`], which
 //! routes by path and method. A `GET /kv/<path>` decodes and checks the key
-//! ([`path::parse_key`]) and reads the record on the blocking pool. A `PUT` checks the
+//! ([`path::parse_key`]) and reads the record (a point read, inline). A `PUT` checks the
 //! key, the size and the JSON, then queues the write to the [`storage::Writer`]
 //! thread, which stamps it (uuid, timestamp newer than anything the node handed out or
 //! holds for the path), commits record, index entry and counters in one fjall batch

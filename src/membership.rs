@@ -306,6 +306,11 @@ impl Membership {
         std::iter::once(mine).chain(others).collect()
     }
 
+    /// Known members, this node included (alive or down).
+    pub fn known_count(&self) -> usize {
+        1 + self.others.len()
+    }
+
     /// Alive members, this node included.
     pub fn alive_count(&self, now: u64) -> usize {
         1 + self.others.values().filter(|e| self.status_of(e, now) == Status::Alive).count()
@@ -339,14 +344,6 @@ impl Membership {
         unreachable.shuffle(rng);
         targets.extend(unreachable.into_iter().next());
         targets
-    }
-
-    /// When a known member (this node included) first joined.
-    pub fn joined_timestamp_of(&self, id: &str) -> Option<u64> {
-        if id == self.me.id {
-            return Some(self.me.joined_timestamp);
-        }
-        self.others.get(id).map(|e| e.info.joined_timestamp)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::server;
 use crate::shutdown;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::storage::{Store, StoreError, Writer};
+use crate::storage::{Store, StoreError, Writer, blocking};
 use crate::sync::{Replication, SyncConfig};
 use bytes::Bytes;
 use serde_json::json;
@@ -126,11 +126,8 @@ fn meta_u64(v: Option<Bytes>) -> Option<u64> {
 
 async fn identity(store: &Store, writer: &Writer) -> Result<Identity, StoreError> {
     let s = store.clone();
-    let (joined, uid, incarnation) = tokio::task::spawn_blocking(move || {
-        Ok::<_, StoreError>((s.meta(META_JOINED)?, s.meta(META_UID)?, s.meta(META_INCARNATION)?))
-    })
-    .await
-    .map_err(|_| StoreError::Closed)??;
+    let (joined, uid, incarnation) =
+        blocking(move || Ok((s.meta(META_JOINED)?, s.meta(META_UID)?, s.meta(META_INCARNATION)?))).await?;
     let joined_timestamp = match meta_u64(joined) {
         Some(ts) => ts,
         None => {
@@ -161,14 +158,13 @@ pub type SetLogLevel = Box<dyn Fn(LogLevel) + Send + Sync>;
 pub async fn run(config: Config, config_path: PathBuf, set_log_level: SetLogLevel) -> Result<(), NodeError> {
     let dir = config.data_dir.clone();
     let durability = config.durability;
-    let (store, writer) =
-        tokio::task::spawn_blocking(move || Store::open(&dir, durability)).await.map_err(|_| StoreError::Closed)??;
+    let (store, writer) = blocking(move || Store::open(&dir, durability)).await?;
     let notifier = Arc::new(Notifier::from_env());
     let result = serve(config, store.clone(), writer.clone(), notifier.clone(), (config_path, set_log_level)).await;
     // Whatever happened, finish queued writes and fsync before exiting.
-    let closed = tokio::task::spawn_blocking(move || writer.close(&store)).await.map_err(|_| StoreError::Closed);
+    let closed = blocking(move || writer.close(&store)).await;
     result?;
-    closed??;
+    closed?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -212,14 +208,8 @@ async fn serve(
     let (last_contact, needs_bootstrap) = {
         let s = store.clone();
         let has_seeds = !config.seed_nodes.is_empty();
-        tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((
-                Replication::persisted_last_contact(&s)?,
-                Replication::bootstrap_pending(&s, has_seeds)?,
-            ))
-        })
-        .await
-        .map_err(|_| StoreError::Closed)??
+        blocking(move || Ok((Replication::persisted_last_contact(&s)?, Replication::bootstrap_pending(&s, has_seeds)?)))
+            .await?
     };
     let facts_store = store.clone();
     let syncing = Arc::new(AtomicBool::new(needs_bootstrap));

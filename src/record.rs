@@ -94,11 +94,6 @@ impl Record {
         Ok(Record { timestamp, uuid, data })
     }
 
-    /// Reads only the timestamp of an encoded record, without copying its data.
-    pub fn decode_timestamp(bytes: &[u8]) -> Result<u64, CorruptRecord> {
-        bytes.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).ok_or(CorruptRecord)
-    }
-
     /// True if an encoded record is a tombstone, without copying its data.
     pub fn encoded_is_tombstone(bytes: &[u8]) -> bool {
         bytes.first() == Some(&KIND_TOMBSTONE)
@@ -118,7 +113,6 @@ mod tests {
         for r in [rec(1, 7, Some("{\"a\":1}")), rec(u64::MAX, 0, None), rec(0, u128::MAX, Some(""))] {
             let bytes = r.encode();
             assert_eq!(Record::decode(&bytes), Ok(r.clone()));
-            assert_eq!(Record::decode_timestamp(&bytes), Ok(r.timestamp));
             assert_eq!(Record::encoded_is_tombstone(&bytes), r.is_tombstone());
         }
     }

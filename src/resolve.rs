@@ -162,9 +162,7 @@ impl Voting {
         let me = self.cluster.me();
         let store = self.store.clone();
         let own_paths = paths.clone();
-        let mine = tokio::task::spawn_blocking(move || held(&store, &own_paths))
-            .await
-            .map_err(|_| crate::storage::StoreError::Closed)??;
+        let mine = crate::storage::blocking(move || held(&store, &own_paths)).await?;
         // Every voter: (id, joined_timestamp, answer per path).
         let mut voters: Vec<(String, u64, Vec<Option<Held>>)> =
             vec![(me.id.clone(), me.joined_timestamp, mine.clone())];

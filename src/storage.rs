@@ -19,7 +19,7 @@
 //! the same batch as the record they describe. Owning all writes in one thread also makes
 //! "read the current version, decide, write" atomic without locks, and keeps fjall's
 //! write throttling off the async workers. Reads are plain fjall reads; callers on the
-//! async runtime run them with `spawn_blocking`.
+//! async runtime run scans with [`blocking`]; point reads are bounded and run inline.
 
 use crate::antientropy::{FANOUT, LEAVES, Version, leaf_of, record_digest};
 use crate::clock::now_ms;
@@ -140,6 +140,13 @@ struct Inner {
     gc_horizon: AtomicU64,
     failed: watch::Sender<Option<String>>,
     failed_flag: AtomicBool,
+}
+
+/// Runs a storage call on the blocking pool, off the async workers (fjall may block).
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| StoreError::Closed)?
 }
 
 /// Read access to the node's data, cheap to clone.

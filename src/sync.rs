@@ -30,7 +30,7 @@ use crate::record::Record;
 use crate::resolve::Resolver;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::storage::{ApplyReport, Store, StoreError, Writer};
+use crate::storage::{ApplyReport, Store, StoreError, Writer, blocking};
 use crate::wire;
 use bytes::Bytes;
 use hyper::Method;
@@ -137,12 +137,6 @@ pub fn decode_hashes(b: &[u8]) -> Result<Vec<u64>, String> {
 /// Encodes hashes as big-endian u64s.
 pub fn encode_hashes(h: &[u64]) -> Bytes {
     Bytes::from(h.iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>())
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f).await.map_err(|_| StoreError::Closed)?
 }
 
 /// Sleeps for `d`, or returns false at once on shutdown.
