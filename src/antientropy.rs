@@ -137,7 +137,7 @@ pub fn stale_below(my_last_contact: u64, peer_gc_horizon: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Ordering, compare};
+    use crate::merge::{Decision, Floors, decide_apply};
     use bytes::Bytes;
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
@@ -154,9 +154,9 @@ mod tests {
     }
 
     impl Model {
-        /// The merge rule as the writer applies it (collisions keep the local version).
+        /// The writer's own decision ([`decide_apply`]); collisions keep the local version.
         fn apply(&mut self, path: &str, r: &Record) {
-            if compare(self.records.get(path), r) == Ordering::Newer {
+            if decide_apply(self.records.get(path), r, Floors::default()) == Decision::Store {
                 self.records.insert(path.to_string(), r.clone());
             }
         }

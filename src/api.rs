@@ -6,12 +6,13 @@
 //! thread.
 
 use crate::antientropy::FANOUT;
-use crate::cluster::GossipMessage;
+use crate::cluster::{ClockRefusal, GossipMessage};
 use crate::config::{check_host_port, check_node_id};
+use crate::hlc;
 use crate::membership::MemberInfo;
 use crate::node::App;
 use crate::path::{parse_key, percent_decode, validate_key};
-use crate::peer::LAST_CONTACT_HEADER;
+use crate::peer::{LAST_CONTACT_HEADER, LogThrottle, WIRE_HEADER, WIRE_VERSION, wire_version};
 use crate::record::Record;
 use crate::resolve::{VoteAnswer, VoteRequest, held};
 use crate::storage::{StoreError, blocking};
@@ -33,8 +34,11 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default and largest page size of a key listing.
 const DEFAULT_LIST_LIMIT: usize = 1000;
 const MAX_LIST_LIMIT: usize = 10_000;
-/// Header carrying a version's timestamp (the uuid goes in `ETag`).
+/// Header carrying a version's timestamp in Unix ms (the uuid goes in `ETag`).
 pub const TIMESTAMP_HEADER: &str = "x-kvs-timestamp";
+/// Header carrying a version's full HLC timestamp ([`crate::hlc`]), for comparing two
+/// versions exactly.
+pub const VERSION_HEADER: &str = "x-kvs-version";
 
 /// The response type of every handler.
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -60,6 +64,8 @@ pub enum ApiError {
     HeadersTooLarge,
     /// The node is bootstrapping and takes no client writes yet (503).
     Syncing,
+    /// The node's clock is off the cluster's, or not yet compared (503).
+    Clock(ClockRefusal, u64),
     /// Storage failed (500) or is shutting down (503).
     Storage(StoreError),
 }
@@ -75,7 +81,9 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ApiError::Storage(StoreError::Closed) | ApiError::Syncing => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Storage(StoreError::Closed) | ApiError::Syncing | ApiError::Clock(..) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -90,6 +98,13 @@ impl ApiError {
             ApiError::TooLarge(max) => format!("value larger than max_value_bytes ({max})"),
             ApiError::HeadersTooLarge => format!("request headers larger than {MAX_HEADER_BYTES} bytes"),
             ApiError::Syncing => "this node is syncing its data; retry later or use another node".into(),
+            ApiError::Clock(ClockRefusal::Unchecked, _) => {
+                "this node has not yet compared its clock with the cluster's; retry shortly".into()
+            }
+            ApiError::Clock(ClockRefusal::Off(offset), max) => format!(
+                "this node's clock is {offset} ms off the cluster's (max_clock_offset_ms is {max}); \
+                 it refuses writes until its clock is right; use another node"
+            ),
             ApiError::Storage(e) => e.to_string(),
         }
     }
@@ -100,7 +115,7 @@ impl ApiError {
         if let ApiError::MethodNotAllowed(allow) = self {
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        if matches!(self, ApiError::Storage(StoreError::Closed) | ApiError::Syncing) {
+        if matches!(self, ApiError::Storage(StoreError::Closed) | ApiError::Syncing | ApiError::Clock(..)) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
@@ -199,6 +214,7 @@ async fn respond(app: &Arc<App>, req: Request<Incoming>) -> HttpResponse {
     let result =
         if header_bytes(&req) > MAX_HEADER_BYTES { Err(ApiError::HeadersTooLarge) } else { route(app, req).await };
     let mut resp = result.unwrap_or_else(ApiError::into_response);
+    resp.headers_mut().insert(WIRE_HEADER, HeaderValue::from(WIRE_VERSION));
     if head_only {
         // HEAD answers like GET without the body; the length still says what GET sends.
         let len = resp.body().size_hint().exact().unwrap_or(0);
@@ -226,6 +242,9 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
     }
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     let post = req.method() == Method::POST;
+    if path.starts_with("/internal/") || path == "/members/join" || path == "/members/leave" {
+        check_wire_version(&req)?;
+    }
     match path {
         "/health" if read => Ok(json_response(StatusCode::OK, &app.health())),
         "/metrics" if read => {
@@ -242,7 +261,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
             let info: MemberInfo = read_json(req).await?;
             check_member(&info)?;
             match app.cluster.handle_join(info) {
-                Ok(members) => Ok(json_response(StatusCode::OK, &json!({ "members": members }))),
+                Ok(answer) => Ok(json_response(StatusCode::OK, &json!(answer))),
                 Err(reason) => Err(ApiError::Conflict(reason)),
             }
         }
@@ -264,6 +283,24 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
         _ if path.starts_with("/internal/") => internal_data(app, req).await,
         _ => Err(ApiError::NotFound("route")),
     }
+}
+
+/// Refuses a node-to-node request from a peer of another protocol version.
+fn check_wire_version(req: &Request<Incoming>) -> Result<(), ApiError> {
+    static REFUSALS: std::sync::OnceLock<LogThrottle> = std::sync::OnceLock::new();
+    let theirs = wire_version(req.headers());
+    if theirs == Some(WIRE_VERSION) {
+        return Ok(());
+    }
+    let theirs = theirs.map_or_else(|| "an unreadable".to_string(), |v| v.to_string());
+    let msg = format!(
+        "node-to-node protocol version {theirs} refused: this node speaks {WIRE_VERSION}; \
+         run the same kvs version on every node (README \"Upgrading\")"
+    );
+    if REFUSALS.get_or_init(LogThrottle::default).allow(&theirs) {
+        tracing::error!(route = req.uri().path(), "{msg}");
+    }
+    Err(ApiError::Conflict(msg))
 }
 
 /// The replication endpoints (see [`crate::sync`]).
@@ -454,7 +491,16 @@ fn check_writable(app: &App) -> Result<(), ApiError> {
     if app.replication.is_syncing() {
         return Err(ApiError::Syncing);
     }
+    if let Some(refusal) = app.cluster.clock_refusal() {
+        return Err(ApiError::Clock(refusal, app.config.max_clock_offset_ms));
+    }
     Ok(())
+}
+
+/// The JSON answer to a client write: `timestamp` in Unix ms, `version` the full HLC
+/// (a string: it does not fit a JSON number's 53 bits).
+fn written_json(w: &crate::storage::Written) -> serde_json::Value {
+    json!({ "uuid": w.uuid.to_string(), "timestamp": hlc::ms(w.timestamp), "version": w.timestamp.to_string() })
 }
 
 fn key(raw: &str) -> Result<String, ApiError> {
@@ -482,7 +528,8 @@ async fn get_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result<Ht
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", record.uuid)) {
         h.insert(header::ETAG, etag);
     }
-    h.insert(TIMESTAMP_HEADER, HeaderValue::from(record.timestamp));
+    h.insert(TIMESTAMP_HEADER, HeaderValue::from(hlc::ms(record.timestamp)));
+    h.insert(VERSION_HEADER, HeaderValue::from(record.timestamp));
     Ok(resp)
 }
 
@@ -517,7 +564,7 @@ async fn put_kv(app: &Arc<App>, raw_key: &str, req: Request<Incoming>) -> Result
     validate_json(&body).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
     let written = app.writer.put(path.clone(), body.clone()).await?;
     app.pusher.enqueue(path, Record::value(written.timestamp, written.uuid, body));
-    Ok(json_response(StatusCode::OK, &json!({ "uuid": written.uuid.to_string(), "timestamp": written.timestamp })))
+    Ok(json_response(StatusCode::OK, &written_json(&written)))
 }
 
 async fn delete_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result<HttpResponse, ApiError> {
@@ -528,6 +575,8 @@ async fn delete_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result
     app.pusher.enqueue(path, Record::tombstone(written.timestamp, written.uuid));
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
+    resp.headers_mut().insert(TIMESTAMP_HEADER, HeaderValue::from(hlc::ms(written.timestamp)));
+    resp.headers_mut().insert(VERSION_HEADER, HeaderValue::from(written.timestamp));
     Ok(resp)
 }
 

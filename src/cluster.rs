@@ -5,18 +5,23 @@
 //!
 //! Node-to-node endpoints (documented in README "Internal endpoints"):
 //! - `POST /members/join`: body: the joiner's [`MemberInfo`]; answer: the member list
-//!   (200) or 409 when another live node has the same `node_id`.
+//!   and the seed's wall clock (200, a [`GossipMessage`]) or 409 when another live node
+//!   has the same `node_id`.
 //! - `POST /members/leave`: body: the leaver's entry with `left: true`.
-//! - `POST /internal/gossip`: body and answer `{"members": [MemberInfo...]}`.
+//! - `POST /internal/gossip`: body and answer `{"members": [MemberInfo...], "wall_ms"}`.
+//!
+//! Each join and gossip answer is also a reading of the peer's wall clock
+//! ([`crate::clock::ClockOffsets`]): a node whose clock is found more than
+//! `max_clock_offset_ms` off the cluster's refuses client writes until it is right.
 
-use crate::clock::now_ms;
+use crate::clock::{ClockOffsets, ClockSample, now_ms};
 use crate::membership::{Changes, JoinOutcome, MemberInfo, MemberView, Membership, Timeouts};
 use crate::peer::{PeerClient, PeerError};
 use crate::shutdown::Shutdown;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -26,11 +31,58 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest pause between two join attempts.
 const MAX_JOIN_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Body of a gossip exchange, both ways.
+/// Body of a gossip exchange, both ways, and of a join's answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct GossipMessage {
     /// Everything the sender knows.
     pub members: Vec<MemberInfo>,
+    /// The sender's wall clock (Unix ms) when it wrote the message (0: not given).
+    #[serde(default)]
+    pub wall_ms: u64,
+}
+
+impl GossipMessage {
+    /// A message stamped with this node's wall clock.
+    pub fn now(members: Vec<MemberInfo>) -> GossipMessage {
+        GossipMessage { members, wall_ms: now_ms() }
+    }
+}
+
+/// What `/health` says about this node's clock.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ClockStatus {
+    /// This node's clock minus the median of its alive peers' (null: not measured).
+    pub offset_ms: Option<i64>,
+    /// `max_clock_offset_ms`.
+    pub max_offset_ms: u64,
+    /// False while the offset is beyond the bound, or before the first comparison with
+    /// a seed: client writes are refused.
+    pub ok: bool,
+    /// The first join round is over (true at once for a node without seeds).
+    pub checked: bool,
+}
+
+/// Why this node's clock keeps it from taking client writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockRefusal {
+    /// Not yet compared with any seed since start.
+    Unchecked,
+    /// Off the cluster's clock by this many ms (positive: ahead).
+    Off(i64),
+}
+
+/// Clock state read on every client write, kept in atomics so the write path takes no
+/// lock; [`ClockOffsets`] behind a mutex is the source of truth.
+struct ClockGate {
+    offsets: Mutex<ClockOffsets>,
+    max_offset_ms: u64,
+    /// `i64::MIN`: not measured.
+    offset: AtomicI64,
+    ok: AtomicBool,
+    /// The first join round (through every seed once) is over.
+    checked: AtomicBool,
+    /// When the last "clock off" line was logged (at most one a minute).
+    logged: Mutex<Option<Instant>>,
 }
 
 /// The node's cluster state and the means to talk to peers.
@@ -56,6 +108,7 @@ pub struct Cluster {
     verified: AtomicBool,
     /// Reads this node's newest write and purge horizon for gossip.
     data_facts: Box<dyn Fn() -> DataFacts + Send + Sync>,
+    clock: ClockGate,
 }
 
 /// What this node tells peers about its data in gossip.
@@ -81,9 +134,18 @@ impl Cluster {
         seeds: Vec<String>,
         gossip: (Duration, Duration),
         last_contact: u64,
+        max_clock_offset_ms: u64,
         data_facts: Box<dyn Fn() -> DataFacts + Send + Sync>,
     ) -> Cluster {
-        let seeds = seeds.into_iter().filter(|s| *s != me.address).collect();
+        let seeds: Vec<String> = seeds.into_iter().filter(|s| *s != me.address).collect();
+        let clock = ClockGate {
+            offsets: Mutex::new(ClockOffsets::new(max_clock_offset_ms)),
+            max_offset_ms: max_clock_offset_ms,
+            offset: AtomicI64::new(i64::MIN),
+            ok: AtomicBool::new(true),
+            checked: AtomicBool::new(seeds.is_empty()),
+            logged: Mutex::new(None),
+        };
         Cluster {
             membership: Mutex::new(Membership::new(me, timeouts)),
             seeds,
@@ -96,7 +158,67 @@ impl Cluster {
             stale_below: AtomicU64::new(0),
             verified: AtomicBool::new(last_contact == 0),
             data_facts,
+            clock,
         }
+    }
+
+    /// Takes a reading of the clock of the peer at `address`.
+    fn note_clock(&self, address: &str, sent_ms: u64, peer_wall_ms: u64) {
+        if peer_wall_ms == 0 {
+            return;
+        }
+        let sample = ClockSample { sent_ms, received_ms: now_ms(), peer_wall_ms };
+        let taken = self.clock.offsets.lock().unwrap_or_else(|p| p.into_inner()).record(address, sample);
+        if taken {
+            self.refresh_clock();
+        }
+    }
+
+    /// Re-estimates this node's clock offset from the alive peers' readings.
+    fn refresh_clock(&self) {
+        let alive = self.alive_peers();
+        let alive: Vec<&str> = alive.iter().map(|p| p.address.as_str()).collect();
+        let (estimate, ok) = {
+            let mut offsets = self.clock.offsets.lock().unwrap_or_else(|p| p.into_inner());
+            (offsets.update(&alive), offsets.ok())
+        };
+        let Some(offset) = estimate else { return };
+        self.clock.offset.store(offset, Ordering::Relaxed);
+        let was_ok = self.clock.ok.swap(ok, Ordering::Relaxed);
+        let mut logged = self.clock.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if !ok && logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            *logged = Some(Instant::now());
+            tracing::error!(
+                offset_ms = offset,
+                max_clock_offset_ms = self.clock.max_offset_ms,
+                "this node's clock is off the cluster's by more than max_clock_offset_ms: client writes are refused until it is right"
+            );
+        } else if ok && !was_ok {
+            *logged = None;
+            tracing::info!(offset_ms = offset, "this node's clock is within max_clock_offset_ms again: taking writes");
+        }
+    }
+
+    /// This node's clock as `/health` shows it.
+    pub fn clock_status(&self) -> ClockStatus {
+        let offset = self.clock.offset.load(Ordering::Relaxed);
+        ClockStatus {
+            offset_ms: (offset != i64::MIN).then_some(offset),
+            max_offset_ms: self.clock.max_offset_ms,
+            ok: self.clock_refusal().is_none(),
+            checked: self.clock.checked.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Why client writes must be refused because of this node's clock, if they must.
+    pub fn clock_refusal(&self) -> Option<ClockRefusal> {
+        if !self.clock.checked.load(Ordering::Relaxed) {
+            return Some(ClockRefusal::Unchecked);
+        }
+        if self.clock.ok.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(ClockRefusal::Off(self.clock.offset.load(Ordering::Relaxed)))
     }
 
     /// Milliseconds on the local monotonic clock, the `now` of every membership rule.
@@ -237,7 +359,7 @@ impl Cluster {
     }
 
     /// Handles `POST /members/join`.
-    pub fn handle_join(&self, info: MemberInfo) -> Result<Vec<MemberInfo>, String> {
+    pub fn handle_join(&self, info: MemberInfo) -> Result<GossipMessage, String> {
         let now = self.now();
         let id = info.id.clone();
         let mut m = self.lock();
@@ -246,7 +368,7 @@ impl Cluster {
                 self.note_contact(&m);
                 self.refresh_facts(&mut m);
                 tracing::info!(member = %id, "join accepted");
-                Ok(m.gossip_payload())
+                Ok(GossipMessage::now(m.gossip_payload()))
             }
             JoinOutcome::DuplicateId { holder } => {
                 tracing::warn!(member = %id, holder = %holder, "join refused: duplicate node_id");
@@ -272,7 +394,7 @@ impl Cluster {
         let members = m.gossip_payload();
         drop(m);
         self.log_changes(&changes, "gossip");
-        GossipMessage { members }
+        GossipMessage::now(members)
     }
 
     /// Joins through the seeds, retrying with backoff until one answers. A seed that
@@ -292,10 +414,14 @@ impl Cluster {
                     self.refresh_facts(&mut m);
                     m.me().clone()
                 };
+                let sent = now_ms();
                 match self.client.post_json::<_, GossipMessage>(seed, "/members/join", &me, CALL_TIMEOUT).await {
                     Ok(answer) => {
                         let members = answer.members.len();
                         self.take_news(answer.members, "join");
+                        self.note_clock(seed, sent, answer.wall_ms);
+                        self.first_clock_round().await;
+                        self.clock.checked.store(true, Ordering::Relaxed);
                         tracing::info!(seed = %seed, members, "joined the cluster");
                         return Ok(());
                     }
@@ -309,11 +435,44 @@ impl Cluster {
                     Err(e) => tracing::warn!(seed = %seed, error = %e, "seed did not answer the join"),
                 }
             }
+            // Every seed was tried once and none answered: this node has no peer to
+            // compare its clock with, and takes writes (README "Clocks").
+            self.clock.checked.store(true, Ordering::Relaxed);
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.wait() => return Ok(()),
             }
             backoff = (backoff * 2).min(MAX_JOIN_BACKOFF);
+        }
+    }
+
+    /// Right after joining, one gossip exchange with every alive peer at once (each
+    /// bounded by [`CALL_TIMEOUT`]): the clock is judged against the whole cluster
+    /// before the first client write, not against the one seed that answered.
+    async fn first_clock_round(self: &Arc<Self>) {
+        let payload = {
+            let mut m = self.lock();
+            self.refresh_facts(&mut m);
+            Arc::new(GossipMessage::now(m.gossip_payload()))
+        };
+        let mut exchanges = JoinSet::new();
+        for peer in self.alive_peers() {
+            let (cluster, payload) = (self.clone(), payload.clone());
+            exchanges.spawn(async move { cluster.exchange(&peer.address, &payload).await });
+        }
+        while exchanges.join_next().await.is_some() {}
+    }
+
+    /// One gossip exchange with the node at `target`: send what we know, take its
+    /// news and its clock reading.
+    async fn exchange(&self, target: &str, msg: &GossipMessage) {
+        let sent = now_ms();
+        match self.client.post_json::<_, GossipMessage>(target, "/internal/gossip", msg, CALL_TIMEOUT).await {
+            Ok(answer) => {
+                self.take_news(answer.members, "gossip");
+                self.note_clock(target, sent, answer.wall_ms);
+            }
+            Err(e) => tracing::debug!(peer = %target, error = %e, "gossip failed"),
         }
     }
 
@@ -341,22 +500,15 @@ impl Cluster {
                 self.log_changes(&changes, "tick");
                 (m.gossip_targets(&self.seeds, now, &mut rng), m.gossip_payload())
             };
-            let msg = Arc::new(GossipMessage { members: payload });
+            // Members that went down no longer count towards the clock estimate.
+            self.refresh_clock();
+            let msg = Arc::new(GossipMessage::now(payload));
             for target in targets {
                 // Exchanges run beside the loop, so a slow peer never delays the next
                 // round; each ends within CALL_TIMEOUT, and at most 4 start per round.
                 let cluster = self.clone();
                 let msg = msg.clone();
-                exchanges.spawn(async move {
-                    match cluster
-                        .client
-                        .post_json::<_, GossipMessage>(&target, "/internal/gossip", &*msg, CALL_TIMEOUT)
-                        .await
-                    {
-                        Ok(answer) => cluster.take_news(answer.members, "gossip"),
-                        Err(e) => tracing::debug!(peer = %target, error = %e, "gossip failed"),
-                    }
-                });
+                exchanges.spawn(async move { cluster.exchange(&target, &msg).await });
             }
         }
         exchanges.abort_all();

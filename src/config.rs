@@ -13,6 +13,11 @@ use std::time::Duration;
 
 /// Largest value a client may store, whatever `max_value_bytes` says: bounds memory per request.
 pub const MAX_VALUE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
+/// Default `max_clock_offset_ms` (CockroachDB's default maximum offset is 500 ms too).
+pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 500;
+/// Largest `max_clock_offset_ms` accepted: one minute. A larger bound would let one
+/// wrong clock order writes against real time by more than any client would accept.
+pub const MAX_CLOCK_OFFSET_LIMIT_MS: u64 = 60_000;
 
 /// How a write is made durable before it is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -104,6 +109,7 @@ struct RawConfig {
     failure_timeout: f64,
     removal_timeout: f64,
     tombstone_grace_hours: f64,
+    max_clock_offset_ms: u64,
     trusted_proxies: Vec<String>,
 }
 
@@ -130,6 +136,7 @@ impl Default for RawConfig {
             failure_timeout: 300.0,
             removal_timeout: 600.0,
             tombstone_grace_hours: 168.0,
+            max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
             trusted_proxies: Vec::new(),
         }
     }
@@ -179,6 +186,9 @@ pub struct Config {
     pub removal_timeout: Duration,
     /// How long tombstones are kept before they are purged.
     pub tombstone_grace: Duration,
+    /// Largest clock offset tolerated, in ms: the HLC's adoption bound and the skew
+    /// beyond which client writes are refused.
+    pub max_clock_offset_ms: u64,
     /// Proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` headers are believed.
     pub trusted_proxies: Vec<IpAddr>,
 }
@@ -405,6 +415,12 @@ impl RawConfig {
                 format!("must be between 1 and {MAX_VALUE_BYTES_LIMIT}, got {}", self.max_value_bytes),
             );
         }
+        if !(1..=MAX_CLOCK_OFFSET_LIMIT_MS).contains(&self.max_clock_offset_ms) {
+            return field_err(
+                "max_clock_offset_ms",
+                format!("must be between 1 and {MAX_CLOCK_OFFSET_LIMIT_MS}, got {}", self.max_clock_offset_ms),
+            );
+        }
         let trusted_proxies = self
             .trusted_proxies
             .iter()
@@ -448,6 +464,7 @@ impl RawConfig {
             failure_timeout,
             removal_timeout,
             tombstone_grace: Duration::from_secs_f64(grace * 3600.0),
+            max_clock_offset_ms: self.max_clock_offset_ms,
             trusted_proxies,
         })
     }
@@ -503,6 +520,11 @@ fetch_delay_ms: 50
 max_value_bytes: 1048576
 # sync: acknowledge writes after fsync (group commit); buffer: after the OS has them.
 durability: sync
+# Largest clock offset tolerated, in milliseconds (1 to 60000). A node never moves its
+# version clock more than this ahead of its wall clock to follow a peer, and a node
+# whose clock is further than this from its alive peers' median refuses client writes
+# (503) until it is right. Keep the nodes' clocks in sync (NTP) well within it.
+max_clock_offset_ms: 500
 # IP addresses of reverse proxies whose X-Forwarded-For/-Proto headers are believed.
 trusted_proxies: []
 "#;
@@ -527,6 +549,7 @@ mod tests {
         assert_eq!(c.durability, Durability::Sync);
         assert_eq!(c.gossip_interval_min, Duration::from_secs(60));
         assert_eq!(c.max_value_bytes, 1 << 20);
+        assert_eq!(c.max_clock_offset_ms, 500);
         assert!(!c.node_id.is_empty());
     }
 
@@ -576,6 +599,9 @@ mod tests {
         assert_eq!(key_of("failure_timeout: 100").as_deref(), Some("failure_timeout"));
         assert_eq!(key_of("removal_timeout: 300").as_deref(), Some("removal_timeout"));
         assert_eq!(key_of("tombstone_grace_hours: 0").as_deref(), Some("tombstone_grace_hours"));
+        assert_eq!(key_of("max_clock_offset_ms: 0").as_deref(), Some("max_clock_offset_ms"));
+        assert_eq!(key_of("max_clock_offset_ms: 60001").as_deref(), Some("max_clock_offset_ms"));
+        assert_eq!(key_of("max_clock_offset_ms: -5").as_deref(), Some("max_clock_offset_ms"));
         assert_eq!(key_of("trusted_proxies: [\"nginx\"]").as_deref(), Some("trusted_proxies"));
     }
 

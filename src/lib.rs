@@ -6,8 +6,13 @@
 //! - [`path`]: key syntax: percent-decoding and validation.
 //! - [`record`]: a stored version `{uuid, timestamp, data | tombstone}` and the rule
 //!   that orders two versions.
-//! - [`storage`]: fjall keyspaces (records, timestamp index, meta) and the single
-//!   writer thread that group-commits every change.
+//! - [`hlc`]: version timestamps, a hybrid logical clock bounded by
+//!   `max_clock_offset_ms`, no I/O. [`merge`]: the writer's decisions (a client write's
+//!   version, whether a replicated record applies, a vote winner replaces, a tombstone
+//!   is purged), pure functions over the held version.
+//! - [`storage`]: fjall keyspaces (records, timestamp index, meta), the data dir
+//!   format and its upgrade, and the single writer thread that group-commits every
+//!   change.
 //! - [`membership`]: the membership rules (merge, status, removal, peer choice), no I/O.
 //! - [`cluster`]: the membership tasks around them: join, gossip, leave.
 //! - [`peer`]: the pooled HTTP client for node-to-node calls, a timeout on each.
@@ -23,15 +28,17 @@
 //! - [`node`]: wires one node together and runs it until a signal.
 //! - [`metrics`]: Prometheus metrics for `GET /metrics`; [`notify`]: systemd readiness
 //!   and watchdog notifications.
-//! - [`shutdown`], [`clock`]: the stop signal every task watches; Unix-millisecond time.
+//! - [`shutdown`]: the stop signal every task watches. [`clock`]: Unix-millisecond
+//!   wall time and the estimate of this node's clock offset against its peers.
 //!
 //! # A client request
 //! `server` accepts the connection and hands each request to [`api::handle`], which
 //! routes by path and method. A `GET /kv/<path>` decodes and checks the key
 //! ([`path::parse_key`]) and reads the record (a point read, inline). A `PUT` checks the
-//! key, the size and the JSON, then queues the write to the [`storage::Writer`]
-//! thread, which stamps it (uuid, timestamp newer than anything the node handed out or
-//! holds for the path), commits record, index entry and counters in one fjall batch
+//! key, the size and the JSON, and that the node may take writes (not bootstrapping,
+//! clock within bound of its peers'), then queues the write to the [`storage::Writer`]
+//! thread, which stamps it ([`merge::client_version`]: a uuid and an HLC timestamp newer
+//! than what the path holds), commits record, index entry and counters in one fjall batch
 //! shared with every other write waiting, fsyncs once (in `sync` durability), and
 //! answers every waiting request.
 //!
@@ -39,7 +46,8 @@
 //! After the commit, the handler gives the record to [`push::Pusher`], which batches it
 //! to every alive peer's `POST /internal/push`. The peer decodes and checks the batch
 //! ([`wire::decode`]) and hands it to its writer as an `apply`: the newer version wins
-//! ([`record::compare`]); its summary leaf changes in the same batch. Records a push
+//! ([`merge::decide_apply`]), the node's clock follows it unless it is beyond the
+//! bound ([`hlc::Hlc::observe`]); its summary leaf changes in the same batch. Records a push
 //! missed are found by the next regular sync ([`sync::Replication::sync_with`]), which
 //! compares summaries and moves only what differs.
 #![forbid(unsafe_code)]
@@ -51,7 +59,9 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conflict;
+pub mod hlc;
 pub mod membership;
+pub mod merge;
 pub mod metrics;
 pub mod node;
 pub mod notify;

@@ -32,6 +32,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = kvs::clock::check_fault_offset() {
+        eprintln!("kvs: {e}");
+        return ExitCode::from(2);
+    }
     let level = match kvs::config::effective_log_level(config.log_level) {
         Ok(l) => l,
         Err(e) => {

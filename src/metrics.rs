@@ -152,6 +152,20 @@ impl Collector for NodeCollector {
         counter(&mut e, "bootstrap_records", "Records fetched by bootstrap", s.bootstrap_fetched.get())?;
         counter(&mut e, "tombstones_purged", "Tombstones purged after the grace period", s.tombstones_purged.get())?;
         counter(&mut e, "collisions", "Timestamp collisions found", s.collisions.get())?;
+        counter(
+            &mut e,
+            "future_records",
+            "Records stored from peers whose timestamp was more than max_clock_offset_ms ahead of this node's clock",
+            s.future_records.get(),
+        )?;
+        let clock = self.cluster.clock_status();
+        gauge(
+            &mut e,
+            "clock_offset_ms",
+            "This node's clock minus the median of its alive peers' (0 until measured)",
+            clock.offset_ms.unwrap_or(0),
+        )?;
+        gauge(&mut e, "clock_ok", "1 while this node's clock lets it take client writes", i64::from(clock.ok))?;
         {
             let c = ConstCounter::new(0u64);
             let mut m =

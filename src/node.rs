@@ -7,6 +7,7 @@
 use crate::clock::now_ms;
 use crate::cluster::{Cluster, DataFacts};
 use crate::config::{Config, LogLevel};
+use crate::hlc;
 use crate::membership::{MemberInfo, Timeouts};
 use crate::metrics::{Metrics, NodeCollector};
 use crate::notify::Notifier;
@@ -74,9 +75,10 @@ impl App {
             "uptime_seconds": self.started.elapsed().as_secs(),
             "keys": self.store.live_keys(),
             "tombstones": self.store.tombstones(),
-            "newest_write": self.store.newest_timestamp(),
-            "last_contact": self.cluster.last_contact(),
-            "gc_horizon": self.store.gc_horizon(),
+            "newest_write": hlc::ms(self.store.newest_timestamp()),
+            "last_contact": hlc::ms(self.cluster.last_contact()),
+            "gc_horizon": hlc::ms(self.store.gc_horizon()),
+            "clock": self.cluster.clock_status(),
             "replication": self.replication.stats().to_json(),
         });
         if mode == "syncing" {
@@ -157,8 +159,8 @@ pub type SetLogLevel = Box<dyn Fn(LogLevel) + Send + Sync>;
 /// `config_path` is re-read on SIGHUP for `log_level`.
 pub async fn run(config: Config, config_path: PathBuf, set_log_level: SetLogLevel) -> Result<(), NodeError> {
     let dir = config.data_dir.clone();
-    let durability = config.durability;
-    let (store, writer) = blocking(move || Store::open(&dir, durability)).await?;
+    let (durability, max_offset) = (config.durability, config.max_clock_offset_ms);
+    let (store, writer) = blocking(move || Store::open(&dir, durability, max_offset)).await?;
     let notifier = Arc::new(Notifier::from_env());
     let result = serve(config, store.clone(), writer.clone(), notifier.clone(), (config_path, set_log_level)).await;
     // Whatever happened, finish queued writes and fsync before exiting.
@@ -220,6 +222,7 @@ async fn serve(
         config.seed_nodes.clone(),
         (config.gossip_interval_min, config.gossip_interval_max),
         last_contact,
+        config.max_clock_offset_ms,
         Box::new(move || DataFacts {
             newest_write: facts_store.newest_timestamp(),
             gc_horizon: facts_store.gc_horizon(),

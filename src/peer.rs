@@ -16,6 +16,43 @@ use std::time::Duration;
 /// on every exchange of records, both ways.
 pub const LAST_CONTACT_HEADER: &str = "x-kvs-last-contact";
 
+/// Header carrying the node-to-node protocol version, on every internal request and
+/// on every answer.
+pub const WIRE_HEADER: &str = "x-kvs-wire";
+/// The node-to-node protocol version this kvs speaks. 1 (no header): timestamps in
+/// Unix ms; 2: HLC timestamps ([`crate::hlc`]). Versions are never mixed: a record's
+/// timestamp means something else in each, so a peer of another version is refused
+/// both ways (README "Upgrading").
+pub const WIRE_VERSION: u32 = 2;
+
+/// The wire version a request or answer declares (1 when it declares none).
+pub fn wire_version(headers: &hyper::HeaderMap) -> Option<u32> {
+    match headers.get(WIRE_HEADER) {
+        None => Some(1),
+        Some(v) => v.to_str().ok()?.trim().parse().ok(),
+    }
+}
+
+/// Says "log it" at most once a minute per key: a misconfigured peer is reported with
+/// one clear line, not one per request.
+#[derive(Default)]
+pub struct LogThrottle(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+
+impl LogThrottle {
+    /// True if nothing was logged for `key` in the last minute (and notes it now).
+    pub fn allow(&self, key: &str) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if seen.get(key).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60)) {
+            return false;
+        }
+        // Bounded: a key is an address or a version, and old entries are dropped.
+        seen.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        seen.insert(key.to_string(), now);
+        true
+    }
+}
+
 /// Largest answer read from a peer.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -56,6 +93,7 @@ fn success(status: StatusCode, answer: Bytes) -> Result<Bytes, PeerError> {
 #[derive(Clone)]
 pub struct PeerClient {
     client: Client<HttpConnector, Full<Bytes>>,
+    wire_refusals: std::sync::Arc<LogThrottle>,
 }
 
 impl Default for PeerClient {
@@ -74,7 +112,7 @@ impl PeerClient {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(8)
             .build(connector);
-        PeerClient { client }
+        PeerClient { client, wire_refusals: Default::default() }
     }
 
     /// Sends one request and reads the whole answer, all within `timeout`.
@@ -117,7 +155,8 @@ impl PeerClient {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path_and_query}"))
-            .header(hyper::header::CONTENT_TYPE, "application/json");
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(WIRE_HEADER, WIRE_VERSION);
         if let Some(lc) = last_contact {
             req = req.header(LAST_CONTACT_HEADER, lc);
         }
@@ -125,6 +164,18 @@ impl PeerClient {
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| PeerError::Transport(e.to_string()))?;
             let status = resp.status();
+            let wire = wire_version(resp.headers());
+            if wire != Some(WIRE_VERSION) {
+                let theirs = wire.map_or_else(|| "an unreadable".to_string(), |v| v.to_string());
+                let msg = format!(
+                    "the peer at {addr} speaks node-to-node protocol version {theirs}, this node {WIRE_VERSION}: \
+                     refused until both run the same kvs version (README \"Upgrading\")"
+                );
+                if self.wire_refusals.allow(addr) {
+                    tracing::error!("{msg}");
+                }
+                return Err(PeerError::Protocol(msg));
+            }
             let theirs = resp.headers().get(LAST_CONTACT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
             let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()

@@ -35,6 +35,9 @@ pub struct Stats {
     pub skipped: Counter,
     /// Timestamp collisions found.
     pub collisions: Counter,
+    /// Received records stored whose timestamp was beyond the clock bound (the HLC did
+    /// not follow them).
+    pub future_records: Counter,
     /// Regular sync rounds that completed.
     pub sync_ok: Counter,
     /// Regular sync rounds that failed.
@@ -78,6 +81,7 @@ impl Stats {
             "applied": self.applied.get(),
             "skipped": self.skipped.get(),
             "collisions": self.collisions.get(),
+            "future_records": self.future_records.get(),
             "sync_ok": self.sync_ok.get(),
             "sync_failed": self.sync_failed.get(),
             "sync_fetched": self.sync_fetched.get(),

@@ -24,7 +24,9 @@
 use crate::antientropy::{FANOUT, LEAVES, Version, leaf_of, record_digest};
 use crate::clock::now_ms;
 use crate::config::Durability;
-use crate::record::{CorruptRecord, Ordering as Order, Record, compare};
+use crate::hlc::{self, Hlc, Observed};
+use crate::merge::{self, Decision, Floors};
+use crate::record::{CorruptRecord, Record};
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::collections::HashMap;
@@ -38,6 +40,8 @@ use uuid::Uuid;
 const MAX_GROUP: usize = 1024;
 /// Yields the writer takes looking for more work before it parks.
 const SPIN_BEFORE_PARK: usize = 50;
+/// Longest wait for the final flush at shutdown before it is reported as failed.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Bound of the writer's queue; senders wait (backpressure) when it is full.
 const QUEUE_BOUND: usize = 4096;
 
@@ -45,6 +49,16 @@ const META_LAST_TIMESTAMP: &[u8] = b"last_timestamp";
 const META_LIVE_KEYS: &[u8] = b"live_keys";
 const META_TOMBSTONES: &[u8] = b"tombstones";
 const META_GC_HORIZON: &[u8] = b"gc_horizon";
+/// Meta keys whose values are version timestamps (converted by the format upgrade).
+/// `last_contact` belongs to replication but is a version timestamp too.
+const META_TIMESTAMPS: [&[u8]; 3] = [META_LAST_TIMESTAMP, META_GC_HORIZON, b"last_contact"];
+const META_FORMAT: &[u8] = b"format_version";
+/// The data dir format this kvs writes. 1: timestamps were Unix ms (kvs 0.1 before
+/// the HLC); 2: timestamps are HLCs ([`crate::hlc`]). Older formats are upgraded in
+/// place at start; newer ones are refused.
+pub const FORMAT_VERSION: u64 = 2;
+/// Records rewritten per batch by the format upgrade.
+const UPGRADE_CHUNK: usize = 10_000;
 
 /// What can go wrong in storage.
 #[derive(Debug, Clone)]
@@ -55,6 +69,8 @@ pub enum StoreError {
     Io(String),
     /// Bytes in the database that kvs cannot decode.
     Corrupt(String),
+    /// The data dir was written by a newer kvs, in a format this one cannot read.
+    Format(u64),
     /// The writer has shut down.
     Closed,
 }
@@ -65,6 +81,10 @@ impl std::fmt::Display for StoreError {
             StoreError::Locked(dir) => write!(f, "data_dir {dir} is in use by another kvs process"),
             StoreError::Io(e) => write!(f, "storage I/O error: {e}"),
             StoreError::Corrupt(what) => write!(f, "corrupt data in storage: {what}"),
+            StoreError::Format(v) => write!(
+                f,
+                "the data dir has format version {v}, newer than this kvs understands ({FORMAT_VERSION}): run a newer kvs"
+            ),
             StoreError::Closed => write!(f, "storage is shutting down"),
         }
     }
@@ -83,7 +103,7 @@ impl From<CorruptRecord> for StoreError {
 pub struct Written {
     /// The new version's uuid.
     pub uuid: Uuid,
-    /// The new version's timestamp.
+    /// The new version's timestamp (an HLC, [`crate::hlc`]).
     pub timestamp: u64,
 }
 
@@ -96,6 +116,11 @@ pub struct ApplyReport {
     pub skipped: usize,
     /// Same timestamp, different uuid: `(path, local, incoming)`; the local one is kept.
     pub collisions: Vec<(String, Record, Record)>,
+    /// Stored records whose timestamp was more than `max_clock_offset_ms` ahead of this
+    /// node's wall clock (the clock did not follow them), and the furthest ahead.
+    pub future: usize,
+    /// The furthest-ahead of those timestamps (0: none).
+    pub future_max: u64,
 }
 
 /// What a writer request answers.
@@ -125,6 +150,8 @@ pub struct KeyPage {
 struct Inner {
     /// Held for the life of the store: one kvs process per data dir.
     _lock: std::fs::File,
+    /// The data dir's completion marker (`db.created`): gone means the data dir is.
+    marker: std::path::PathBuf,
     db: Database,
     records: Keyspace,
     by_time: Keyspace,
@@ -184,6 +211,85 @@ fn uuid_kind(r: &Record) -> Vec<u8> {
     v
 }
 
+/// `timestamp · uuid · kind`, the value of a `by_bucket` entry.
+fn bucket_version(r: &Record) -> Vec<u8> {
+    let mut v = r.timestamp.to_be_bytes().to_vec();
+    v.extend_from_slice(&uuid_kind(r));
+    v
+}
+
+/// Upgrades a format-1 database (timestamps in Unix ms) to format 2 (HLC timestamps,
+/// [`crate::hlc::from_ms`]: the same millisecond, counter 0) in place. Order between
+/// versions is unchanged, so no merge decision changes.
+///
+/// Records are rewritten in batches, each record with both its index entries. A
+/// format-2 timestamp is always above [`hlc::MAX_MS`] (any wall clock after 1970-02-19
+/// shifted by 16 bits) and a format-1 one never is, so a record already rewritten is
+/// recognised and skipped: an upgrade cut short by a crash runs again at the next
+/// start and finishes. The summary, the meta timestamps and the format version change
+/// last, in one batch.
+fn upgrade_from_ms(
+    db: &Database,
+    [records, by_time, by_bucket, summary, meta]: [&Keyspace; 5],
+) -> Result<(), StoreError> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    let started = std::time::Instant::now();
+    let path_of = |k: &[u8]| -> Result<String, StoreError> {
+        String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("non-UTF-8 key".into()))
+    };
+    let (mut after, mut converted) = (None::<Vec<u8>>, 0usize);
+    loop {
+        let start = after.clone().map_or(Unbounded, Excluded);
+        let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+        let mut last = None;
+        for guard in records.range::<Vec<u8>, _>((start, Unbounded)).take(UPGRADE_CHUNK) {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            last = Some(k.to_vec());
+            let mut r = Record::decode(&v)?;
+            if r.timestamp > hlc::MAX_MS {
+                continue;
+            }
+            let path = path_of(&k)?;
+            batch.remove(by_time, time_key(r.timestamp, &path));
+            r.timestamp = hlc::from_ms(r.timestamp);
+            batch.insert(by_time, time_key(r.timestamp, &path), uuid_kind(&r));
+            batch.insert(by_bucket, bucket_key(&path), bucket_version(&r));
+            batch.insert(records, path.as_str(), r.encode());
+            converted += 1;
+        }
+        let Some(last) = last else { break };
+        batch.commit().map_err(io)?;
+        after = Some(last);
+    }
+    let mut leaves = vec![0u64; LEAVES];
+    for guard in records.iter() {
+        let (k, v) = guard.into_inner().map_err(io)?;
+        let path = path_of(&k)?;
+        leaves[leaf_of(&path) as usize] ^= record_digest(&path, &Record::decode(&v)?);
+    }
+    let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+    for guard in summary.iter() {
+        batch.remove(summary, guard.key().map_err(io)?);
+    }
+    for (leaf, hash) in leaves.iter().enumerate().filter(|(_, h)| **h != 0) {
+        batch.insert(summary, (leaf as u16).to_be_bytes().as_slice(), hash.to_be_bytes().as_slice());
+    }
+    for key in META_TIMESTAMPS {
+        let ts = read_u64(meta, key)?;
+        if ts > 0 && ts <= hlc::MAX_MS {
+            batch.insert(meta, key, hlc::from_ms(ts).to_be_bytes().as_slice());
+        }
+    }
+    batch.insert(meta, META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice());
+    batch.commit().map_err(io)?;
+    tracing::info!(
+        records = converted,
+        millis = started.elapsed().as_millis() as u64,
+        "upgraded the data dir from format 1 (millisecond timestamps) to format {FORMAT_VERSION} (HLC timestamps)"
+    );
+    Ok(())
+}
+
 fn decode_uuid_kind(v: &[u8]) -> Result<(Uuid, bool), StoreError> {
     match (v.get(..16).and_then(|u| Uuid::from_slice(u).ok()), v.get(16)) {
         (Some(u), Some(k)) if v.len() == 17 => Ok((u, *k == 1)),
@@ -219,7 +325,12 @@ impl Store {
     /// database whose creation was interrupted (a crash between its first files and its
     /// version marker), so a `db/` without `db.created` is removed and created again:
     /// it never held an acknowledged write.
-    pub fn open(dir: &Path, durability: Durability) -> Result<(Store, Writer), StoreError> {
+    ///
+    /// A database written by an older kvs is upgraded in place first (see
+    /// [`FORMAT_VERSION`]); one written by a newer kvs is refused. `max_clock_offset_ms`
+    /// bounds how far ahead of the wall clock the writer's clock may be moved
+    /// ([`crate::hlc`]).
+    pub fn open(dir: &Path, durability: Durability, max_clock_offset_ms: u64) -> Result<(Store, Writer), StoreError> {
         let fs_err =
             |what: &str, p: &Path, e: std::io::Error| StoreError::Io(format!("cannot {what} {}: {e}", p.display()));
         std::fs::create_dir_all(dir).map_err(|e| fs_err("create", dir, e))?;
@@ -245,7 +356,8 @@ impl Store {
             StoreError::Locked(_) => StoreError::Locked(dir.display().to_string()),
             other => other,
         })?;
-        if !created.exists() {
+        let fresh = !created.exists();
+        if fresh {
             std::fs::File::create(&created)
                 .and_then(|f| f.sync_all())
                 .and_then(|()| std::fs::File::open(dir)?.sync_all())
@@ -256,6 +368,12 @@ impl Store {
         let by_bucket = db.keyspace("by_bucket", KeyspaceCreateOptions::default).map_err(io)?;
         let summary = db.keyspace("summary", KeyspaceCreateOptions::default).map_err(io)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io)?;
+        match read_u64(&meta, META_FORMAT)? {
+            0 if fresh => meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes()).map_err(io)?,
+            0 | 1 => upgrade_from_ms(&db, [&records, &by_time, &by_bucket, &summary, &meta])?,
+            FORMAT_VERSION => {}
+            newer => return Err(StoreError::Format(newer)),
+        }
         let mut leaves = vec![0u64; LEAVES];
         for guard in summary.iter() {
             let (k, v) = guard.into_inner().map_err(io)?;
@@ -277,6 +395,7 @@ impl Store {
         let store = Store {
             inner: Arc::new(Inner {
                 _lock: lock,
+                marker: created,
                 db,
                 records,
                 by_time,
@@ -291,7 +410,11 @@ impl Store {
                 failed_flag: AtomicBool::new(false),
             }),
         };
-        let writer = Writer::start(store.clone(), durability, last_timestamp)?;
+        // The last process's clock is taken like any other observed timestamp: a data
+        // dir written while the clock was far ahead does not carry the jump forward.
+        let mut clock = Hlc::new(max_clock_offset_ms);
+        clock.observe(last_timestamp, now_ms());
+        let writer = Writer::start(store.clone(), durability, clock)?;
         Ok((store, writer))
     }
 
@@ -506,7 +629,34 @@ impl Store {
 
     /// Makes everything written so far durable, and writes the in-memory tables out
     /// so that the next start does not replay the journal (used at shutdown).
+    ///
+    /// Storage that fails under fjall's flush (the data dir removed, the disk gone)
+    /// makes fjall's flush worker stop, and waiting for it would never end: the flush
+    /// runs on a thread of its own and is given up after 30 s, an error.
     pub fn flush(&self) -> Result<(), StoreError> {
+        if !self.inner.marker.exists() {
+            return Err(self.fail(StoreError::Io(format!(
+                "{} is gone: the data dir was removed or its disk failed",
+                self.inner.marker.display()
+            ))));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let store = self.clone();
+        std::thread::Builder::new()
+            .name("kvs-flush".into())
+            .spawn(move || {
+                let _ = tx.send(store.flush_now());
+            })
+            .map_err(|e| StoreError::Io(format!("cannot start the flush thread: {e}")))?;
+        rx.recv_timeout(FLUSH_TIMEOUT).unwrap_or_else(|_| {
+            Err(self.fail(StoreError::Io(format!(
+                "the final flush did not finish within {} s: storage is failing",
+                FLUSH_TIMEOUT.as_secs()
+            ))))
+        })
+    }
+
+    fn flush_now(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         inner.db.persist(PersistMode::SyncAll).map_err(|e| self.fail(io(e)))?;
         // rotate_memtable_and_wait is public but undocumented in fjall 3.1 (the
@@ -548,13 +698,13 @@ pub struct Writer {
 }
 
 impl Writer {
-    fn start(store: Store, durability: Durability, last_timestamp: u64) -> Result<Writer, StoreError> {
+    fn start(store: Store, durability: Durability, clock: Hlc) -> Result<Writer, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE_BOUND);
         let mode = match durability {
             Durability::Sync => PersistMode::SyncAll,
             Durability::Buffer => PersistMode::Buffer,
         };
-        let mut state = WriterState { store, mode, last_timestamp };
+        let mut state = WriterState { store, mode, clock };
         let thread = std::thread::Builder::new()
             .name("kvs-writer".into())
             .spawn(move || state.run(rx))
@@ -656,7 +806,8 @@ impl Writer {
 struct WriterState {
     store: Store,
     mode: PersistMode,
-    last_timestamp: u64,
+    /// The node's version clock; persisted as `last_timestamp` with every batch.
+    clock: Hlc,
 }
 
 /// The per-path effect of one group: the version on disk before, and the version after
@@ -704,7 +855,7 @@ impl WriterState {
         let mut changes: HashMap<String, Change> = HashMap::new();
         let mut meta: Vec<(String, Bytes)> = Vec::new();
         let mut results: Vec<Result<Reply, StoreError>> = Vec::with_capacity(group.len());
-        let last_before = self.last_timestamp;
+        let clock_before = self.clock.clone();
         let mut horizon = self.store.gc_horizon();
         for req in group.iter_mut() {
             let r = match &mut req.op {
@@ -722,10 +873,7 @@ impl WriterState {
                 Op::Replace { path, record, if_timestamp } => {
                     let current = self.current(&changes, path);
                     current.map(|current| {
-                        let replace = match if_timestamp {
-                            Some(ts) => current.as_ref().is_some_and(|c| c.timestamp == *ts && c.uuid != record.uuid),
-                            None => current.as_ref() != Some(record),
-                        };
+                        let replace = merge::may_replace(current.as_ref(), record, *if_timestamp);
                         if replace {
                             self.stage(&mut changes, path, current, Some(record.clone()));
                         }
@@ -742,7 +890,7 @@ impl WriterState {
         }
         let committed = self.commit(&changes, &meta, horizon);
         if let Err(e) = &committed {
-            self.last_timestamp = last_before;
+            self.clock = clock_before;
             let e = self.store.fail(e.clone());
             results.iter_mut().for_each(|r| *r = Err(e.clone()));
         }
@@ -768,9 +916,7 @@ impl WriterState {
         }
     }
 
-    /// Stages a client write or delete: a fresh uuid and a timestamp newer than both
-    /// this node's last one and the version the path holds, so a client's write always
-    /// supersedes what its node holds.
+    /// Stages a client write or delete ([`merge::client_version`]).
     fn stage_client_write(
         &mut self,
         changes: &mut HashMap<String, Change>,
@@ -778,11 +924,8 @@ impl WriterState {
         data: Option<Bytes>,
     ) -> Result<Written, StoreError> {
         let current = self.current(changes, path)?;
-        let floor = current.as_ref().map_or(0, |r| r.timestamp);
-        let timestamp = now_ms().max(self.last_timestamp + 1).max(floor + 1);
-        self.last_timestamp = timestamp;
-        let record = Record { timestamp, uuid: Uuid::new_v4(), data };
-        let written = Written { uuid: record.uuid, timestamp };
+        let record = merge::client_version(&mut self.clock, current.as_ref(), now_ms(), Uuid::new_v4(), data);
+        let written = Written { uuid: record.uuid, timestamp: record.timestamp };
         self.stage(changes, path, current, Some(record));
         Ok(written)
     }
@@ -795,20 +938,21 @@ impl WriterState {
         absent_floor: u64,
     ) -> Result<ApplyReport, StoreError> {
         let mut report = ApplyReport::default();
+        let floors = Floors { tombstone: tombstone_floor, absent: absent_floor };
+        let wall = now_ms();
         for (path, incoming) in records {
             let current = self.current(changes, &path)?;
-            let refused_if_absent =
-                (incoming.is_tombstone() && incoming.timestamp < tombstone_floor) || incoming.timestamp <= absent_floor;
-            match compare(current.as_ref(), &incoming) {
-                Order::Newer if current.is_none() && refused_if_absent => {
-                    report.skipped += 1;
-                }
-                Order::Newer => {
+            match merge::decide_apply(current.as_ref(), &incoming, floors) {
+                Decision::Store => {
                     report.applied += 1;
+                    if self.clock.observe(incoming.timestamp, wall) == Observed::Future {
+                        report.future += 1;
+                        report.future_max = report.future_max.max(incoming.timestamp);
+                    }
                     self.stage(changes, &path, current, Some(incoming));
                 }
-                Order::Older | Order::Same => report.skipped += 1,
-                Order::Collision => {
+                Decision::Skip => report.skipped += 1,
+                Decision::Collision => {
                     report.skipped += 1;
                     if let Some(local) = current {
                         report.collisions.push((path, local, incoming));
@@ -828,7 +972,7 @@ impl WriterState {
         let mut removed = 0;
         for (path, ts) in tombstones {
             let current = self.current(changes, path)?;
-            if current.as_ref().is_some_and(|r| r.is_tombstone() && r.timestamp == *ts) {
+            if merge::may_purge(current.as_ref(), *ts) {
                 *horizon = (*horizon).max(*ts);
                 self.stage(changes, path, current, None);
                 removed += 1;
@@ -852,7 +996,7 @@ impl WriterState {
         let mut removed = 0;
         for path in paths {
             let current = self.current(changes, &path)?;
-            if current.as_ref().is_some_and(|r| r.timestamp <= up_to) {
+            if merge::may_discard(current.as_ref(), up_to) {
                 self.stage(changes, &path, current, None);
                 removed += 1;
             }
@@ -899,9 +1043,7 @@ impl WriterState {
                         newest = newest.max(after.timestamp);
                         batch.insert(&inner.records, path.as_str(), after.encode());
                         batch.insert(&inner.by_time, time_key(after.timestamp, path), uuid_kind(after));
-                        let mut version = after.timestamp.to_be_bytes().to_vec();
-                        version.extend_from_slice(&uuid_kind(after));
-                        batch.insert(&inner.by_bucket, bucket_key(path), version);
+                        batch.insert(&inner.by_bucket, bucket_key(path), bucket_version(after));
                     }
                     None => {
                         batch.remove(&inner.records, path.as_str());
@@ -914,7 +1056,7 @@ impl WriterState {
             batch.insert(&inner.summary, leaf.to_be_bytes().as_slice(), hash.to_be_bytes().as_slice());
         }
         if !changes.is_empty() {
-            batch.insert(&inner.meta, META_LAST_TIMESTAMP, self.last_timestamp.to_be_bytes().as_slice());
+            batch.insert(&inner.meta, META_LAST_TIMESTAMP, self.clock.last().to_be_bytes().as_slice());
             batch.insert(&inner.meta, META_LIVE_KEYS, live.to_be_bytes().as_slice());
             batch.insert(&inner.meta, META_TOMBSTONES, tombs.to_be_bytes().as_slice());
             batch.insert(&inner.meta, META_GC_HORIZON, horizon.to_be_bytes().as_slice());
@@ -934,5 +1076,151 @@ impl WriterState {
         inner.newest.store(newest, Ordering::Relaxed);
         inner.gc_horizon.store(horizon, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::antientropy::level1;
+
+    const OFFSET: u64 = 500;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    }
+
+    fn open(dir: &Path) -> (Store, Writer) {
+        Store::open(dir, Durability::Buffer, OFFSET).expect("open")
+    }
+
+    #[test]
+    fn a_burst_of_writes_stays_on_the_wall_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let rt = runtime();
+        let mut last = 0;
+        rt.block_on(async {
+            // 20,000 writes as fast as one writer takes them: far more than one per ms.
+            for chunk in 0..20 {
+                let mut pending = Vec::new();
+                for i in 0..1000 {
+                    let w = writer.clone();
+                    pending.push(tokio::spawn(async move {
+                        w.put(format!("k/{chunk}/{i}"), Bytes::from_static(b"1")).await
+                    }));
+                }
+                for p in pending {
+                    let ts = p.await.unwrap().unwrap().timestamp;
+                    assert!(ts != last);
+                    last = last.max(ts);
+                }
+            }
+        });
+        assert!(hlc::ms(last) <= now_ms(), "the physical part never runs ahead of the wall clock");
+        assert_eq!(store.live_keys(), 20_000);
+        writer.close(&store).unwrap();
+    }
+
+    #[test]
+    fn a_record_from_the_future_is_stored_superseded_and_does_not_drag_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let rt = runtime();
+        let future = hlc::from_ms(now_ms() + 120_000);
+        rt.block_on(async {
+            let r = Record::value(future, Uuid::from_u128(7), Bytes::from_static(b"\"skewed\""));
+            let report = writer.apply(vec![("a".into(), r.clone())], 0, 0).await.unwrap();
+            assert_eq!((report.applied, report.future, report.future_max), (1, 1, future));
+            assert_eq!(store.get("a").unwrap(), Some(r), "stored, never dropped");
+            let other = writer.put("b".into(), Bytes::from_static(b"1")).await.unwrap();
+            assert!(hlc::ms(other.timestamp) <= now_ms(), "writes to other keys stay on real time");
+            let over = writer.delete("a".into()).await.unwrap();
+            assert_eq!(over.timestamp, future + 1, "a client write supersedes what its node holds");
+            let near = hlc::from_ms(now_ms() + 200);
+            let report = writer.apply(vec![("c".into(), Record::tombstone(near, Uuid::from_u128(8)))], 0, 0).await;
+            assert_eq!(report.unwrap().future, 0, "within the bound: taken");
+            let next = writer.put("d".into(), Bytes::from_static(b"1")).await.unwrap();
+            assert!(next.timestamp > near, "the clock followed a timestamp within the bound");
+        });
+        writer.close(&store).unwrap();
+        drop((store, writer));
+        // The persisted clock is taken back within the bound only.
+        let (store, writer) = open(dir.path());
+        let ts = runtime().block_on(writer.put("e".into(), Bytes::from_static(b"1"))).unwrap().timestamp;
+        assert!(hlc::ms(ts) <= now_ms() + OFFSET);
+        writer.close(&store).unwrap();
+    }
+
+    /// Writes `records` into `dir` the way kvs 0.1 (format 1, millisecond timestamps)
+    /// laid them out, with its meta values.
+    fn write_format_1(dir: &Path, records: &[(&str, Record)], meta: &[(&[u8], u64)]) {
+        let (store, writer) = open(dir);
+        writer.close(&store).unwrap();
+        let inner = &store.inner;
+        let mut batch = inner.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut leaves = vec![0u64; LEAVES];
+        for (path, r) in records {
+            batch.insert(&inner.records, *path, r.encode());
+            batch.insert(&inner.by_time, time_key(r.timestamp, path), uuid_kind(r));
+            batch.insert(&inner.by_bucket, bucket_key(path), bucket_version(r));
+            leaves[leaf_of(path) as usize] ^= record_digest(path, r);
+        }
+        for (leaf, h) in leaves.iter().enumerate().filter(|(_, h)| **h != 0) {
+            batch.insert(&inner.summary, (leaf as u16).to_be_bytes().as_slice(), h.to_be_bytes().as_slice());
+        }
+        for (k, v) in meta {
+            batch.insert(&inner.meta, *k, v.to_be_bytes().as_slice());
+        }
+        batch.remove(&inner.meta, META_FORMAT);
+        batch.commit().unwrap();
+        drop(writer);
+        drop(store);
+    }
+
+    #[test]
+    fn a_format_1_data_dir_is_upgraded_in_place_and_an_upgrade_can_run_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let ms = 1_763_000_000_000u64;
+        let old = [
+            ("a", Record::value(ms, Uuid::from_u128(1), Bytes::from_static(b"1"))),
+            ("b/c", Record::tombstone(ms + 5, Uuid::from_u128(2))),
+            ("d", Record::value(ms + 9, Uuid::from_u128(3), Bytes::from_static(b"{}"))),
+        ];
+        write_format_1(dir.path(), &old, &[(META_LAST_TIMESTAMP, ms + 9), (META_GC_HORIZON, ms - 100)]);
+        for round in 0..2 {
+            let (store, writer) = open(dir.path());
+            let mut expected = vec![0u64; LEAVES];
+            for (path, r) in &old {
+                let want = Record { timestamp: hlc::from_ms(r.timestamp), ..r.clone() };
+                assert_eq!(store.get(path).unwrap().as_ref(), Some(&want), "round {round}: {path}");
+                expected[leaf_of(path) as usize] ^= record_digest(path, &want);
+            }
+            assert_eq!(store.level1(), level1(&expected), "summary rebuilt");
+            assert_eq!(store.newest_timestamp(), hlc::from_ms(ms + 9));
+            assert_eq!(store.gc_horizon(), hlc::from_ms(ms - 100));
+            let since = store.versions_since(None, 10).unwrap();
+            assert_eq!(
+                since.iter().map(|v| v.timestamp).collect::<Vec<_>>(),
+                old.iter().map(|(_, r)| hlc::from_ms(r.timestamp)).collect::<Vec<_>>()
+            );
+            assert_eq!(read_u64(&store.inner.meta, META_FORMAT).unwrap(), FORMAT_VERSION);
+            // A second start of an interrupted upgrade finds converted records and skips them.
+            store.inner.meta.remove(META_FORMAT).unwrap();
+            writer.close(&store).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_data_dir_from_a_newer_kvs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        store.inner.meta.insert(META_FORMAT, 99u64.to_be_bytes()).unwrap();
+        writer.close(&store).unwrap();
+        drop((store, writer));
+        match Store::open(dir.path(), Durability::Buffer, OFFSET) {
+            Err(StoreError::Format(99)) => {}
+            other => panic!("expected a format error, got {:?}", other.map(|_| ())),
+        }
     }
 }

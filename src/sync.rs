@@ -25,6 +25,7 @@
 use crate::antientropy::{self, FANOUT, LEAVES, Version};
 use crate::clock::now_ms;
 use crate::cluster::Cluster;
+use crate::hlc;
 use crate::peer::PeerError;
 use crate::record::Record;
 use crate::resolve::Resolver;
@@ -209,9 +210,9 @@ impl Replication {
         two_rounds.min(self.config.tombstone_grace / 4).as_millis() as u64
     }
 
-    /// Tombstones older than this are purged (and not taken from peers).
+    /// Tombstones older than this (a timestamp) are purged (and not taken from peers).
     pub fn tombstone_floor(&self) -> u64 {
-        now_ms().saturating_sub(self.config.tombstone_grace.as_millis() as u64)
+        hlc::from_ms(now_ms().saturating_sub(self.config.tombstone_grace.as_millis() as u64))
     }
 
     /// Applies records received from a peer whose `last_contact` is `sender_contact`
@@ -237,6 +238,14 @@ impl Replication {
         self.stats.received.add(n);
         self.stats.applied.add(report.applied as u64);
         self.stats.skipped.add(report.skipped as u64);
+        if report.future > 0 {
+            self.stats.future_records.add(report.future as u64);
+            tracing::warn!(
+                records = report.future,
+                furthest_ahead_ms = hlc::ms(report.future_max).saturating_sub(now_ms()),
+                "stored records from more than max_clock_offset_ms in the future; this node's clock did not follow them"
+            );
+        }
         if !report.collisions.is_empty() {
             self.stats.collisions.add(report.collisions.len() as u64);
             self.resolver.report(std::mem::take(&mut report.collisions));
@@ -332,7 +341,7 @@ impl Replication {
             let started_wall = now_ms();
             match self.sync_with(&peer.address).await {
                 Ok((fetched, sent)) => {
-                    self.cluster.note_synced(started_wall.saturating_sub(self.contact_margin()));
+                    self.cluster.note_synced(hlc::from_ms(started_wall.saturating_sub(self.contact_margin())));
                     // Persisted before the round is counted: a node killed after a
                     // counted round remembers it.
                     if let Err(e) = self.persist_contact(false).await {
@@ -362,7 +371,7 @@ impl Replication {
     /// returns the count.
     async fn catch_up_from(&self, peer: &str, since: u64, shutdown: &Shutdown) -> Result<usize, SyncError> {
         // (since + 1, "") excludes nothing at since + 1: no path is empty.
-        let mut cursor = (since + 1, String::new());
+        let mut cursor = (since.saturating_add(1), String::new());
         let mut total = 0;
         loop {
             let q = format!(
@@ -404,7 +413,7 @@ impl Replication {
             let mine = self.store.newest_timestamp();
             let since = if first {
                 self.newest_at_start
-            } else if best.newest_write > mine + CATCHUP_LAG_MS {
+            } else if hlc::ms(best.newest_write) > hlc::ms(mine).saturating_add(CATCHUP_LAG_MS) {
                 mine
             } else {
                 continue;
@@ -427,7 +436,7 @@ impl Replication {
     pub async fn bootstrap(&self, shutdown: &mut Shutdown) -> Result<(), StoreError> {
         self.syncing.store(true, Ordering::Relaxed);
         let started = now_ms();
-        let min_ts = started.saturating_sub(self.config.bootstrap_max_age.as_millis() as u64);
+        let min_ts = hlc::from_ms(started.saturating_sub(self.config.bootstrap_max_age.as_millis() as u64));
         let mut cursor: Option<(u64, String)> = None;
         // Paths listed but not yet fetched, and the peer that listed them.
         let mut pending: Option<(String, Vec<String>)> = None;
@@ -496,7 +505,7 @@ impl Replication {
             }
         }
         self.writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
-        self.cluster.note_synced(started.saturating_sub(self.contact_margin()));
+        self.cluster.note_synced(hlc::from_ms(started.saturating_sub(self.contact_margin())));
         self.syncing.store(false, Ordering::Relaxed);
         tracing::info!(
             fetched = self.stats.bootstrap_fetched.get(),
@@ -607,7 +616,7 @@ impl Replication {
     async fn persist_contact(&self, force: bool) -> Result<(), StoreError> {
         let now = self.cluster.last_contact();
         let last = self.last_persisted_contact.load(Ordering::Relaxed);
-        if now > last && (force || now - last >= 1_000) {
+        if now > last && (force || hlc::ms(now) - hlc::ms(last) >= 1_000) {
             self.writer.set_meta(META_LAST_CONTACT, Bytes::copy_from_slice(&now.to_be_bytes())).await?;
             self.last_persisted_contact.store(now, Ordering::Relaxed);
         }

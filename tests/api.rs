@@ -19,6 +19,8 @@ fn put_get_head_delete() {
     let uuid = v["uuid"].as_str().unwrap().to_string();
     let ts = v["timestamp"].as_u64().unwrap();
     assert!(ts > 1_600_000_000_000);
+    let version: u64 = v["version"].as_str().unwrap().parse().unwrap();
+    assert_eq!(version >> 16, ts, "the version is the HLC: Unix ms in its top 48 bits");
 
     let get = n.get("/kv/users/john/profile");
     assert_eq!(get.status, 200);
@@ -26,6 +28,7 @@ fn put_get_head_delete() {
     assert_eq!(get.header("content-type"), Some("application/json"));
     assert_eq!(get.header("etag"), Some(format!("\"{uuid}\"").as_str()));
     assert_eq!(get.header("x-kvs-timestamp"), Some(ts.to_string().as_str()));
+    assert_eq!(get.header("x-kvs-version"), Some(version.to_string().as_str()));
 
     let head = http(&n.addr, "HEAD", "/kv/users/john/profile", None);
     assert_eq!(head.status, 200);

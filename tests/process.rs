@@ -4,19 +4,20 @@ mod common;
 use common::*;
 use std::process::Command;
 
-fn timestamp_of(r: &Resp) -> u64 {
-    r.json()["timestamp"].as_u64().unwrap()
+/// The full version (HLC) a write answered.
+fn version_of(r: &Resp) -> u64 {
+    r.json()["version"].as_str().expect("version in the answer").parse().expect("version is a number")
 }
 
 #[test]
-fn restart_keeps_data_and_timestamps_keep_increasing() {
+fn restart_keeps_data_and_versions_keep_increasing() {
     let dir = tempfile::tempdir().unwrap();
     let mut n = Node::start_in(dir.path(), "");
     let joined = n.get("/members/").json()[0]["joined_timestamp"].as_u64().unwrap();
     let mut last = 0;
     for i in 0..20 {
-        let ts = timestamp_of(&n.put(&format!("/kv/k/{i}"), &i.to_string()));
-        assert!(ts > last, "timestamps strictly increase");
+        let ts = version_of(&n.put(&format!("/kv/k/{i}"), &i.to_string()));
+        assert!(ts > last, "versions strictly increase");
         last = ts;
     }
     n.delete("/kv/k/0");
@@ -29,8 +30,8 @@ fn restart_keeps_data_and_timestamps_keep_increasing() {
     }
     assert_eq!(n.health()["keys"], 19);
     assert_eq!(n.health()["tombstones"], 1);
-    let ts = timestamp_of(&n.put("/kv/k/after", "1"));
-    assert!(ts > last, "timestamps keep increasing across a restart");
+    let ts = version_of(&n.put("/kv/k/after", "1"));
+    assert!(ts > last, "versions keep increasing across a restart");
     let joined_after = n.get("/members/").json()[0]["joined_timestamp"].as_u64().unwrap();
     assert_eq!(joined, joined_after, "joined_timestamp survives a restart");
 }
@@ -51,7 +52,7 @@ fn acknowledged_sync_writes_survive_kill_9() {
                         let p = format!("/kv/w{w}/{i}");
                         let r = http(&addr, "PUT", &p, Some(format!("{{\"i\":{i}}}").as_bytes()));
                         assert_eq!(r.status, 200);
-                        (p, timestamp_of(&r))
+                        (p, version_of(&r))
                     })
                     .collect::<Vec<_>>()
             })
@@ -63,10 +64,10 @@ fn acknowledged_sync_writes_survive_kill_9() {
     for (p, ts) in &acked {
         let r = n.get(p);
         assert_eq!(r.status, 200, "{p} lost after kill -9");
-        assert_eq!(r.header("x-kvs-timestamp"), Some(ts.to_string().as_str()));
+        assert_eq!(r.header("x-kvs-version"), Some(ts.to_string().as_str()));
     }
     let max = acked.iter().map(|(_, t)| *t).max().unwrap();
-    assert!(timestamp_of(&n.put("/kv/new", "1")) > max);
+    assert!(version_of(&n.put("/kv/new", "1")) > max);
 }
 
 #[test]
@@ -184,4 +185,18 @@ fn an_interrupted_first_start_does_not_brick_the_data_dir() {
     n.kill9();
     n.restart();
     assert_eq!(n.get("/kv/a").text(), "1");
+}
+
+#[test]
+fn a_stop_with_the_data_dir_removed_exits_1_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = Node::start_in(dir.path(), "durability: buffer\n");
+    for i in 0..50 {
+        assert_eq!(n.put(&format!("/kv/k/{i}"), "1").status, 200);
+    }
+    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+    // fjall's flush worker fails on the missing directory; waiting for it hung forever.
+    let status = n.terminate();
+    assert_eq!(status.code(), Some(1), "{}", n.log());
+    assert!(n.log().contains("the data dir was removed"), "{}", n.log());
 }

@@ -7,16 +7,6 @@ fn stat(n: &Node, name: &str) -> u64 {
     n.health()["replication"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
 }
 
-fn wait_value(n: &Node, path: &str, want: Option<&str>) {
-    wait_for(DEADLINE, &format!("{path} = {want:?} on {}", n.addr), || {
-        let r = n.get(path);
-        match want {
-            Some(v) => (r.status == 200 && r.text() == v).then_some(()),
-            None => (r.status == 404).then_some(()),
-        }
-    });
-}
-
 fn wait_keys(n: &Node, count: u64) {
     wait_for(DEADLINE, &format!("{count} keys on {}", n.addr), || {
         (n.health()["keys"].as_u64()? == count).then_some(())
@@ -73,14 +63,14 @@ fn concurrent_writes_to_one_key_converge_to_the_newest() {
                 std::thread::spawn(move || {
                     let v = format!("{{\"round\":{round},\"node\":{i}}}");
                     let r = http(&addr, "PUT", "/kv/contended", Some(v.as_bytes()));
-                    (r.json()["timestamp"].as_u64().unwrap(), v)
+                    (r.json()["version"].as_str().unwrap().parse::<u64>().unwrap(), v)
                 })
             })
             .collect();
         written.extend(handles.into_iter().map(|h| h.join().unwrap()));
     }
-    // The newest timestamp wins everywhere. Writes in the same millisecond on two
-    // nodes collide; the vote then picks one of them, the same on every node.
+    // The newest version wins everywhere. Writes with the same HLC on two nodes
+    // collide; the vote then picks one of them, the same on every node.
     let newest = written.iter().map(|(t, _)| *t).max().unwrap();
     let candidates: Vec<&String> = written.iter().filter(|(t, _)| *t == newest).map(|(_, v)| v).collect();
     wait_for(DEADLINE, "one newest version everywhere", || {
@@ -88,7 +78,7 @@ fn concurrent_writes_to_one_key_converge_to_the_newest() {
         let same = answers.iter().all(|r| r.header("etag") == answers[0].header("etag"));
         (same && candidates.contains(&&answers[0].text())).then_some(())
     });
-    assert_eq!(n1.get("/kv/contended").header("x-kvs-timestamp"), Some(newest.to_string().as_str()));
+    assert_eq!(n1.get("/kv/contended").header("x-kvs-version"), Some(newest.to_string().as_str()));
 }
 
 #[test]
@@ -254,7 +244,7 @@ fn read_only_nodes_take_replicated_writes_and_bad_batches_are_refused_whole() {
     kvs::wire::put(&mut body, "fine/key", &good);
     kvs::wire::put(&mut body, "bad/../key", &good);
     let mut req = format!(
-        "POST /internal/push HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST /internal/push HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: 2\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use kvs::config::Durability;
+use kvs::config::{DEFAULT_MAX_CLOCK_OFFSET_MS, Durability};
 use kvs::record::Record;
 use kvs::storage::Store;
 use rand::rngs::StdRng;
@@ -318,7 +318,8 @@ async fn preload(addr: &str, keys: usize, size: usize) -> Res<()> {
 /// older than the newest write.
 async fn build_dataset(dir: &Path, keys: usize, base: u64, modified: &[usize]) -> Res<()> {
     let d = dir.to_path_buf();
-    let (store, writer) = tokio::task::spawn_blocking(move || Store::open(&d, Durability::Buffer)).await??;
+    let (store, writer) =
+        tokio::task::spawn_blocking(move || Store::open(&d, Durability::Buffer, DEFAULT_MAX_CLOCK_OFFSET_MS)).await??;
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..keys {
         let path = format!("users/u{}/items/i{}", i % 10_000, i);
@@ -493,7 +494,7 @@ impl Bench {
     /// Builds the shared 1M-key dataset once.
     async fn dataset(&self) -> Res<(PathBuf, u64)> {
         let dir = self.tmp.path().join("dataset");
-        let base = kvs::clock::now_ms() - 3_600_000;
+        let base = kvs::hlc::from_ms(kvs::clock::now_ms() - 3_600_000);
         if !dir.exists() {
             let t = Instant::now();
             build_dataset(&dir, self.opts.keys, base, &[]).await?;
@@ -521,7 +522,9 @@ impl Bench {
         let modified: Vec<usize> = (0..100).map(|_| rng.random_range(0..self.opts.keys - 1)).collect();
         {
             let d = dir.join("b/data");
-            let (store, writer) = tokio::task::spawn_blocking(move || Store::open(&d, Durability::Buffer)).await??;
+            let (store, writer) =
+                tokio::task::spawn_blocking(move || Store::open(&d, Durability::Buffer, DEFAULT_MAX_CLOCK_OFFSET_MS))
+                    .await??;
             let records = modified
                 .iter()
                 .map(|&i| {

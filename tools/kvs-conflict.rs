@@ -4,12 +4,12 @@
 //! kvs-conflict --key test/conflict --timestamp 1700000000000 [--count N] DIR=JSON...
 //! ```
 //! Each `DIR=JSON` writes that value for the key into the data dir `DIR` with the given
-//! timestamp, replacing what the key held there. Arguments with the same JSON get the
+//! timestamp (Unix ms, stored as the HLC of that millisecond with counter 0), replacing what the key held there. Arguments with the same JSON get the
 //! same uuid (one version held by several nodes); different JSON, different uuids: a
 //! collision. With `--count N` the keys are `KEY/0` to `KEY/N-1`.
 
 use bytes::Bytes;
-use kvs::config::Durability;
+use kvs::config::{DEFAULT_MAX_CLOCK_OFFSET_MS, Durability};
 use kvs::record::Record;
 use kvs::storage::Store;
 use std::collections::HashMap;
@@ -73,11 +73,12 @@ async fn write(args: Args) -> Result<(), String> {
     for (dir, json) in &args.writes {
         let uuid = *uuids.entry(json.as_str()).or_insert_with(Uuid::new_v4);
         let d = dir.clone();
-        let (store, writer) = tokio::task::spawn_blocking(move || Store::open(&d, Durability::Sync))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{}: {e} (stop its node first)", dir.display()))?;
-        let record = Record::value(args.timestamp, uuid, Bytes::from(json.clone()));
+        let (store, writer) =
+            tokio::task::spawn_blocking(move || Store::open(&d, Durability::Sync, DEFAULT_MAX_CLOCK_OFFSET_MS))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{}: {e} (stop its node first)", dir.display()))?;
+        let record = Record::value(kvs::hlc::from_ms(args.timestamp), uuid, Bytes::from(json.clone()));
         for k in &keys {
             writer.replace(k.clone(), record.clone(), None).await.map_err(|e| format!("{}: {e}", dir.display()))?;
         }

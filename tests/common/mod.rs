@@ -85,6 +85,11 @@ impl Node {
             let log = std::fs::read_to_string(&log_path).ok()?;
             log.get(offset as usize..)?.lines().find_map(listening_addr)
         });
+        // A node with seeds takes client writes once it has compared its clock with
+        // one (or found none answering): wait for that, so tests can write at once.
+        wait_for(DEADLINE, "the node's first clock check", || {
+            (self.health()["clock"]["checked"] == true).then_some(())
+        });
     }
 
     /// Starts the process, its output appended to `node.log`.
@@ -309,6 +314,17 @@ pub fn cluster_config(id: &str, seeds: &[&str]) -> String {
          throttle_delay_ms: 0\nfetch_delay_ms: 0\n",
         seeds.join(", ")
     )
+}
+
+/// Waits until `n` answers `path` with `want` (`None`: 404).
+pub fn wait_value(n: &Node, path: &str, want: Option<&str>) {
+    wait_for(DEADLINE, &format!("{path} = {want:?} on {}", n.addr), || {
+        let r = n.get(path);
+        match want {
+            Some(v) => (r.status == 200 && r.text() == v).then_some(()),
+            None => (r.status == 404).then_some(()),
+        }
+    });
 }
 
 /// `(id, status)` of every member a node lists.

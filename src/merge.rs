@@ -1,0 +1,148 @@
+//! The write decisions, as pure functions of the version a path holds.
+//!
+//! The writer thread ([`crate::storage`]) reads the held version, calls one of these,
+//! and stages what it answers; it decides nothing itself. Keeping the decisions here,
+//! with the clock passed in, lets them be tested directly and lets the anti-entropy
+//! property tests run the real rules.
+//!
+//! - [`client_version`]: the version a client PUT or DELETE creates.
+//! - [`decide_apply`]: whether a replicated record is stored.
+//! - [`may_replace`]: whether a vote's winner replaces the held version.
+//! - [`may_purge`], [`may_discard`]: whether maintenance may drop the held version.
+
+use crate::hlc::Hlc;
+use crate::record::{Ordering, Record, compare};
+use bytes::Bytes;
+use uuid::Uuid;
+
+/// The version a client write creates over `held`: a fresh uuid and a timestamp from
+/// [`Hlc::stamp_over`], so it supersedes whatever the node holds for the path.
+pub fn client_version(clock: &mut Hlc, held: Option<&Record>, wall_ms: u64, uuid: Uuid, data: Option<Bytes>) -> Record {
+    let timestamp = clock.stamp_over(held.map(|r| r.timestamp), wall_ms);
+    Record { timestamp, uuid, data }
+}
+
+/// Limits on which replicated records are taken for paths held nowhere here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Floors {
+    /// Tombstones older than this are past the grace period: storing one for an absent
+    /// path would only purge it again.
+    pub tombstone: u64,
+    /// Records at or below this come from a sender that may have missed a delete this
+    /// node has purged (0: no such limit).
+    pub absent: u64,
+}
+
+/// What to do with one replicated record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Newer than what is held: store it.
+    Store,
+    /// Older, the same version, or refused for an absent path: keep what is held.
+    Skip,
+    /// Same timestamp, different uuid: keep what is held and let a vote decide.
+    Collision,
+}
+
+/// Whether a replicated `incoming` record replaces `held`.
+pub fn decide_apply(held: Option<&Record>, incoming: &Record, floors: Floors) -> Decision {
+    match compare(held, incoming) {
+        Ordering::Newer if held.is_none() => {
+            let expired = incoming.is_tombstone() && incoming.timestamp < floors.tombstone;
+            if expired || incoming.timestamp <= floors.absent { Decision::Skip } else { Decision::Store }
+        }
+        Ordering::Newer => Decision::Store,
+        Ordering::Older | Ordering::Same => Decision::Skip,
+        Ordering::Collision => Decision::Collision,
+    }
+}
+
+/// Whether a vote's `winner` replaces `held`: only a collision's loser is replaced
+/// (the path still holds the collision's timestamp, with another uuid). Without
+/// `if_timestamp` (tools writing chosen versions), anything different is replaced.
+pub fn may_replace(held: Option<&Record>, winner: &Record, if_timestamp: Option<u64>) -> bool {
+    match if_timestamp {
+        Some(ts) => held.is_some_and(|h| h.timestamp == ts && h.uuid != winner.uuid),
+        None => held != Some(winner),
+    }
+}
+
+/// Whether maintenance may purge the tombstone it listed at `timestamp`: only if it is
+/// still the path's current version (a newer write since then is kept).
+pub fn may_purge(held: Option<&Record>, timestamp: u64) -> bool {
+    held.is_some_and(|r| r.is_tombstone() && r.timestamp == timestamp)
+}
+
+/// Whether a stale node may discard the held version: only if it is at or below the
+/// horizon up to which a peer has purged deletes.
+pub fn may_discard(held: Option<&Record>, up_to: u64) -> bool {
+    held.is_some_and(|r| r.timestamp <= up_to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::{from_ms, ms};
+
+    const WALL: u64 = 1_700_000_000_000;
+
+    fn rec(ts: u64, id: u128, data: Option<&'static str>) -> Record {
+        Record { timestamp: ts, uuid: Uuid::from_u128(id), data: data.map(|d| Bytes::from_static(d.as_bytes())) }
+    }
+
+    #[test]
+    fn a_client_write_supersedes_the_held_version_and_stays_on_real_time() {
+        let mut clock = Hlc::new(500);
+        let future = rec(from_ms(WALL + 120_000), 1, Some("1"));
+        let v = client_version(&mut clock, Some(&future), WALL, Uuid::from_u128(2), None);
+        assert_eq!(compare(Some(&future), &v), Ordering::Newer);
+        assert!(v.is_tombstone());
+        let fresh = client_version(&mut clock, None, WALL, Uuid::from_u128(3), Some(Bytes::from_static(b"1")));
+        assert_eq!(ms(fresh.timestamp), WALL);
+    }
+
+    #[test]
+    fn apply_takes_newer_skips_older_and_reports_collisions() {
+        let held = rec(10, 1, Some("1"));
+        let none = Floors::default();
+        assert_eq!(decide_apply(Some(&held), &rec(11, 2, None), none), Decision::Store);
+        assert_eq!(decide_apply(Some(&held), &rec(9, 2, Some("2")), none), Decision::Skip);
+        assert_eq!(decide_apply(Some(&held), &held.clone(), none), Decision::Skip);
+        assert_eq!(decide_apply(Some(&held), &rec(10, 3, Some("3")), none), Decision::Collision);
+        assert_eq!(decide_apply(None, &rec(5, 1, None), none), Decision::Store);
+    }
+
+    #[test]
+    fn floors_only_refuse_records_for_absent_paths() {
+        let floors = Floors { tombstone: 100, absent: 50 };
+        assert_eq!(decide_apply(None, &rec(99, 1, None), floors), Decision::Skip, "expired tombstone");
+        assert_eq!(decide_apply(None, &rec(100, 1, None), floors), Decision::Store);
+        assert_eq!(decide_apply(None, &rec(50, 1, Some("1")), floors), Decision::Skip, "from a stale sender");
+        assert_eq!(decide_apply(None, &rec(51, 1, Some("1")), floors), Decision::Store);
+        let held = rec(10, 2, Some("1"));
+        assert_eq!(decide_apply(Some(&held), &rec(40, 1, None), floors), Decision::Store, "held: newer wins");
+    }
+
+    #[test]
+    fn only_a_collision_loser_is_replaced() {
+        let loser = rec(10, 1, Some("1"));
+        let winner = rec(10, 2, Some("2"));
+        assert!(may_replace(Some(&loser), &winner, Some(10)));
+        assert!(!may_replace(Some(&winner), &winner, Some(10)), "already the winner");
+        assert!(!may_replace(Some(&rec(11, 3, None)), &winner, Some(10)), "a newer write since");
+        assert!(!may_replace(None, &winner, Some(10)));
+        assert!(may_replace(None, &winner, None));
+        assert!(!may_replace(Some(&winner), &winner, None));
+    }
+
+    #[test]
+    fn purge_and_discard_keep_newer_versions() {
+        assert!(may_purge(Some(&rec(10, 1, None)), 10));
+        assert!(!may_purge(Some(&rec(11, 1, None)), 10), "deleted again since");
+        assert!(!may_purge(Some(&rec(10, 1, Some("1"))), 10), "written since");
+        assert!(!may_purge(None, 10));
+        assert!(may_discard(Some(&rec(10, 1, Some("1"))), 10));
+        assert!(!may_discard(Some(&rec(11, 1, Some("1"))), 10));
+        assert!(!may_discard(None, 10));
+    }
+}

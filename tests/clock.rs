@@ -1,0 +1,127 @@
+//! Version timestamps against real time (README "Clocks"): write bursts, peers with
+//! wrong clocks, and a node whose own clock is wrong.
+
+mod common;
+use common::*;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn version_of(r: &Resp) -> u64 {
+    r.json()["version"].as_str().expect("version").parse().expect("a number")
+}
+
+/// Pushes one record to `addr` the way a peer does.
+fn push(addr: &str, path: &str, record: &kvs::record::Record) -> Resp {
+    let mut body = bytes::BytesMut::new();
+    kvs::wire::put(&mut body, path, record);
+    let mut req = format!(
+        "POST /internal/push HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: 2\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    raw(addr, &req, false)
+}
+
+#[test]
+fn a_write_burst_keeps_timestamps_on_the_wall_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = Node::start_in(dir.path(), "durability: buffer\nlog_level: info\n");
+    // Thousands of writes a second for two seconds: with `max(now, last + 1)` the
+    // node's timestamps ran ahead of the wall clock by one ms per write past 1,000/s.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let addr = n.addr.clone();
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while std::time::Instant::now() < until {
+                    assert_eq!(http(&addr, "PUT", &format!("/kv/burst/{w}/{}", i % 100), Some(b"1")).status, 200);
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(writes > 2_000, "the burst must outrun one write per ms to mean anything ({writes} writes)");
+    let last = n.put("/kv/burst/last", "1");
+    let after = wall_ms();
+    let ts = last.json()["timestamp"].as_u64().unwrap();
+    assert!(ts <= after, "after {writes} writes in 2 s the node's timestamp is {} ms ahead", ts - after);
+    assert!(version_of(&last) >> 16 == ts);
+}
+
+#[test]
+fn a_peer_with_a_wrong_clock_leaves_the_others_on_real_time() {
+    let d = Dirs::new();
+    let n1 = d.start("n1", &[], "");
+    let n2 = d.start("n2", &[&n1.addr], "");
+    wait_members_alive(&n1, &["n1", "n2"]);
+    wait_normal(&n2);
+    // A record written by a node whose clock ran 120 s fast.
+    let future = kvs::hlc::from_ms(wall_ms() + 120_000);
+    let skewed = kvs::record::Record::value(future, uuid::Uuid::new_v4(), bytes::Bytes::from("\"skewed\""));
+    assert_eq!(push(&n1.addr, "shared/key", &skewed).status, 200);
+    assert_eq!(n1.get("/kv/shared/key").text(), "\"skewed\"", "stored, never dropped");
+    wait_value(&n2, "/kv/shared/key", Some("\"skewed\""));
+    for n in [&n1, &n2] {
+        // Overwriting the key supersedes the future version...
+        let over = n.put("/kv/shared/key", &format!("\"{}\"", n.addr));
+        assert!(version_of(&over) > future);
+        // ...and writes to other keys stay on real time: the clock did not follow it.
+        let other = n.put("/kv/other", "1");
+        let ts = other.json()["timestamp"].as_u64().unwrap();
+        assert!(ts <= wall_ms(), "{}: a peer's wrong clock dragged this node's ({ts})", n.addr);
+    }
+    wait_for(DEADLINE, "the future record counted", || {
+        (n1.health()["replication"]["future_records"].as_u64()? >= 1).then_some(())
+    });
+    // (The overwrites are ordered just after the future version, so they count too.)
+    let metrics = n1.get("/metrics").text();
+    assert!(metrics.lines().any(|l| l.starts_with("kvs_future_records_total ") && !l.ends_with(" 0")), "{metrics}");
+    // The later write wins everywhere.
+    let winner = n2.get("/kv/shared/key").header("etag").map(str::to_string);
+    wait_for(DEADLINE, "both nodes agree", || {
+        (n1.get("/kv/shared/key").header("etag") == winner.as_deref()).then_some(())
+    });
+}
+
+#[test]
+fn a_node_30_s_fast_refuses_writes_until_it_restarts_with_a_right_clock() {
+    let d = Dirs::new();
+    let n1 = d.start("n1", &[], "");
+    let n2 = d.start("n2", &[&n1.addr], "");
+    wait_members_alive(&n1, &["n1", "n2"]);
+    let dir = d.0.path().join("n3");
+    let config = config_in(&dir, &cluster_config("n3", &[&n1.addr]));
+    let mut n3 = Node::start_config_env(&dir, &config, &[("KVS_FAULT_CLOCK_OFFSET_MS", "30000")]);
+    wait_normal(&n3);
+    // Judged against the whole cluster right after joining, before any client write.
+    let r = n3.put("/kv/from/fast", "1");
+    r.assert_error(503);
+    assert!(r.text().contains("clock is"), "{}", r.text());
+    assert!(r.text().contains("max_clock_offset_ms is 500"), "{}", r.text());
+    n3.delete("/kv/from/fast").assert_error(503);
+    let clock = n3.health()["clock"].clone();
+    assert_eq!(clock["ok"], false);
+    let offset = clock["offset_ms"].as_i64().unwrap();
+    assert!((29_000..31_000).contains(&offset), "{clock}");
+    assert!(n3.get("/metrics").text().contains("kvs_clock_ok 0"));
+    assert!(n3.log().contains("client writes are refused"));
+    // Reads still work; the others are not blamed and take writes.
+    n3.get("/kv/from/fast").assert_error(404);
+    for n in [&n1, &n2] {
+        assert_eq!(n.put("/kv/from/right", "1").status, 200);
+        assert_eq!(n.health()["clock"]["ok"], true);
+    }
+    // With its clock right again it takes writes by itself after the restart.
+    assert!(n3.terminate().success());
+    n3.env.clear();
+    n3.restart();
+    assert_eq!(n3.put("/kv/from/fast", "2").status, 200);
+    assert!(n3.health()["clock"]["offset_ms"].as_i64().unwrap().abs() < 500);
+}
