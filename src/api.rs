@@ -12,7 +12,7 @@ use crate::hlc;
 use crate::membership::MemberInfo;
 use crate::node::App;
 use crate::path::{parse_key, percent_decode, validate_key};
-use crate::peer::{LAST_CONTACT_HEADER, LogThrottle, WIRE_HEADER, WIRE_VERSION, wire_version};
+use crate::peer::{LAST_CONTACT_HEADER, LogThrottle, WIRE_HEADER, WIRE_VERSION, routes, wire_version};
 use crate::record::Record;
 use crate::resolve::{VoteAnswer, VoteRequest, held};
 use crate::storage::{StoreError, blocking};
@@ -154,7 +154,7 @@ fn route_name(req: &Request<Incoming>) -> &'static str {
         "/health" => "health",
         "/metrics" => "metrics",
         "/members" | "/members/" => "members",
-        "/members/join" | "/members/leave" => "membership",
+        routes::JOIN | routes::LEAVE => "membership",
         p if p.starts_with("/internal/") => "internal",
         _ => "unknown",
     }
@@ -257,7 +257,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
         }
         "/members" | "/members/" if read => Ok(json_response(StatusCode::OK, &json!(app.cluster.view()))),
         "/health" | "/metrics" | "/members" | "/members/" => Err(ApiError::MethodNotAllowed(READ_METHODS)),
-        "/members/join" if post => {
+        routes::JOIN if post => {
             let info: MemberInfo = read_json(req).await?;
             check_member(&info)?;
             match app.cluster.handle_join(info) {
@@ -265,7 +265,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
                 Err(reason) => Err(ApiError::Conflict(reason)),
             }
         }
-        "/members/leave" if post => {
+        routes::LEAVE if post => {
             let info: MemberInfo = read_json(req).await?;
             check_member(&info)?;
             if !info.left {
@@ -274,21 +274,24 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
             app.cluster.handle_leave(info);
             Ok(json_response(StatusCode::OK, &json!({})))
         }
-        "/internal/gossip" if post => {
+        routes::GOSSIP if post => {
             let msg: GossipMessage = read_json(req).await?;
             msg.members.iter().try_for_each(check_member)?;
             Ok(json_response(StatusCode::OK, &json!(app.cluster.handle_gossip(msg))))
         }
-        "/members/join" | "/members/leave" | "/internal/gossip" => Err(ApiError::MethodNotAllowed(POST_METHOD)),
+        routes::JOIN | routes::LEAVE | routes::GOSSIP => Err(ApiError::MethodNotAllowed(POST_METHOD)),
         _ if path.starts_with("/internal/") => internal_data(app, req).await,
         _ => Err(ApiError::NotFound("route")),
     }
 }
 
-/// Refuses a node-to-node request from a peer of another protocol version.
+/// Refuses a node-to-node request from a peer of another protocol version: a path of
+/// protocol 1 (no version in it), or a header that does not say this version. 400, not
+/// 409: kvs before the HLC took a 409 to its join for a duplicate `node_id` and exited.
 fn check_wire_version(req: &Request<Incoming>) -> Result<(), ApiError> {
     static REFUSALS: std::sync::OnceLock<LogThrottle> = std::sync::OnceLock::new();
-    let theirs = wire_version(req.headers());
+    let versioned = req.uri().path().starts_with(routes::PREFIX);
+    let theirs = if versioned { wire_version(req.headers()) } else { Some(1) };
     if theirs == Some(WIRE_VERSION) {
         return Ok(());
     }
@@ -300,7 +303,7 @@ fn check_wire_version(req: &Request<Incoming>) -> Result<(), ApiError> {
     if REFUSALS.get_or_init(LogThrottle::default).allow(&theirs) {
         tracing::error!(route = req.uri().path(), "{msg}");
     }
-    Err(ApiError::Conflict(msg))
+    Err(ApiError::BadRequest(msg))
 }
 
 /// The replication endpoints (see [`crate::sync`]).
@@ -310,18 +313,18 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
     let store = app.store.clone();
     // Only data coming in (push) and votes are served while this node may hold stale
     // records.
-    if path != "/internal/push" && path != "/internal/vote" && !app.replication.ready() {
+    if path != routes::PUSH && path != routes::VOTE && !app.replication.ready() {
         return Err(ApiError::Syncing);
     }
     match path.as_str() {
-        "/internal/push" if post => {
+        routes::PUSH if post => {
             let sender = req.headers().get(LAST_CONTACT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
             let body = read_body(req, INTERNAL_BODY_LIMIT).await?;
             let records = wire::decode(body, app.config.max_value_bytes).map_err(ApiError::BadRequest)?;
             let report = app.replication.apply(records, sender).await?;
             Ok(json_response(StatusCode::OK, &json!({ "applied": report.applied, "skipped": report.skipped })))
         }
-        "/internal/vote" if post => {
+        routes::VOTE if post => {
             let req: VoteRequest = read_json(req).await?;
             if req.paths.len() > MAX_FETCH {
                 return Err(ApiError::BadRequest(format!("at most {MAX_FETCH} paths per vote")));
@@ -332,20 +335,20 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
             let held = blocking(move || held(&store, &req.paths)).await?;
             Ok(json_response(StatusCode::OK, &json!(VoteAnswer { held })))
         }
-        "/internal/sync/level1" if get => Ok(binary_response(encode_hashes(&store.level1()))),
-        "/internal/sync/leaves" if post => {
+        routes::LEVEL1 if get => Ok(binary_response(encode_hashes(&store.level1()))),
+        routes::LEAVES if post => {
             let tops: Vec<usize> = read_json(req).await?;
             if tops.len() > FANOUT || tops.iter().any(|&t| t >= FANOUT) {
                 return Err(ApiError::BadRequest(format!("level-1 indices must be below {FANOUT}")));
             }
             Ok(binary_response(encode_hashes(&store.leaves_under(&tops))))
         }
-        "/internal/sync/versions" if post => {
+        routes::VERSIONS if post => {
             let leaves: Vec<u16> = read_json(req).await?;
             let versions = blocking(move || store.versions_in_leaves(&leaves)).await?;
             Ok(json_response(StatusCode::OK, &json!(versions)))
         }
-        "/internal/sync/fetch" if post => {
+        routes::FETCH if post => {
             let paths: Vec<String> = read_json(req).await?;
             if paths.len() > MAX_FETCH {
                 return Err(ApiError::BadRequest(format!("at most {MAX_FETCH} paths per fetch")));
@@ -356,7 +359,7 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
             let records = blocking(move || store.records(&paths)).await?;
             Ok(records_response(app, &records))
         }
-        "/internal/since" if get => {
+        routes::SINCE if get => {
             let q = Query::parse(req.uri().query())?;
             let (after_ts, after_path, limit) = (q.u64("after_ts")?, q.text("after_path"), q.limit()?);
             let records = blocking(move || {
@@ -366,7 +369,7 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
             .await?;
             Ok(records_response(app, &records))
         }
-        "/internal/newest" if get => {
+        routes::NEWEST if get => {
             let q = Query::parse(req.uri().query())?;
             let (min_ts, limit) = (q.u64("min_ts")?, q.limit()?);
             let before = match q.get("before_ts") {
@@ -378,12 +381,10 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
                     .await?;
             Ok(json_response(StatusCode::OK, &json!(versions)))
         }
-        "/internal/push"
-        | "/internal/vote"
-        | "/internal/sync/leaves"
-        | "/internal/sync/versions"
-        | "/internal/sync/fetch" => Err(ApiError::MethodNotAllowed(POST_METHOD)),
-        "/internal/sync/level1" | "/internal/since" | "/internal/newest" => Err(ApiError::MethodNotAllowed(GET_METHOD)),
+        routes::PUSH | routes::VOTE | routes::LEAVES | routes::VERSIONS | routes::FETCH => {
+            Err(ApiError::MethodNotAllowed(POST_METHOD))
+        }
+        routes::LEVEL1 | routes::SINCE | routes::NEWEST => Err(ApiError::MethodNotAllowed(GET_METHOD)),
         _ => Err(ApiError::NotFound("route")),
     }
 }

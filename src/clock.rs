@@ -7,9 +7,9 @@
 //! node's wall clock. The asking node notes when it sent and when it received, and
 //! takes the peer's clock to have been read halfway through the round trip (as NTP
 //! does): `peer offset = peer wall - (sent + received) / 2`, accurate to half the round
-//! trip. [`ClockOffsets`] keeps the last sample of each peer and estimates this node's
-//! offset against the median of itself and its alive peers, so one wrong clock, its
-//! own or a peer's, is outvoted by the others. A node more than `max_clock_offset_ms`
+//! trip. [`ClockOffsets`] keeps the last sample of each peer (by address) and estimates
+//! this node's offset against the median of itself and its alive peers, so one wrong
+//! clock, its own or a peer's, is outvoted by the others. A node more than `max_clock_offset_ms`
 //! off refuses client writes: its timestamps would be wrong by more than the bound the
 //! HLC ([`crate::hlc`]) allows.
 
@@ -70,38 +70,55 @@ impl ClockSample {
 #[derive(Debug, Clone)]
 pub struct ClockOffsets {
     max_offset_ms: u64,
-    /// Last usable sample per peer id: the peer's clock minus ours.
+    /// Last usable sample per peer address: the peer's clock minus ours.
     peers: HashMap<String, i64>,
     /// This node's clock minus the cluster's (the median), once known.
     estimate: Option<i64>,
+    /// The estimate is a majority's: not a tie between two clocks further apart than
+    /// the bound.
+    decisive: bool,
 }
 
 impl ClockOffsets {
     /// No samples yet.
     pub fn new(max_offset_ms: u64) -> ClockOffsets {
-        ClockOffsets { max_offset_ms, peers: HashMap::new(), estimate: None }
+        ClockOffsets { max_offset_ms, peers: HashMap::new(), estimate: None, decisive: false }
     }
 
-    /// Takes a sample of `peer`'s clock. A sample whose round trip is longer than the
-    /// offset bound is too imprecise to judge by (a paused or overloaded peer answers
-    /// late and would look skewed) and is dropped: returns false.
+    /// Takes a sample of `peer`'s clock. A sample whose round trip is longer than half
+    /// the offset bound is too imprecise to judge by (its error is up to half the round
+    /// trip; a paused or overloaded peer answers late and would look skewed) and is
+    /// dropped: returns false.
     pub fn record(&mut self, peer: &str, sample: ClockSample) -> bool {
-        if sample.round_trip() > self.max_offset_ms {
+        if sample.round_trip() > self.max_offset_ms / 2 {
             return false;
         }
         self.peers.insert(peer.to_string(), sample.peer_offset());
         true
     }
 
+    /// Forgets every sample and the estimate: this node's wall clock stepped, so every
+    /// offset measured before is wrong.
+    pub fn reset(&mut self) {
+        self.peers.clear();
+        self.estimate = None;
+        self.decisive = false;
+    }
+
     /// Re-estimates this node's offset from the samples of the `alive` peers and
     /// forgets the others' samples. The estimate is this node's clock minus the median
-    /// of the clocks of itself and those peers; with an even count, of the two middle
-    /// values the one nearer this node's clock (two nodes that disagree cannot tell
-    /// which is wrong, so neither is blamed). With no alive peer sampled, the last
-    /// estimate stands: a node whose clock was found wrong stays suspect while it is
-    /// cut off, since a clock does not right itself by losing its peers.
+    /// of the clocks of itself and those peers. With an even count the two middle
+    /// clocks may disagree: if they are within the bound of each other either will do
+    /// (the nearer one is taken); if not, it is a tie nobody can settle (two nodes
+    /// cannot tell which of them is wrong), the estimate is not [`decisive`], and it
+    /// keeps the verdict it had: the nearer clock unless this node was already found
+    /// off, then the further one, so a node found off is not cleared by losing peers
+    /// until only a tie is left. With no alive peer sampled, the last estimate stands:
+    /// a clock does not right itself by losing its peers.
+    ///
+    /// [`decisive`]: ClockOffsets::decisive
     pub fn update(&mut self, alive: &[&str]) -> Option<i64> {
-        self.peers.retain(|id, _| alive.contains(&id.as_str()));
+        self.peers.retain(|addr, _| alive.contains(&addr.as_str()));
         if self.peers.is_empty() {
             return self.estimate;
         }
@@ -109,10 +126,13 @@ impl ClockOffsets {
         clocks.sort_unstable();
         let n = clocks.len();
         let median = if n % 2 == 1 {
+            self.decisive = true;
             clocks[n / 2]
         } else {
             let (a, b) = (clocks[n / 2 - 1], clocks[n / 2]);
-            if a.unsigned_abs() <= b.unsigned_abs() { a } else { b }
+            let (near, far) = if a.unsigned_abs() <= b.unsigned_abs() { (a, b) } else { (b, a) };
+            self.decisive = a.abs_diff(b) <= self.max_offset_ms;
+            if !self.decisive && !self.ok() { far } else { near }
         };
         self.estimate = Some(median.saturating_neg());
         self.estimate
@@ -123,9 +143,42 @@ impl ClockOffsets {
         self.estimate
     }
 
+    /// The estimate is a majority's verdict, not an unsettled tie (see [`Self::update`]).
+    pub fn decisive(&self) -> bool {
+        self.decisive
+    }
+
     /// False when this node's clock is known to be more than the bound off.
     pub fn ok(&self) -> bool {
         self.estimate.is_none_or(|o| o.unsigned_abs() <= self.max_offset_ms)
+    }
+}
+
+/// Notices a step of the wall clock (an operator or NTP setting it, a VM resumed):
+/// the wall clock moving more than `tolerance_ms` away from the monotonic clock
+/// between two looks. Pure: both clocks are passed in.
+#[derive(Debug, Clone)]
+pub struct StepDetector {
+    tolerance_ms: u64,
+    last: Option<(u64, u64)>,
+}
+
+impl StepDetector {
+    /// A detector that has not looked yet.
+    pub fn new(tolerance_ms: u64) -> StepDetector {
+        StepDetector { tolerance_ms, last: None }
+    }
+
+    /// Looks at the clocks (monotonic ms, wall ms); returns the step in ms (wall minus
+    /// monotonic progress) when it exceeds the tolerance.
+    pub fn look(&mut self, mono_ms: u64, wall_ms: u64) -> Option<i64> {
+        let step = self.last.map(|(m, w)| {
+            let wall = i128::from(wall_ms) - i128::from(w);
+            let mono = i128::from(mono_ms) - i128::from(m);
+            (wall - mono).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+        });
+        self.last = Some((mono_ms, wall_ms));
+        step.filter(|s| s.unsigned_abs() > self.tolerance_ms)
     }
 }
 
@@ -175,17 +228,47 @@ mod tests {
     }
 
     #[test]
-    fn two_nodes_that_disagree_blame_neither() {
+    fn two_nodes_that_disagree_blame_neither_but_are_not_decisive() {
         let mut c = ClockOffsets::new(500);
         c.record("b", sample(T, 2, 30_000));
         assert_eq!(c.update(&["b"]), Some(0));
         assert!(c.ok());
+        assert!(!c.decisive(), "a tie between clocks 30 s apart settles nothing");
+        let mut agree = ClockOffsets::new(500);
+        agree.record("b", sample(T, 2, 120));
+        agree.update(&["b"]);
+        assert!(agree.ok() && agree.decisive());
+    }
+
+    #[test]
+    fn a_node_found_off_is_not_cleared_by_a_tie() {
+        let mut c = ClockOffsets::new(500);
+        for p in ["b", "c", "d"] {
+            c.record(p, sample(T, 2, -30_000));
+        }
+        assert_eq!(c.update(&["b", "c", "d"]), Some(30_000));
+        // Two peers go down: a tie between itself and one peer 30 s apart.
+        assert_eq!(c.update(&["b"]), Some(30_000));
+        assert!(!c.ok());
+    }
+
+    #[test]
+    fn a_wall_clock_step_is_noticed() {
+        let mut d = StepDetector::new(250);
+        assert_eq!(d.look(1_000, T), None, "the first look has nothing to compare");
+        assert_eq!(d.look(2_000, T + 1_000), None);
+        assert_eq!(d.look(3_000, T + 2_100), None, "100 ms of slew is within tolerance");
+        assert_eq!(d.look(4_000, T + 33_100), Some(30_000), "stepped 30 s ahead");
+        assert_eq!(d.look(5_000, T + 4_100), Some(-30_000), "and back");
     }
 
     #[test]
     fn a_slow_round_trip_is_not_a_sample() {
         let mut c = ClockOffsets::new(500);
         assert!(!c.record("b", sample(T, 5_000, 2_500)), "a paused peer answered late");
+        assert!(!c.record("b", sample(T, 251, 0)), "error up to 125 ms: too coarse for a 500 ms bound");
+        assert!(c.record("b", sample(T, 250, 0)));
+        c.reset();
         assert_eq!(c.update(&["b"]), None);
         assert!(c.ok(), "nothing known: writes are taken");
     }

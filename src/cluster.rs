@@ -4,19 +4,19 @@
 //! lock that is never held across an await.
 //!
 //! Node-to-node endpoints (documented in README "Internal endpoints"):
-//! - `POST /members/join`: body: the joiner's [`MemberInfo`]; answer: the member list
+//! - `POST /internal/v2/join`: body: the joiner's [`MemberInfo`]; answer: the member list
 //!   and the seed's wall clock (200, a [`GossipMessage`]) or 409 when another live node
 //!   has the same `node_id`.
-//! - `POST /members/leave`: body: the leaver's entry with `left: true`.
-//! - `POST /internal/gossip`: body and answer `{"members": [MemberInfo...], "wall_ms"}`.
+//! - `POST /internal/v2/leave`: body: the leaver's entry with `left: true`.
+//! - `POST /internal/v2/gossip`: body and answer `{"members": [MemberInfo...], "wall_ms"}`.
 //!
 //! Each join and gossip answer is also a reading of the peer's wall clock
 //! ([`crate::clock::ClockOffsets`]): a node whose clock is found more than
 //! `max_clock_offset_ms` off the cluster's refuses client writes until it is right.
 
-use crate::clock::{ClockOffsets, ClockSample, now_ms};
+use crate::clock::{ClockOffsets, ClockSample, StepDetector, now_ms};
 use crate::membership::{Changes, JoinOutcome, MemberInfo, MemberView, Membership, Timeouts};
-use crate::peer::{PeerClient, PeerError};
+use crate::peer::{PeerClient, PeerError, routes};
 use crate::shutdown::Shutdown;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -79,7 +79,8 @@ struct ClockGate {
     /// `i64::MIN`: not measured.
     offset: AtomicI64,
     ok: AtomicBool,
-    /// The first join round (through every seed once) is over.
+    /// The clock has been judged: a decisive estimate, or a round with every alive
+    /// peer that gave no usable reading (nothing to judge by).
     checked: AtomicBool,
     /// When the last "clock off" line was logged (at most one a minute).
     logged: Mutex<Option<Instant>>,
@@ -178,11 +179,14 @@ impl Cluster {
     fn refresh_clock(&self) {
         let alive = self.alive_peers();
         let alive: Vec<&str> = alive.iter().map(|p| p.address.as_str()).collect();
-        let (estimate, ok) = {
+        let (estimate, ok, decisive) = {
             let mut offsets = self.clock.offsets.lock().unwrap_or_else(|p| p.into_inner());
-            (offsets.update(&alive), offsets.ok())
+            (offsets.update(&alive), offsets.ok(), offsets.decisive())
         };
         let Some(offset) = estimate else { return };
+        if decisive {
+            self.clock.checked.store(true, Ordering::Relaxed);
+        }
         self.clock.offset.store(offset, Ordering::Relaxed);
         let was_ok = self.clock.ok.swap(ok, Ordering::Relaxed);
         let mut logged = self.clock.logged.lock().unwrap_or_else(|p| p.into_inner());
@@ -358,7 +362,7 @@ impl Cluster {
         }
     }
 
-    /// Handles `POST /members/join`.
+    /// Handles `POST /internal/v2/join`.
     pub fn handle_join(&self, info: MemberInfo) -> Result<GossipMessage, String> {
         let now = self.now();
         let id = info.id.clone();
@@ -377,14 +381,14 @@ impl Cluster {
         }
     }
 
-    /// Handles `POST /members/leave`.
+    /// Handles `POST /internal/v2/leave`.
     pub fn handle_leave(&self, info: MemberInfo) {
         let now = self.now();
         let changes = self.lock().merge([info], now);
         self.log_changes(&changes, "leave");
     }
 
-    /// Handles `POST /internal/gossip`: merge, answer with what we know.
+    /// Handles `POST /internal/v2/gossip`: merge, answer with what we know.
     pub fn handle_gossip(&self, msg: GossipMessage) -> GossipMessage {
         let now = self.now();
         let mut m = self.lock();
@@ -415,13 +419,12 @@ impl Cluster {
                     m.me().clone()
                 };
                 let sent = now_ms();
-                match self.client.post_json::<_, GossipMessage>(seed, "/members/join", &me, CALL_TIMEOUT).await {
+                match self.client.post_json::<_, GossipMessage>(seed, routes::JOIN, &me, CALL_TIMEOUT).await {
                     Ok(answer) => {
                         let members = answer.members.len();
                         self.take_news(answer.members, "join");
                         self.note_clock(seed, sent, answer.wall_ms);
-                        self.first_clock_round().await;
-                        self.clock.checked.store(true, Ordering::Relaxed);
+                        self.clock_round().await;
                         tracing::info!(seed = %seed, members, "joined the cluster");
                         return Ok(());
                     }
@@ -446,10 +449,13 @@ impl Cluster {
         }
     }
 
-    /// Right after joining, one gossip exchange with every alive peer at once (each
-    /// bounded by [`CALL_TIMEOUT`]): the clock is judged against the whole cluster
-    /// before the first client write, not against the one seed that answered.
-    async fn first_clock_round(self: &Arc<Self>) {
+    /// One gossip exchange with every alive peer at once (each bounded by
+    /// [`CALL_TIMEOUT`]), right after joining and after the wall clock stepped: the
+    /// clock is judged against the whole cluster before the next client write, not
+    /// against the one seed that answered. If the readings leave only an unsettled tie
+    /// the node stays unchecked (no client writes) until gossip brings a majority; if
+    /// no peer gave a usable reading there is nothing to judge by and it takes writes.
+    async fn clock_round(self: &Arc<Self>) {
         let payload = {
             let mut m = self.lock();
             self.refresh_facts(&mut m);
@@ -461,13 +467,44 @@ impl Cluster {
             exchanges.spawn(async move { cluster.exchange(&peer.address, &payload).await });
         }
         while exchanges.join_next().await.is_some() {}
+        let sampled = self.clock.offsets.lock().unwrap_or_else(|p| p.into_inner()).estimate().is_some();
+        if !sampled {
+            if !self.clock.checked.swap(true, Ordering::Relaxed) {
+                tracing::warn!("no peer gave a usable clock reading: taking writes without a clock check");
+            }
+        } else if !self.clock.checked.load(Ordering::Relaxed) {
+            tracing::warn!(
+                "this node's clock and its peers' disagree with no majority either way: \
+                 client writes wait until more peers are reachable"
+            );
+        }
+    }
+
+    /// Every second, looks for a step of the wall clock; after one, forgets every clock
+    /// reading, takes no client write, and judges the clock again with every alive
+    /// peer.
+    pub async fn clock_watch_loop(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut detector = StepDetector::new(self.clock.max_offset_ms / 2);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.wait() => return,
+            }
+            let Some(step) = detector.look(self.now(), now_ms()) else { continue };
+            tracing::warn!(step_ms = step, "the wall clock stepped: judging it against the peers again");
+            self.clock.offsets.lock().unwrap_or_else(|p| p.into_inner()).reset();
+            self.clock.checked.store(false, Ordering::Relaxed);
+            self.clock.ok.store(true, Ordering::Relaxed);
+            self.clock.offset.store(i64::MIN, Ordering::Relaxed);
+            self.clock_round().await;
+        }
     }
 
     /// One gossip exchange with the node at `target`: send what we know, take its
     /// news and its clock reading.
     async fn exchange(&self, target: &str, msg: &GossipMessage) {
         let sent = now_ms();
-        match self.client.post_json::<_, GossipMessage>(target, "/internal/gossip", msg, CALL_TIMEOUT).await {
+        match self.client.post_json::<_, GossipMessage>(target, routes::GOSSIP, msg, CALL_TIMEOUT).await {
             Ok(answer) => {
                 self.take_news(answer.members, "gossip");
                 self.note_clock(target, sent, answer.wall_ms);
@@ -528,7 +565,7 @@ impl Cluster {
             let bye = bye.clone();
             calls.spawn(async move {
                 let r =
-                    client.post_json::<_, serde_json::Value>(&peer.address, "/members/leave", &bye, CALL_TIMEOUT).await;
+                    client.post_json::<_, serde_json::Value>(&peer.address, routes::LEAVE, &bye, CALL_TIMEOUT).await;
                 if let Err(e) = r {
                     tracing::debug!(peer = %peer.id, error = %e, "leave announcement failed");
                 }

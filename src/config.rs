@@ -15,6 +15,9 @@ use std::time::Duration;
 pub const MAX_VALUE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
 /// Default `max_clock_offset_ms` (CockroachDB's default maximum offset is 500 ms too).
 pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 500;
+/// Smallest `max_clock_offset_ms` accepted: clock readings need a round trip under
+/// half of it, and below 10 ms most would be too coarse to judge by.
+pub const MIN_CLOCK_OFFSET_MS: u64 = 10;
 /// Largest `max_clock_offset_ms` accepted: one minute. A larger bound would let one
 /// wrong clock order writes against real time by more than any client would accept.
 pub const MAX_CLOCK_OFFSET_LIMIT_MS: u64 = 60_000;
@@ -415,10 +418,13 @@ impl RawConfig {
                 format!("must be between 1 and {MAX_VALUE_BYTES_LIMIT}, got {}", self.max_value_bytes),
             );
         }
-        if !(1..=MAX_CLOCK_OFFSET_LIMIT_MS).contains(&self.max_clock_offset_ms) {
+        if !(MIN_CLOCK_OFFSET_MS..=MAX_CLOCK_OFFSET_LIMIT_MS).contains(&self.max_clock_offset_ms) {
             return field_err(
                 "max_clock_offset_ms",
-                format!("must be between 1 and {MAX_CLOCK_OFFSET_LIMIT_MS}, got {}", self.max_clock_offset_ms),
+                format!(
+                    "must be between {MIN_CLOCK_OFFSET_MS} and {MAX_CLOCK_OFFSET_LIMIT_MS}, got {}",
+                    self.max_clock_offset_ms
+                ),
             );
         }
         let trusted_proxies = self
@@ -520,7 +526,7 @@ fetch_delay_ms: 50
 max_value_bytes: 1048576
 # sync: acknowledge writes after fsync (group commit); buffer: after the OS has them.
 durability: sync
-# Largest clock offset tolerated, in milliseconds (1 to 60000). A node never moves its
+# Largest clock offset tolerated, in milliseconds (10 to 60000). A node never moves its
 # version clock more than this ahead of its wall clock to follow a peer, and a node
 # whose clock is further than this from its alive peers' median refuses client writes
 # (503) until it is right. Keep the nodes' clocks in sync (NTP) well within it.
@@ -600,6 +606,7 @@ mod tests {
         assert_eq!(key_of("removal_timeout: 300").as_deref(), Some("removal_timeout"));
         assert_eq!(key_of("tombstone_grace_hours: 0").as_deref(), Some("tombstone_grace_hours"));
         assert_eq!(key_of("max_clock_offset_ms: 0").as_deref(), Some("max_clock_offset_ms"));
+        assert_eq!(key_of("max_clock_offset_ms: 9").as_deref(), Some("max_clock_offset_ms"));
         assert_eq!(key_of("max_clock_offset_ms: 60001").as_deref(), Some("max_clock_offset_ms"));
         assert_eq!(key_of("max_clock_offset_ms: -5").as_deref(), Some("max_clock_offset_ms"));
         assert_eq!(key_of("trusted_proxies: [\"nginx\"]").as_deref(), Some("trusted_proxies"));

@@ -44,7 +44,7 @@
 //!
 //! # A replicated write
 //! After the commit, the handler gives the record to [`push::Pusher`], which batches it
-//! to every alive peer's `POST /internal/push`. The peer decodes and checks the batch
+//! to every alive peer's `POST /internal/v2/push`. The peer decodes and checks the batch
 //! ([`wire::decode`]) and hands it to its writer as an `apply`: the newer version wins
 //! ([`merge::decide_apply`]), the node's clock follows it unless it is beyond the
 //! bound ([`hlc::Hlc::observe`]); its summary leaf changes in the same batch. Records a push

@@ -282,6 +282,7 @@ async fn serve(
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(cluster.clone().gossip_loop(shutdown.clone()));
+    tasks.spawn(cluster.clone().clock_watch_loop(shutdown.clone()));
     tasks.spawn(push::run(push_queue, cluster.clone(), stats, shutdown.clone()));
     tasks.spawn(resolve::run(collisions, voting, shutdown.clone()));
     tasks.spawn(replication.clone().sync_loop(shutdown.clone()));

@@ -16,13 +16,46 @@ use std::time::Duration;
 /// on every exchange of records, both ways.
 pub const LAST_CONTACT_HEADER: &str = "x-kvs-last-contact";
 
+/// Every node-to-node route. The protocol version is part of the path: a node of
+/// another version does not route the request, so it can never act on a message it
+/// would misread (kvs before the HLC merged any member entry it was sent, and took a
+/// future `gc_horizon` for a reason to discard its data). Paths of protocol 1 are
+/// answered 400 with one log line a minute ([`crate::api`]).
+pub mod routes {
+    /// What every route of this protocol version starts with.
+    pub const PREFIX: &str = "/internal/v2/";
+    /// `POST`: a node asks to join; the answer is the member list and a clock reading.
+    pub const JOIN: &str = "/internal/v2/join";
+    /// `POST`: a node announces it leaves.
+    pub const LEAVE: &str = "/internal/v2/leave";
+    /// `POST`: a gossip exchange.
+    pub const GOSSIP: &str = "/internal/v2/gossip";
+    /// `POST`: a record batch to apply.
+    pub const PUSH: &str = "/internal/v2/push";
+    /// `POST`: which versions are held at a collision's timestamp.
+    pub const VOTE: &str = "/internal/v2/vote";
+    /// `GET`: the 256 level-1 summary hashes.
+    pub const LEVEL1: &str = "/internal/v2/sync/level1";
+    /// `POST`: the leaf hashes under some level-1 indices.
+    pub const LEAVES: &str = "/internal/v2/sync/leaves";
+    /// `POST`: the versions held in some leaves.
+    pub const VERSIONS: &str = "/internal/v2/sync/versions";
+    /// `POST`: the records of some paths.
+    pub const FETCH: &str = "/internal/v2/sync/fetch";
+    /// `GET`: writes after a cursor, oldest first.
+    pub const SINCE: &str = "/internal/v2/since";
+    /// `GET`: versions newest first.
+    pub const NEWEST: &str = "/internal/v2/newest";
+}
+
 /// Header carrying the node-to-node protocol version, on every internal request and
 /// on every answer.
 pub const WIRE_HEADER: &str = "x-kvs-wire";
-/// The node-to-node protocol version this kvs speaks. 1 (no header): timestamps in
-/// Unix ms; 2: HLC timestamps ([`crate::hlc`]). Versions are never mixed: a record's
-/// timestamp means something else in each, so a peer of another version is refused
-/// both ways (README "Upgrading").
+/// The node-to-node protocol version this kvs speaks. 1 (no header, paths without a
+/// version): timestamps in Unix ms; 2: HLC timestamps ([`crate::hlc`]), paths under
+/// [`routes::PREFIX`]. Versions are never mixed: a record's timestamp means something
+/// else in each, so a peer of another version is refused both ways (README
+/// "Upgrading").
 pub const WIRE_VERSION: u32 = 2;
 
 /// The wire version a request or answer declares (1 when it declares none).

@@ -7,6 +7,7 @@
 //! fills only its own queue, so it never holds back the others.
 
 use crate::cluster::Cluster;
+use crate::peer::routes;
 use crate::record::Record;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -119,8 +120,7 @@ async fn send_to_peer(
             body.extend_from_slice(&b);
         }
         let lc = cluster.last_contact();
-        match cluster.client().exchange(Method::POST, &address, "/internal/push", body.freeze(), PUSH_TIMEOUT, lc).await
-        {
+        match cluster.client().exchange(Method::POST, &address, routes::PUSH, body.freeze(), PUSH_TIMEOUT, lc).await {
             Ok(_) => stats.pushed.add(records as u64),
             Err(e) => {
                 stats.push_failed.add(1);

@@ -3,7 +3,7 @@
 //! Whoever applies a record and finds a collision reports it here ([`Resolver::report`],
 //! never waiting: a full queue drops it, and the next sync finds it again). One task
 //! works through the queue in rounds of up to [`ROUND`] paths: it asks every alive
-//! member which version it holds for each path (`POST /internal/vote`, one request per
+//! member which version it holds for each path (`POST /internal/v2/vote`, one request per
 //! member per round, each with a timeout; a member that does not answer does not
 //! vote), adds its own vote, tallies, stores the winner if it held a loser, and pushes
 //! the winner so that the other holders of a loser find the collision and vote too.
@@ -13,6 +13,7 @@
 
 use crate::cluster::Cluster;
 use crate::conflict::{Vote, tally};
+use crate::peer::routes;
 use crate::push::Pusher;
 use crate::record::Record;
 use crate::shutdown::Shutdown;
@@ -43,7 +44,7 @@ pub struct Collision {
     incoming: Record,
 }
 
-/// Body of `POST /internal/vote`.
+/// Body of `POST /internal/v2/vote`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VoteRequest {
     /// The paths to vote on.
@@ -59,7 +60,7 @@ pub struct Held {
     pub uuid: Uuid,
 }
 
-/// Answer of `POST /internal/vote`: one entry per path, `null` when nothing is held.
+/// Answer of `POST /internal/v2/vote`: one entry per path, `null` when nothing is held.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VoteAnswer {
     /// In the order of the request's paths.
@@ -155,7 +156,7 @@ impl Voting {
             let request = request.clone();
             calls.spawn(async move {
                 let answer =
-                    client.post_json::<_, VoteAnswer>(&peer.address, "/internal/vote", &*request, VOTE_TIMEOUT).await;
+                    client.post_json::<_, VoteAnswer>(&peer.address, routes::VOTE, &*request, VOTE_TIMEOUT).await;
                 (peer, answer)
             });
         }
@@ -231,7 +232,8 @@ impl Voting {
             .collect();
         tracing::info!(
             path = %c.path,
-            timestamp = ts,
+            timestamp = crate::hlc::ms(ts),
+            version = ts,
             versions = %serde_json::json!(candidates.iter().map(Uuid::to_string).collect::<Vec<_>>()),
             votes = %serde_json::Value::Object(vote_map),
             winner = %winner.uuid,
@@ -258,8 +260,7 @@ impl Voting {
             .collect();
         for peer in self.cluster.alive_peers().into_iter().filter(|p| holders.contains(&p.id)) {
             let body = bytes::Bytes::from(serde_json::to_vec(&[path]).ok()?);
-            let Ok(answer) =
-                self.cluster.client().post_bytes(&peer.address, "/internal/sync/fetch", body, VOTE_TIMEOUT).await
+            let Ok(answer) = self.cluster.client().post_bytes(&peer.address, routes::FETCH, body, VOTE_TIMEOUT).await
             else {
                 continue;
             };

@@ -161,7 +161,9 @@ struct Inner {
     counts: Counts,
     /// Leaf hashes, as committed.
     leaves: Mutex<Vec<u64>>,
-    /// Newest timestamp held (0 when empty).
+    /// Newest timestamp held (0 when empty), leaving out versions that were more than
+    /// `max_clock_offset_ms` ahead of the wall clock when stored: one record from a
+    /// node with a clock far ahead must not make catch-up skip every later write.
     newest: AtomicU64,
     /// Tombstones up to this timestamp may have been purged.
     gc_horizon: AtomicU64,
@@ -382,7 +384,9 @@ impl Store {
                 _ => return Err(StoreError::Corrupt("undecodable summary entry".into())),
             }
         }
-        let newest = match by_time.last_key_value() {
+        // The newest version not from the future (see `Inner::newest`).
+        let present = hlc::from_ms(now_ms().saturating_add(max_clock_offset_ms).saturating_add(1));
+        let newest = match by_time.range(..present.to_be_bytes()).next_back() {
             Some(g) => split_time_key(&g.key().map_err(io)?)?.0,
             None => 0,
         };
@@ -601,7 +605,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Newest timestamp held (0 when empty).
+    /// Newest timestamp held (0 when empty), not counting versions from the future.
     pub fn newest_timestamp(&self) -> u64 {
         self.inner.newest.load(Ordering::Relaxed)
     }
@@ -888,7 +892,7 @@ impl WriterState {
             };
             results.push(r);
         }
-        let committed = self.commit(&changes, &meta, horizon);
+        let committed = self.commit(&changes, &meta, horizon, now_ms());
         if let Err(e) = &committed {
             self.clock = clock_before;
             let e = self.store.fail(e.clone());
@@ -1009,6 +1013,7 @@ impl WriterState {
         changes: &HashMap<String, Change>,
         meta: &[(String, Bytes)],
         horizon: u64,
+        wall: u64,
     ) -> Result<(), StoreError> {
         let inner = &self.store.inner;
         let mut batch = inner.db.batch().durability(Some(self.mode));
@@ -1040,7 +1045,9 @@ impl WriterState {
                             live += 1
                         }
                         xor_leaf(path, after);
-                        newest = newest.max(after.timestamp);
+                        if !self.clock.is_future(after.timestamp, wall) {
+                            newest = newest.max(after.timestamp);
+                        }
                         batch.insert(&inner.records, path.as_str(), after.encode());
                         batch.insert(&inner.by_time, time_key(after.timestamp, path), uuid_kind(after));
                         batch.insert(&inner.by_bucket, bucket_key(path), bucket_version(after));

@@ -17,16 +17,16 @@
 //!   tombstones past that time, discards the records that might have missed their
 //!   delete and bootstraps again (the stale rule in [`crate::antientropy`]).
 //!
-//! Node-to-node endpoints (README "Internal endpoints"): `POST /internal/push`,
-//! `GET /internal/sync/level1`, `POST /internal/sync/leaves`, `POST
-//! /internal/sync/versions`, `POST /internal/sync/fetch`, `GET /internal/since`, `GET
-//! /internal/newest`.
+//! Node-to-node endpoints (README "Internal endpoints"): `POST /internal/v2/push`,
+//! `GET /internal/v2/sync/level1`, `POST /internal/v2/sync/leaves`, `POST
+//! /internal/v2/sync/versions`, `POST /internal/v2/sync/fetch`, `GET /internal/v2/since`, `GET
+//! /internal/v2/newest`.
 
 use crate::antientropy::{self, FANOUT, LEAVES, Version};
 use crate::clock::now_ms;
 use crate::cluster::Cluster;
 use crate::hlc;
-use crate::peer::PeerError;
+use crate::peer::{PeerError, routes};
 use crate::record::Record;
 use crate::resolve::Resolver;
 use crate::shutdown::Shutdown;
@@ -259,7 +259,7 @@ impl Replication {
         self.stats.sync_bytes.add(body.len() as u64);
         let lc = self.cluster.last_contact();
         let (answer, theirs) =
-            self.cluster.client().exchange(Method::POST, peer, "/internal/sync/fetch", body, DATA_TIMEOUT, lc).await?;
+            self.cluster.client().exchange(Method::POST, peer, routes::FETCH, body, DATA_TIMEOUT, lc).await?;
         self.stats.sync_bytes.add(answer.len() as u64);
         let records = wire::decode(answer, self.config.max_value_bytes).map_err(protocol)?;
         let n = records.len();
@@ -273,14 +273,14 @@ impl Replication {
         let body = wire::encode(records.iter().map(|(p, r)| (p.as_str(), r)));
         self.stats.sync_bytes.add(body.len() as u64);
         let lc = self.cluster.last_contact();
-        self.cluster.client().exchange(Method::POST, peer, "/internal/push", body, DATA_TIMEOUT, lc).await?;
+        self.cluster.client().exchange(Method::POST, peer, routes::PUSH, body, DATA_TIMEOUT, lc).await?;
         Ok(records.len())
     }
 
     /// One regular sync round with `peer`; returns (fetched, sent).
     pub async fn sync_with(&self, peer: &str) -> Result<(usize, usize), SyncError> {
         let client = self.cluster.client();
-        let theirs = client.fetch(Method::GET, peer, "/internal/sync/level1", Bytes::new(), DATA_TIMEOUT).await?;
+        let theirs = client.fetch(Method::GET, peer, routes::LEVEL1, Bytes::new(), DATA_TIMEOUT).await?;
         self.stats.sync_bytes.add(theirs.len() as u64);
         let tops = antientropy::differing(&self.store.level1(), &decode_hashes(&theirs).map_err(protocol)?);
         if tops.is_empty() {
@@ -288,7 +288,7 @@ impl Replication {
         }
         let body = Bytes::from(serde_json::to_vec(&tops).map_err(protocol)?);
         self.stats.sync_bytes.add(body.len() as u64);
-        let theirs = client.post_bytes(peer, "/internal/sync/leaves", body, DATA_TIMEOUT).await?;
+        let theirs = client.post_bytes(peer, routes::LEAVES, body, DATA_TIMEOUT).await?;
         self.stats.sync_bytes.add(theirs.len() as u64);
         let per = LEAVES / FANOUT;
         let theirs = decode_hashes(&theirs).map_err(protocol)?;
@@ -304,7 +304,7 @@ impl Replication {
         for chunk in leaves.chunks(LEAF_CHUNK) {
             let body = Bytes::from(serde_json::to_vec(chunk).map_err(protocol)?);
             self.stats.sync_bytes.add(body.len() as u64);
-            let answer = client.post_bytes(peer, "/internal/sync/versions", body, DATA_TIMEOUT).await?;
+            let answer = client.post_bytes(peer, routes::VERSIONS, body, DATA_TIMEOUT).await?;
             self.stats.sync_bytes.add(answer.len() as u64);
             let theirs: Vec<Version> = serde_json::from_slice(&answer).map_err(protocol)?;
             let store = self.store.clone();
@@ -375,7 +375,8 @@ impl Replication {
         let mut total = 0;
         loop {
             let q = format!(
-                "/internal/since?after_ts={}&after_path={}&limit={PAGE}",
+                "{}?after_ts={}&after_path={}&limit={PAGE}",
+                routes::SINCE,
                 cursor.0,
                 crate::path::percent_encode(&cursor.1)
             );
@@ -523,7 +524,7 @@ impl Replication {
         cursor: Option<&(u64, String)>,
         min_ts: u64,
     ) -> Result<(Vec<String>, Option<(u64, String)>, bool), SyncError> {
-        let mut q = format!("/internal/newest?min_ts={min_ts}&limit={PAGE}");
+        let mut q = format!("{}?min_ts={min_ts}&limit={PAGE}", routes::NEWEST);
         if let Some((ts, p)) = cursor {
             q.push_str(&format!("&before_ts={ts}&before_path={}", crate::path::percent_encode(p)));
         }
@@ -594,6 +595,11 @@ impl Replication {
             self.cluster.clear_stale(horizon);
             self.persist_contact(true).await?;
             return self.bootstrap(shutdown).await;
+        }
+        // A node whose clock is off (or not yet judged) purges nothing: with a clock
+        // far ahead it would purge early and make every peer discard its data.
+        if self.cluster.clock_refusal().is_some() {
+            return self.persist_contact(false).await;
         }
         let floor = self.tombstone_floor();
         loop {

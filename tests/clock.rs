@@ -18,7 +18,7 @@ fn push(addr: &str, path: &str, record: &kvs::record::Record) -> Resp {
     let mut body = bytes::BytesMut::new();
     kvs::wire::put(&mut body, path, record);
     let mut req = format!(
-        "POST /internal/push HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: 2\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST /internal/v2/push HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: 2\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();

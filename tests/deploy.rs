@@ -287,8 +287,13 @@ fn behind_nginx_with_tls() {
     assert_eq!(n.get("/kv/lit/%252e%252e").text(), "2");
     assert_eq!(curl(p, "PUT", "/kv/a/%2e%2e/b", &["-d", "3"]).0, 400, "kvs still judges the key");
     // Internal endpoints are refused at the proxy, however the path is spelled.
-    for path in ["/internal/gossip", "/members/join", "/members/", "/kv/../internal/gossip", "/kv/%2e%2e/internal/push"]
-    {
+    for path in [
+        "/internal/v2/gossip",
+        "/members/join",
+        "/members/",
+        "/kv/../internal/v2/gossip",
+        "/kv/%2e%2e/internal/v2/push",
+    ] {
         let (status, body) = curl(p, "POST", path, &["-d", "{}"]);
         assert!(status == 404 || status == 400, "{path}: {status} {body}");
         assert!(!body.contains("members"), "{path} reached kvs: {body}");

@@ -99,7 +99,7 @@ fn duplicate_node_id_is_refused() {
     wait_members_alive(&n1, &["n1", "n2"]);
     let join = br#"{"id":"n1","uid":"x","address":"127.0.0.1:9","joined_timestamp":1,"incarnation":1,"heartbeat":0}"#;
     let mut req = format!(
-        "POST /members/join HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: 2\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST /internal/v2/join HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: 2\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         join.len()
     )
     .into_bytes();
@@ -107,12 +107,15 @@ fn duplicate_node_id_is_refused() {
     let r = raw(&n1.addr, &req, false);
     r.assert_error(409);
     assert!(r.text().contains("already used"), "{}", r.text());
-    // The same join from a peer of another protocol version (no header: kvs 0.1) is
-    // refused for that reason, with one log line.
+    // The same join from a node of protocol 1 (kvs before the HLC: its path, no
+    // header) is refused for that reason, with 400 (a 409 made such a node exit), and
+    // one log line; so is a versioned path without the header.
     let r = http(&n1.addr, "POST", "/members/join", Some(join));
-    r.assert_error(409);
+    r.assert_error(400);
     assert!(r.text().contains("protocol version 1 refused"), "{}", r.text());
     assert_eq!(r.header("x-kvs-wire"), Some("2"));
+    http(&n1.addr, "POST", "/internal/gossip", Some(br#"{"members":[]}"#)).assert_error(400);
+    http(&n1.addr, "POST", "/internal/v2/gossip", Some(br#"{"members":[]}"#)).assert_error(400);
     wait_for(DEADLINE, "the refusal logged", || {
         n1.log().contains("node-to-node protocol version 1 refused").then_some(())
     });

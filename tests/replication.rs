@@ -244,7 +244,7 @@ fn read_only_nodes_take_replicated_writes_and_bad_batches_are_refused_whole() {
     kvs::wire::put(&mut body, "fine/key", &good);
     kvs::wire::put(&mut body, "bad/../key", &good);
     let mut req = format!(
-        "POST /internal/push HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: 2\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST /internal/v2/push HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: 2\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
