@@ -17,13 +17,7 @@ fn version_of(r: &Resp) -> u64 {
 fn push(addr: &str, path: &str, record: &kvs::record::Record) -> Resp {
     let mut body = bytes::BytesMut::new();
     kvs::wire::put(&mut body, path, record);
-    let mut req = format!(
-        "POST /internal/v2/push HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: 2\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(&body);
-    raw(addr, &req, false)
+    peer_post(addr, kvs::peer::routes::PUSH, &body)
 }
 
 #[test]

@@ -243,13 +243,7 @@ fn read_only_nodes_take_replicated_writes_and_bad_batches_are_refused_whole() {
     let mut body = bytes::BytesMut::new();
     kvs::wire::put(&mut body, "fine/key", &good);
     kvs::wire::put(&mut body, "bad/../key", &good);
-    let mut req = format!(
-        "POST /internal/v2/push HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: 2\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(&body);
-    raw(&n1.addr, &req, false).assert_error(400);
+    peer_post(&n1.addr, kvs::peer::routes::PUSH, &body).assert_error(400);
     n1.get("/kv/fine/key").assert_error(404);
 }
 

@@ -251,6 +251,18 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
     raw(addr, &bytes, method == "HEAD")
 }
 
+/// POSTs `body` to a node-to-node route the way a peer of this protocol version does.
+pub fn peer_post(addr: &str, route: &str, body: &[u8]) -> Resp {
+    let mut req = format!(
+        "POST {route} HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        kvs::peer::WIRE_VERSION,
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    raw(addr, &req, false)
+}
+
 /// Sends raw request bytes and reads the response until the server closes.
 pub fn raw(addr: &str, request: &[u8], head: bool) -> Resp {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
