@@ -15,6 +15,10 @@ use std::time::Duration;
 pub const MAX_VALUE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
 /// Default `max_clock_offset_ms` (CockroachDB's default maximum offset is 500 ms too).
 pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 500;
+/// `tombstone_grace_hours` is at least this many `sync_interval`s...
+pub const GRACE_SYNC_ROUNDS: u32 = 10;
+/// ...and this many `removal_timeout`s.
+pub const GRACE_REMOVALS: u32 = 2;
 /// Smallest `max_clock_offset_ms` accepted: clock readings need a round trip under
 /// half of it, and below 10 ms most would be too coarse to judge by.
 pub const MIN_CLOCK_OFFSET_MS: u64 = 10;
@@ -449,6 +453,22 @@ impl RawConfig {
                 format!("must exceed failure_timeout ({} <= {})", self.removal_timeout, self.failure_timeout),
             );
         }
+        let sync_interval = seconds("sync_interval", self.sync_interval)?;
+        let tombstone_grace = Duration::from_secs_f64(grace * 3600.0);
+        // A tombstone must outlive several sync rounds (or a delete that one round
+        // missed is purged before the next finds it), and a member's silence long
+        // enough to be removed (or a node that is merely down is treated as gone).
+        let floor = (sync_interval * GRACE_SYNC_ROUNDS).max(removal_timeout * GRACE_REMOVALS);
+        if tombstone_grace < floor {
+            return field_err(
+                "tombstone_grace_hours",
+                format!(
+                    "must be at least {GRACE_SYNC_ROUNDS} x sync_interval and {GRACE_REMOVALS} x removal_timeout \
+                     ({:.6} hours with these settings), got {grace}",
+                    floor.as_secs_f64() / 3600.0
+                ),
+            );
+        }
         Ok(Config {
             node_id,
             bind_address,
@@ -460,7 +480,7 @@ impl RawConfig {
             log_level: self.log_level,
             gossip_interval_min,
             gossip_interval_max,
-            sync_interval: seconds("sync_interval", self.sync_interval)?,
+            sync_interval,
             catchup_interval: seconds("catchup_interval", self.catchup_interval)?,
             bootstrap_max_age: Duration::from_secs_f64(hours * 3600.0),
             throttle_delay: Duration::from_millis(self.throttle_delay_ms),
@@ -469,7 +489,7 @@ impl RawConfig {
             durability: self.durability,
             failure_timeout,
             removal_timeout,
-            tombstone_grace: Duration::from_secs_f64(grace * 3600.0),
+            tombstone_grace,
             max_clock_offset_ms: self.max_clock_offset_ms,
             trusted_proxies,
         })
@@ -513,8 +533,9 @@ gossip_interval_max: 120
 sync_interval: 300
 # Pause between catch-up syncs while this node is behind, in seconds.
 catchup_interval: 120
-# Hours a delete's tombstone is kept before it is purged. A node away for longer
-# discards its records older than the cluster's purges and fetches them again.
+# Hours a delete's tombstone is kept before it is purged (at least 10 x sync_interval
+# and 2 x removal_timeout). A node away for longer discards its records older than the
+# cluster's purges and fetches them again.
 tombstone_grace_hours: 168
 # How far back (hours) a new node fetches before it serves writes.
 bootstrap_max_age_hours: 720
@@ -606,6 +627,13 @@ mod tests {
         assert_eq!(key_of("removal_timeout: 300").as_deref(), Some("removal_timeout"));
         assert_eq!(key_of("tombstone_grace_hours: 0").as_deref(), Some("tombstone_grace_hours"));
         assert_eq!(key_of("max_clock_offset_ms: 0").as_deref(), Some("max_clock_offset_ms"));
+        // 10 x a 300 s sync_interval is 0.83 h; 2 x a 600 s removal_timeout 0.33 h.
+        assert_eq!(key_of("tombstone_grace_hours: 0.8").as_deref(), Some("tombstone_grace_hours"));
+        assert!(parse("tombstone_grace_hours: 0.84").is_ok());
+        assert_eq!(
+            key_of("tombstone_grace_hours: 1\nremoval_timeout: 1900\nfailure_timeout: 400").as_deref(),
+            Some("tombstone_grace_hours")
+        );
         assert_eq!(key_of("max_clock_offset_ms: 9").as_deref(), Some("max_clock_offset_ms"));
         assert_eq!(key_of("max_clock_offset_ms: 60001").as_deref(), Some("max_clock_offset_ms"));
         assert_eq!(key_of("max_clock_offset_ms: -5").as_deref(), Some("max_clock_offset_ms"));

@@ -1,8 +1,10 @@
 //! One running node: opens storage, binds the port, starts every task, and stops them
 //! all in order on SIGINT/SIGTERM or a fatal error.
 //!
-//! Stop order: announce leave to peers, stop background tasks and the HTTP server
-//! (in-flight requests finish), then the storage writer finishes its queue and fsyncs.
+//! Stop order: the HTTP server stops taking requests and finishes those in flight;
+//! the pusher hands every queued write to the alive peers (at most
+//! [`crate::push::DRAIN_TIMEOUT`]); the node announces its leave; the background tasks
+//! stop; then the storage writer finishes its queue and fsyncs.
 
 use crate::clock::now_ms;
 use crate::cluster::{Cluster, DataFacts};
@@ -276,22 +278,27 @@ async fn serve(
         started: Instant::now(),
     });
     let (trigger, shutdown) = shutdown::channel();
+    // The server and the pusher stop first, in that order (see the stop order below).
+    let (server_trigger, server_shutdown) = shutdown::channel();
+    let (push_trigger, push_shutdown) = shutdown::channel();
     let (fatal_tx, mut fatal) = mpsc::channel::<NodeError>(1);
-    let server = tokio::spawn(server::serve(listener, app.clone(), shutdown.clone()));
+    let server = tokio::spawn(server::serve(listener, app.clone(), server_shutdown));
     tracing::info!(addr = %local, "listening");
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(cluster.clone().gossip_loop(shutdown.clone()));
     tasks.spawn(cluster.clone().clock_watch_loop(shutdown.clone()));
-    tasks.spawn(push::run(push_queue, cluster.clone(), stats, shutdown.clone()));
+    let pushes = tokio::spawn(push::run(push_queue, cluster.clone(), stats, push_shutdown));
     tasks.spawn(resolve::run(collisions, voting, shutdown.clone()));
     tasks.spawn(replication.clone().sync_loop(shutdown.clone()));
     tasks.spawn(replication.clone().catchup_loop(shutdown.clone()));
     tasks.spawn(replication.maintenance_loop(shutdown.clone(), maintenance_interval));
-    tasks.spawn(notifier.clone().watchdog_loop(shutdown.clone()));
     tasks.spawn(reload_on_hangup(app.clone(), reload, shutdown.clone()));
     // Storage is open and the port answers: tell systemd.
     notifier.send("READY=1\nSTATUS=serving");
+    // The watchdog pings from its first poll: started after READY=1, so READY=1 is
+    // always the first message systemd sees (it was a race on a busy machine).
+    tasks.spawn(notifier.clone().watchdog_loop(shutdown.clone()));
     let join_shutdown = shutdown.clone();
     let join_cluster = cluster.clone();
     tasks.spawn(async move {
@@ -307,12 +314,18 @@ async fn serve(
     };
     tracing::info!("shutting down");
     notifier.send("STOPPING=1\nSTATUS=shutting down");
+    // Stop order: finish every client request (so every acknowledged write is queued
+    // for push), hand the queued pushes to the alive peers (bounded by the drain
+    // time), say goodbye, then stop the background tasks.
+    server_trigger.trigger();
+    let _ = server.await;
+    push_trigger.trigger();
+    let _ = pushes.await;
     if failure.is_none() {
         cluster.announce_leave().await;
     }
     trigger.trigger();
     while tasks.join_next().await.is_some() {}
-    let _ = server.await;
     failure.map_or(Ok(()), Err)
 }
 

@@ -28,6 +28,8 @@ const PEER_QUEUE_BOUND: usize = 64;
 const MAX_BATCH: usize = 1_000;
 /// Timeout of one push request.
 pub const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a stopping node spends handing its queued writes to its peers.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The handle the API pushes writes through.
 #[derive(Clone)]
@@ -61,7 +63,11 @@ struct PeerLink {
     queue: mpsc::Sender<(usize, Bytes)>,
 }
 
-/// Dispatches queued writes to per-peer senders until shutdown.
+/// Dispatches queued writes to per-peer senders until `shutdown`; then drains: every
+/// write already queued is dispatched, and the senders get up to [`DRAIN_TIMEOUT`] to
+/// deliver what they hold. The node triggers this shutdown only after its HTTP server
+/// has finished every request, so every write it acknowledged is on its way to the
+/// alive peers before it leaves.
 pub async fn run(
     mut rx: mpsc::Receiver<(String, Record)>,
     cluster: Arc<Cluster>,
@@ -71,10 +77,22 @@ pub async fn run(
     let mut links: HashMap<String, PeerLink> = HashMap::new();
     let mut senders = JoinSet::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut draining = false;
     loop {
-        tokio::select! {
-            n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { break },
-            _ = shutdown.wait() => break,
+        if draining {
+            if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                break;
+            }
+        } else {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { break },
+                _ = shutdown.wait() => {
+                    // No new writes can come (the server is done): take what is queued.
+                    rx.close();
+                    draining = true;
+                    continue;
+                }
+            }
         }
         let records = batch.len();
         let peers = cluster.alive_peers();
@@ -102,7 +120,11 @@ pub async fn run(
         while senders.try_join_next().is_some() {}
     }
     drop(links);
-    senders.abort_all();
+    let delivered = tokio::time::timeout(DRAIN_TIMEOUT, async { while senders.join_next().await.is_some() {} }).await;
+    if delivered.is_err() {
+        tracing::warn!("stopping: some queued pushes not delivered within the drain time; sync will repair");
+        senders.abort_all();
+    }
 }
 
 /// Sends everything queued for one peer, coalescing queued batches into one request.

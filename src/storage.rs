@@ -323,10 +323,13 @@ impl Store {
     /// Opens (or creates) the database in `dir` and starts its writer thread.
     ///
     /// `dir` holds `LOCK` (kvs's own lock, taken first), `db/` (fjall) and
-    /// `db.created`, written once `db/` was created completely. fjall cannot reopen a
-    /// database whose creation was interrupted (a crash between its first files and its
-    /// version marker), so a `db/` without `db.created` is removed and created again:
-    /// it never held an acknowledged write.
+    /// `db.created`, written once `db/` was created completely; `db.creating` is
+    /// written before `db/` is created and removed after `db.created`. fjall cannot
+    /// reopen a database whose creation was interrupted (a crash between its first
+    /// files and its version marker), so a `db/` with `db.creating` and without
+    /// `db.created` is removed and created again: it never held an acknowledged write.
+    /// A `db/` with neither marker was not created here (a restore that copied only
+    /// `db/`, a lost marker) and is refused, never removed.
     ///
     /// A database written by an older kvs is upgraded in place first (see
     /// [`FORMAT_VERSION`]); one written by a newer kvs is refused. `max_clock_offset_ms`
@@ -350,20 +353,43 @@ impl Store {
         }
         let db_dir = dir.join("db");
         let created = dir.join("db.created");
-        if db_dir.exists() && !created.exists() {
+        let creating = dir.join("db.creating");
+        let durable_marker = |p: &Path| {
+            std::fs::File::create(p)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::File::open(dir)?.sync_all())
+                .map_err(|e| fs_err("create", p, e))
+        };
+        let fresh = !created.exists();
+        if fresh && db_dir.exists() {
+            if !creating.exists() {
+                // Not a creation kvs began: a restore that copied only db/, or a lost
+                // marker. It may hold the only copy of acknowledged writes: never wipe it.
+                return Err(StoreError::Io(format!(
+                    "{} exists but {} does not: it was not created by this data dir's kvs, or its marker \
+                     was lost (a restore that copied only db/). kvs will not touch it. If it is a complete \
+                     database, create the marker (touch {}) and start again; if not, remove {}",
+                    db_dir.display(),
+                    created.display(),
+                    created.display(),
+                    db_dir.display()
+                )));
+            }
             tracing::warn!(path = %db_dir.display(), "removing a database whose creation was interrupted");
             std::fs::remove_dir_all(&db_dir).map_err(|e| fs_err("remove", &db_dir, e))?;
+        }
+        if fresh {
+            // Marks "creation under way" before fjall writes anything, so a db/ without
+            // either marker is known not to be an interrupted creation.
+            durable_marker(&creating)?;
         }
         let db = Database::builder(&db_dir).open().map_err(|e| match io(e) {
             StoreError::Locked(_) => StoreError::Locked(dir.display().to_string()),
             other => other,
         })?;
-        let fresh = !created.exists();
         if fresh {
-            std::fs::File::create(&created)
-                .and_then(|f| f.sync_all())
-                .and_then(|()| std::fs::File::open(dir)?.sync_all())
-                .map_err(|e| fs_err("create", &created, e))?;
+            durable_marker(&created)?;
+            std::fs::remove_file(&creating).map_err(|e| fs_err("remove", &creating, e))?;
         }
         let records = db.keyspace("records", KeyspaceCreateOptions::default).map_err(io)?;
         let by_time = db.keyspace("by_time", KeyspaceCreateOptions::default).map_err(io)?;

@@ -439,8 +439,10 @@ impl Replication {
         let started = now_ms();
         let min_ts = hlc::from_ms(started.saturating_sub(self.config.bootstrap_max_age.as_millis() as u64));
         let mut cursor: Option<(u64, String)> = None;
-        // Paths listed but not yet fetched, and the peer that listed them.
-        let mut pending: Option<(String, Vec<String>)> = None;
+        // Paths listed but not yet fetched. They are fetched from whichever serving peer
+        // this round picked, not only from the one that listed them: a peer that fails
+        // (or dies) mid-bootstrap must not pin the node in mode `syncing`.
+        let mut pending: Option<Vec<String>> = None;
         let mut last_page = false;
         tracing::info!(min_ts, "bootstrap: started");
         while !(last_page && pending.is_none()) {
@@ -474,7 +476,7 @@ impl Replication {
             let mut fetch_shutdown = shutdown.clone();
             let fetch = async {
                 match &pending {
-                    Some((from, paths)) => self.fetch_and_apply(from, paths, &mut fetch_shutdown).await,
+                    Some(paths) => self.fetch_and_apply(&peer.address, paths, &mut fetch_shutdown).await,
                     None => Ok(()),
                 }
             };
@@ -482,7 +484,9 @@ impl Replication {
             match fetched {
                 Ok(()) => pending = None,
                 Err(SyncError::Store(e)) => return Err(e),
-                Err(SyncError::Peer(e)) => tracing::warn!(error = %e, "bootstrap fetch failed; retrying"),
+                Err(SyncError::Peer(e)) => {
+                    tracing::warn!(peer = %peer.id, error = %e, "bootstrap fetch failed; retrying with any serving peer")
+                }
             }
             match listed {
                 Ok(Some((lacking, next, short))) => {
@@ -491,8 +495,8 @@ impl Replication {
                     }
                     last_page = short;
                     match &mut pending {
-                        Some((_, paths)) => paths.extend(lacking),
-                        None => pending = Some((peer.address.clone(), lacking)),
+                        Some(paths) => paths.extend(lacking),
+                        None => pending = Some(lacking),
                     }
                 }
                 Ok(None) => {}

@@ -178,6 +178,7 @@ fn an_interrupted_first_start_does_not_brick_the_data_dir() {
     let db = dir.path().join("data/db");
     std::fs::create_dir_all(db.join("keyspaces")).unwrap();
     std::fs::write(db.join("0.jnl"), b"").unwrap();
+    std::fs::write(dir.path().join("data/db.creating"), b"").unwrap();
     let mut n = Node::start_in(dir.path(), "");
     assert_eq!(n.put("/kv/a", "1").status, 200);
     assert!(n.log().contains("creation was interrupted"));
@@ -199,4 +200,23 @@ fn a_stop_with_the_data_dir_removed_exits_1_instead_of_hanging() {
     let status = n.terminate();
     assert_eq!(status.code(), Some(1), "{}", n.log());
     assert!(n.log().contains("the data dir was removed"), "{}", n.log());
+}
+
+#[test]
+fn a_database_without_its_marker_is_refused_and_kept() {
+    // A restore that copied only db/ (or a lost marker): the data must survive.
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = Node::start_in(dir.path(), "");
+    assert_eq!(n.put("/kv/precious", "1").status, 200);
+    assert!(n.terminate().success());
+    std::fs::remove_file(dir.path().join("data/db.created")).unwrap();
+    let mut refused = Node::spawn_in(dir.path(), "");
+    let status = refused.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", refused.log());
+    assert!(refused.log().contains("kvs will not touch it"), "{}", refused.log());
+    assert!(dir.path().join("data/db").exists(), "the database is kept");
+    // With the marker back, everything is there.
+    std::fs::write(dir.path().join("data/db.created"), b"").unwrap();
+    n.restart();
+    assert_eq!(n.get("/kv/precious").text(), "1");
 }

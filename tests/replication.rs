@@ -168,8 +168,8 @@ fn a_fresh_node_bootstraps_gradually() {
 #[test]
 fn a_node_away_past_the_grace_period_does_not_resurrect_deletes() {
     let d = Dirs::new();
-    // Tombstones are kept 1.8 s.
-    let extra = "tombstone_grace_hours: 0.0005";
+    // Tombstones are kept 5 s (the shortest grace the config takes with these intervals).
+    let extra = "tombstone_grace_hours: 0.0014";
     let (n1, n2, mut n3) = three(&d, extra);
     n3.pin_port();
     assert_eq!(n1.put("/kv/doomed", "\"value\"").status, 200);
@@ -273,4 +273,78 @@ fn a_new_cluster_whose_nodes_all_seed_each_other_forms_and_serves() {
     assert_eq!(founders, 1, "exactly one node founds");
     assert_eq!(nodes[2].put("/kv/formed", "true").status, 200);
     wait_value(&nodes[0], "/kv/formed", Some("true"));
+}
+
+/// A PUT that reports a refused connection instead of panicking: the node may stop.
+fn try_put(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(DEADLINE)).ok()?;
+    let req = format!("PUT {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 1\r\n\r\n1");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    String::from_utf8_lossy(&buf).split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn a_stop_during_a_write_loop_pushes_every_acknowledged_write_first() {
+    let d = Dirs::new();
+    // No sync or catch-up within the test: n2 has only what n1 pushed.
+    let extra = "sync_interval: 60\ncatchup_interval: 60\ndurability: sync";
+    let mut n1 = d.start("n1", &[], extra);
+    let n2 = d.start("n2", &[&n1.addr], extra);
+    wait_members_alive(&n1, &["n1", "n2"]);
+    wait_normal(&n2);
+    // 16 writers until n1 refuses; the stop lands mid-loop, with requests in flight.
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let addr = n1.addr.clone();
+            std::thread::spawn(move || {
+                (0..)
+                    .map(|i| format!("/kv/loop/{w}/{i}"))
+                    .take_while(|path| try_put(&addr, path) == Some(200))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    wait_for(DEADLINE, "writes under way", || (n1.health()["keys"].as_u64()? > 300).then_some(()));
+    assert!(n1.terminate().success());
+    let acked: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    // n1 is gone: every write it acknowledged must already be on n2.
+    let missing: Vec<&String> = acked.iter().filter(|p| n2.get(p).status != 200).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes never reached n2: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+#[test]
+fn a_bootstrap_whose_source_dies_finishes_from_another_peer() {
+    let d = Dirs::new();
+    let mut n1 = d.start("n1", &[], "");
+    for i in 0..300 {
+        assert_eq!(n1.put(&format!("/kv/b/{i:03}"), "1").status, 200);
+    }
+    // n2 holds everything, then stops for a while.
+    let mut n2 = d.start("n2", &[&n1.addr], "");
+    wait_normal(&n2);
+    wait_keys(&n2, 300);
+    n2.pin_port();
+    assert!(n2.terminate().success());
+    // n3 lists the paths it lacks from n1 (the only serving peer), then waits 3 s
+    // before fetching them.
+    let n3 = d.start("n3", &[&n1.addr, &n2.addr], "fetch_delay_ms: 3000");
+    wait_for(DEADLINE, "n3 to list n1's versions", || {
+        (n3.health()["bootstrap"]["reached_back_to"].as_u64()? > 0).then_some(())
+    });
+    n1.kill9();
+    n2.restart();
+    // The listed paths come from n2: n3 is not pinned to the peer that listed them.
+    wait_normal(&n3);
+    wait_keys(&n3, 300);
+    assert_eq!(n3.put("/kv/b/after", "1").status, 200);
 }
