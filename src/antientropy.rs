@@ -156,7 +156,7 @@ mod tests {
     impl Model {
         /// The writer's own decision ([`decide_apply`]); collisions keep the local version.
         fn apply(&mut self, path: &str, r: &Record) {
-            if decide_apply(self.records.get(path), r, Floors::default()) == Decision::Store {
+            if decide_apply(self.records.get(path), None, r, Floors::default()) == Decision::Store {
                 self.records.insert(path.to_string(), r.clone());
             }
         }

@@ -313,7 +313,7 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
     let store = app.store.clone();
     // Only data coming in (push) and votes are served while this node may hold stale
     // records.
-    if path != routes::PUSH && path != routes::VOTE && !app.replication.ready() {
+    if path != routes::PUSH && path != routes::VOTE && path != routes::PURGE_CHECK && !app.replication.ready() {
         return Err(ApiError::Syncing);
     }
     match path.as_str() {
@@ -334,6 +334,17 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
             }
             let held = blocking(move || held(&store, &req.paths)).await?;
             Ok(json_response(StatusCode::OK, &json!(VoteAnswer { held })))
+        }
+        routes::PURGE_CHECK if post => {
+            let tombstones: Vec<(String, u64)> = read_json(req).await?;
+            if tombstones.len() > MAX_FETCH {
+                return Err(ApiError::BadRequest(format!("at most {MAX_FETCH} tombstones per purge check")));
+            }
+            for (p, _) in &tombstones {
+                validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
+            }
+            let safe = blocking(move || store.purge_safe(&tombstones)).await?;
+            Ok(json_response(StatusCode::OK, &json!(safe)))
         }
         routes::LEVEL1 if get => Ok(binary_response(encode_hashes(&store.level1()))),
         routes::LEAVES if post => {
@@ -381,7 +392,7 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
                     .await?;
             Ok(json_response(StatusCode::OK, &json!(versions)))
         }
-        routes::PUSH | routes::VOTE | routes::LEAVES | routes::VERSIONS | routes::FETCH => {
+        routes::PUSH | routes::VOTE | routes::LEAVES | routes::VERSIONS | routes::FETCH | routes::PURGE_CHECK => {
             Err(ApiError::MethodNotAllowed(POST_METHOD))
         }
         routes::LEVEL1 | routes::SINCE | routes::NEWEST => Err(ApiError::MethodNotAllowed(GET_METHOD)),

@@ -266,6 +266,12 @@ impl Cluster {
         self.lock().alive_count(now)
     }
 
+    /// Every member but this one that has not left or been removed, with its status.
+    pub fn members(&self) -> Vec<(MemberInfo, crate::membership::Status)> {
+        let now = self.now();
+        self.lock().members(now)
+    }
+
     /// Alive peers, for data exchange.
     pub fn alive_peers(&self) -> Vec<MemberInfo> {
         let now = self.now();
@@ -335,7 +341,7 @@ impl Cluster {
     /// Puts this node's current newest write and purge horizon in its own entry.
     fn refresh_facts(&self, m: &mut Membership) {
         let f = (self.data_facts)();
-        m.set_data_facts(f.newest_write, f.gc_horizon, f.syncing);
+        m.set_data_facts(f.newest_write, f.gc_horizon, f.syncing, self.last_contact());
     }
 
     /// Merges what a peer told us, checks whether it makes us stale, logs the changes.

@@ -42,9 +42,14 @@ pub struct MemberInfo {
     /// Timestamp of the newest write the member holds (for catch-up decisions).
     #[serde(default)]
     pub newest_write: u64,
-    /// The member has purged tombstones up to this timestamp (for the stale rule).
+    /// The member has forgotten certificates of purged deletes up to this timestamp
+    /// (for the stale rule).
     #[serde(default)]
     pub gc_horizon: u64,
+    /// The member's `last_contact`: it had the cluster's data as of this timestamp
+    /// (0: unknown). Certificates older than every member's contact may be forgotten.
+    #[serde(default)]
+    pub last_contact: u64,
     /// The member is bootstrapping (mode `syncing`) and cannot serve data yet.
     #[serde(default)]
     pub syncing: bool,
@@ -157,10 +162,17 @@ impl Membership {
 
     /// Records this node's newest write, purge horizon and whether it is
     /// bootstrapping, told to peers with the next gossip.
-    pub fn set_data_facts(&mut self, newest_write: u64, gc_horizon: u64, syncing: bool) {
+    pub fn set_data_facts(&mut self, newest_write: u64, gc_horizon: u64, syncing: bool, last_contact: u64) {
         self.me.newest_write = newest_write;
         self.me.gc_horizon = gc_horizon;
         self.me.syncing = syncing;
+        self.me.last_contact = last_contact;
+    }
+
+    /// Every member other than this node that has not left or been removed, alive or
+    /// down: the members a purge must hear from.
+    pub fn members(&self, now: u64) -> Vec<(MemberInfo, Status)> {
+        self.others.values().map(|e| (e.info.clone(), self.status_of(e, now))).collect()
     }
 
     /// The highest purge horizon among the members we know (alive or not).
@@ -378,6 +390,7 @@ mod tests {
             newest_write: 0,
             gc_horizon: 0,
             syncing: false,
+            last_contact: 0,
         }
     }
 

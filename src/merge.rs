@@ -42,12 +42,22 @@ pub enum Decision {
     Skip,
     /// Same timestamp, different uuid: keep what is held and let a vote decide.
     Collision,
+    /// The path's delete was purged here after every member held it, and the incoming
+    /// record is not newer than that delete: it comes from a node that missed the
+    /// delete (it was away, and removed, while the cluster purged). Refuse it and bring
+    /// the delete back as a live tombstone, so it reaches that node too.
+    Reawaken,
 }
 
-/// Whether a replicated `incoming` record replaces `held`.
-pub fn decide_apply(held: Option<&Record>, incoming: &Record, floors: Floors) -> Decision {
+/// Whether a replicated `incoming` record replaces `held`; `dormant` is the timestamp
+/// of the certificate of a purged delete of the path, if this node keeps one.
+pub fn decide_apply(held: Option<&Record>, dormant: Option<u64>, incoming: &Record, floors: Floors) -> Decision {
     match compare(held, incoming) {
         Ordering::Newer if held.is_none() => {
+            if dormant.is_some_and(|d| incoming.timestamp <= d) {
+                // An older delete changes nothing; an older value is the delete's victim.
+                return if incoming.is_tombstone() { Decision::Skip } else { Decision::Reawaken };
+            }
             let expired = incoming.is_tombstone() && incoming.timestamp < floors.tombstone;
             if expired || incoming.timestamp <= floors.absent { Decision::Skip } else { Decision::Store }
         }
@@ -105,22 +115,31 @@ mod tests {
     fn apply_takes_newer_skips_older_and_reports_collisions() {
         let held = rec(10, 1, Some("1"));
         let none = Floors::default();
-        assert_eq!(decide_apply(Some(&held), &rec(11, 2, None), none), Decision::Store);
-        assert_eq!(decide_apply(Some(&held), &rec(9, 2, Some("2")), none), Decision::Skip);
-        assert_eq!(decide_apply(Some(&held), &held.clone(), none), Decision::Skip);
-        assert_eq!(decide_apply(Some(&held), &rec(10, 3, Some("3")), none), Decision::Collision);
-        assert_eq!(decide_apply(None, &rec(5, 1, None), none), Decision::Store);
+        assert_eq!(decide_apply(Some(&held), None, &rec(11, 2, None), none), Decision::Store);
+        assert_eq!(decide_apply(Some(&held), None, &rec(9, 2, Some("2")), none), Decision::Skip);
+        assert_eq!(decide_apply(Some(&held), None, &held.clone(), none), Decision::Skip);
+        assert_eq!(decide_apply(Some(&held), None, &rec(10, 3, Some("3")), none), Decision::Collision);
+        assert_eq!(decide_apply(None, None, &rec(5, 1, None), none), Decision::Store);
     }
 
     #[test]
     fn floors_only_refuse_records_for_absent_paths() {
         let floors = Floors { tombstone: 100, absent: 50 };
-        assert_eq!(decide_apply(None, &rec(99, 1, None), floors), Decision::Skip, "expired tombstone");
-        assert_eq!(decide_apply(None, &rec(100, 1, None), floors), Decision::Store);
-        assert_eq!(decide_apply(None, &rec(50, 1, Some("1")), floors), Decision::Skip, "from a stale sender");
-        assert_eq!(decide_apply(None, &rec(51, 1, Some("1")), floors), Decision::Store);
+        assert_eq!(decide_apply(None, None, &rec(99, 1, None), floors), Decision::Skip, "expired tombstone");
+        assert_eq!(decide_apply(None, None, &rec(100, 1, None), floors), Decision::Store);
+        assert_eq!(decide_apply(None, None, &rec(50, 1, Some("1")), floors), Decision::Skip, "from a stale sender");
+        assert_eq!(decide_apply(None, None, &rec(51, 1, Some("1")), floors), Decision::Store);
         let held = rec(10, 2, Some("1"));
-        assert_eq!(decide_apply(Some(&held), &rec(40, 1, None), floors), Decision::Store, "held: newer wins");
+        assert_eq!(decide_apply(Some(&held), None, &rec(40, 1, None), floors), Decision::Store, "held: newer wins");
+    }
+
+    #[test]
+    fn a_purged_delete_catches_what_it_deleted() {
+        let none = Floors::default();
+        assert_eq!(decide_apply(None, Some(20), &rec(15, 1, Some("old")), none), Decision::Reawaken);
+        assert_eq!(decide_apply(None, Some(20), &rec(20, 1, None), none), Decision::Skip, "the delete itself");
+        assert_eq!(decide_apply(None, Some(20), &rec(19, 1, None), none), Decision::Skip, "an older delete");
+        assert_eq!(decide_apply(None, Some(20), &rec(21, 1, Some("new")), none), Decision::Store, "a later write");
     }
 
     #[test]

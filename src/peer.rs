@@ -46,6 +46,8 @@ pub mod routes {
     pub const SINCE: &str = "/internal/v2/since";
     /// `GET`: versions newest first.
     pub const NEWEST: &str = "/internal/v2/newest";
+    /// `POST`: whether the node holds an older version of tombstones a peer would purge.
+    pub const PURGE_CHECK: &str = "/internal/v2/purge/check";
 }
 
 /// Header carrying the node-to-node protocol version, on every internal request and

@@ -58,8 +58,15 @@ pub struct Stats {
     pub bootstrap_fetched: Counter,
     /// Oldest timestamp bootstrap has reached (0: not started).
     pub bootstrap_reached: AtomicU64,
-    /// Tombstones purged after the grace period.
+    /// Tombstones purged after the grace period, every member having confirmed.
     pub tombstones_purged: Counter,
+    /// Purge rounds skipped because a member was down.
+    pub purges_held_back: Counter,
+    /// Records refused because a certificate said their delete was purged (the delete
+    /// was brought back).
+    pub reawakened: Counter,
+    /// Certificates of purged deletes forgotten after the retention.
+    pub certificates_forgotten: Counter,
     /// Records discarded because this node was away past the grace period.
     pub stale_discarded: Counter,
     /// Conflicts resolved, by rule.
@@ -92,6 +99,9 @@ impl Stats {
             "catchup_records": self.catchup_records.get(),
             "bootstrap_fetched": self.bootstrap_fetched.get(),
             "tombstones_purged": self.tombstones_purged.get(),
+            "purges_held_back": self.purges_held_back.get(),
+            "reawakened": self.reawakened.get(),
+            "certificates_forgotten": self.certificates_forgotten.get(),
             "stale_discarded": self.stale_discarded.get(),
             "conflicts_resolved": {
                 "majority": self.resolved_majority.get(),

@@ -121,6 +121,9 @@ pub struct ApplyReport {
     pub future: usize,
     /// The furthest-ahead of those timestamps (0: none).
     pub future_max: u64,
+    /// Records refused because a certificate here says their path's delete was purged;
+    /// the delete was brought back as a live tombstone (see [`merge::Decision`]).
+    pub reawakened: usize,
 }
 
 /// What a writer request answers.
@@ -158,6 +161,10 @@ struct Inner {
     by_bucket: Keyspace,
     summary: Keyspace,
     meta: Keyspace,
+    /// Certificates of purged deletes: path → timestamp (8) · uuid (16).
+    dormant: Keyspace,
+    /// The same certificates by age: timestamp (8) · path → nothing.
+    dormant_by_time: Keyspace,
     counts: Counts,
     /// Leaf hashes, as committed.
     leaves: Mutex<Vec<u64>>,
@@ -165,7 +172,8 @@ struct Inner {
     /// `max_clock_offset_ms` ahead of the wall clock when stored: one record from a
     /// node with a clock far ahead must not make catch-up skip every later write.
     newest: AtomicU64,
-    /// Tombstones up to this timestamp may have been purged.
+    /// The newest certificate of a purged delete this node has forgotten: a record at
+    /// or below it may be a delete's victim that no certificate here catches any more.
     gc_horizon: AtomicU64,
     failed: watch::Sender<Option<String>>,
     failed_flag: AtomicBool,
@@ -396,6 +404,8 @@ impl Store {
         let by_bucket = db.keyspace("by_bucket", KeyspaceCreateOptions::default).map_err(io)?;
         let summary = db.keyspace("summary", KeyspaceCreateOptions::default).map_err(io)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io)?;
+        let dormant = db.keyspace("dormant", KeyspaceCreateOptions::default).map_err(io)?;
+        let dormant_by_time = db.keyspace("dormant_by_time", KeyspaceCreateOptions::default).map_err(io)?;
         match read_u64(&meta, META_FORMAT)? {
             0 if fresh => meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes()).map_err(io)?,
             0 | 1 => upgrade_from_ms(&db, [&records, &by_time, &by_bucket, &summary, &meta])?,
@@ -432,6 +442,8 @@ impl Store {
                 by_bucket,
                 summary,
                 meta,
+                dormant,
+                dormant_by_time,
                 counts,
                 leaves: Mutex::new(leaves),
                 newest: AtomicU64::new(newest),
@@ -589,6 +601,21 @@ impl Store {
         Ok(out)
     }
 
+    /// For each `(path, timestamp)` of a tombstone a peer wants to purge: true when
+    /// this node holds no older version of the path (nothing the delete must still
+    /// reach here).
+    pub fn purge_safe(&self, tombstones: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
+        tombstones.iter().map(|(p, ts)| Ok(self.get(p)?.is_none_or(|r| r.timestamp >= *ts))).collect()
+    }
+
+    /// The oldest certificate of a purged delete (its timestamp), if any.
+    pub fn oldest_certificate(&self) -> Result<Option<u64>, StoreError> {
+        match self.inner.dormant_by_time.first_key_value() {
+            Some(g) => Ok(Some(split_time_key(&g.key().map_err(|e| self.fail(io(e)))?).map_err(|e| self.fail(e))?.0)),
+            None => Ok(None),
+        }
+    }
+
     /// The current records of `paths` (absent paths are left out).
     pub fn records(&self, paths: &[String]) -> Result<Vec<(String, Record)>, StoreError> {
         let mut out = Vec::with_capacity(paths.len());
@@ -709,6 +736,7 @@ enum Op {
     Delete { path: String },
     Apply { records: Vec<(String, Record)>, tombstone_floor: u64, absent_floor: u64 },
     Purge { tombstones: Vec<(String, u64)> },
+    Forget { up_to: u64, limit: usize },
     Discard { up_to: u64, limit: usize },
     Replace { path: String, record: Record, if_timestamp: Option<u64> },
     SetMeta { key: String, value: Bytes },
@@ -734,7 +762,7 @@ impl Writer {
             Durability::Sync => PersistMode::SyncAll,
             Durability::Buffer => PersistMode::Buffer,
         };
-        let mut state = WriterState { store, mode, clock };
+        let mut state = WriterState { store, mode, clock, certs: HashMap::new() };
         let thread = std::thread::Builder::new()
             .name("kvs-writer".into())
             .spawn(move || state.run(rx))
@@ -783,10 +811,19 @@ impl Writer {
         }
     }
 
-    /// Removes tombstones that are still the current version at the given timestamp;
-    /// raises the purge horizon. Returns how many were removed.
+    /// Purges tombstones that are still the current version at the given timestamp,
+    /// keeping a certificate of each (path, timestamp, uuid). Returns how many.
     pub async fn purge(&self, tombstones: Vec<(String, u64)>) -> Result<usize, StoreError> {
         match self.submit(Op::Purge { tombstones }).await? {
+            Reply::Removed(n) => Ok(n),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
+    /// Forgets up to `limit` certificates of purged deletes at or below `up_to`, oldest
+    /// first, and raises the forgotten horizon to the newest forgotten. Returns how many.
+    pub async fn forget(&self, up_to: u64, limit: usize) -> Result<usize, StoreError> {
+        match self.submit(Op::Forget { up_to, limit }).await? {
             Reply::Removed(n) => Ok(n),
             _ => Err(StoreError::Closed),
         }
@@ -838,6 +875,35 @@ struct WriterState {
     mode: PersistMode,
     /// The node's version clock; persisted as `last_timestamp` with every batch.
     clock: Hlc,
+    /// Certificate changes of the group being staged: `Some` writes one, `None`
+    /// removes it.
+    certs: HashMap<String, Option<Cert>>,
+}
+
+/// The certificate of a purged delete: the tombstone's timestamp and uuid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cert {
+    timestamp: u64,
+    uuid: Uuid,
+}
+
+impl Cert {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = self.timestamp.to_be_bytes().to_vec();
+        v.extend_from_slice(self.uuid.as_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Result<Cert, StoreError> {
+        match (v.get(..8).and_then(|b| b.try_into().ok()), v.get(8..).and_then(|u| Uuid::from_slice(u).ok())) {
+            (Some(ts), Some(uuid)) if v.len() == 24 => Ok(Cert { timestamp: u64::from_be_bytes(ts), uuid }),
+            _ => Err(StoreError::Corrupt("undecodable purge certificate".into())),
+        }
+    }
+
+    fn tombstone(&self) -> Record {
+        Record::tombstone(self.timestamp, self.uuid)
+    }
 }
 
 /// The per-path effect of one group: the version on disk before, and the version after
@@ -886,6 +952,7 @@ impl WriterState {
         let mut meta: Vec<(String, Bytes)> = Vec::new();
         let mut results: Vec<Result<Reply, StoreError>> = Vec::with_capacity(group.len());
         let clock_before = self.clock.clone();
+        self.certs.clear();
         let mut horizon = self.store.gc_horizon();
         for req in group.iter_mut() {
             let r = match &mut req.op {
@@ -896,9 +963,8 @@ impl WriterState {
                 Op::Apply { records, tombstone_floor, absent_floor } => self
                     .stage_apply(&mut changes, std::mem::take(records), *tombstone_floor, *absent_floor)
                     .map(Reply::Applied),
-                Op::Purge { tombstones } => {
-                    self.stage_purge(&mut changes, tombstones, &mut horizon).map(Reply::Removed)
-                }
+                Op::Purge { tombstones } => self.stage_purge(&mut changes, tombstones).map(Reply::Removed),
+                Op::Forget { up_to, limit } => self.stage_forget(*up_to, *limit, &mut horizon).map(Reply::Removed),
                 Op::Discard { up_to, limit } => self.stage_discard(&mut changes, *up_to, *limit).map(Reply::Removed),
                 Op::Replace { path, record, if_timestamp } => {
                     let current = self.current(&changes, path);
@@ -929,6 +995,17 @@ impl WriterState {
         }
     }
 
+    /// The certificate of a purged delete of `path`, as of this group so far.
+    fn current_cert(&self, path: &str) -> Result<Option<Cert>, StoreError> {
+        match self.certs.get(path) {
+            Some(c) => Ok(*c),
+            None => match self.store.inner.dormant.get(path).map_err(io)? {
+                Some(v) => Cert::decode(&v).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
     /// The version of `path` as of this group so far.
     fn current(&self, changes: &HashMap<String, Change>, path: &str) -> Result<Option<Record>, StoreError> {
         match changes.get(path) {
@@ -954,7 +1031,13 @@ impl WriterState {
         data: Option<Bytes>,
     ) -> Result<Written, StoreError> {
         let current = self.current(changes, path)?;
-        let record = merge::client_version(&mut self.clock, current.as_ref(), now_ms(), Uuid::new_v4(), data);
+        // Over a purged delete, the write is ordered after it, as over the tombstone.
+        let cert = if current.is_none() { self.current_cert(path)? } else { None };
+        let held = current.clone().or_else(|| cert.map(|c| c.tombstone()));
+        let record = merge::client_version(&mut self.clock, held.as_ref(), now_ms(), Uuid::new_v4(), data);
+        if cert.is_some() {
+            self.certs.insert(path.to_string(), None);
+        }
         let written = Written { uuid: record.uuid, timestamp: record.timestamp };
         self.stage(changes, path, current, Some(record));
         Ok(written)
@@ -972,9 +1055,21 @@ impl WriterState {
         let wall = now_ms();
         for (path, incoming) in records {
             let current = self.current(changes, &path)?;
-            match merge::decide_apply(current.as_ref(), &incoming, floors) {
+            let cert = if current.is_none() { self.current_cert(&path)? } else { None };
+            match merge::decide_apply(current.as_ref(), cert.map(|c| c.timestamp), &incoming, floors) {
+                Decision::Reawaken => {
+                    report.skipped += 1;
+                    report.reawakened += 1;
+                    if let Some(c) = cert {
+                        self.certs.insert(path.clone(), None);
+                        self.stage(changes, &path, current, Some(c.tombstone()));
+                    }
+                }
                 Decision::Store => {
                     report.applied += 1;
+                    if cert.is_some() {
+                        self.certs.insert(path.clone(), None);
+                    }
                     if self.clock.observe(incoming.timestamp, wall) == Observed::Future {
                         report.future += 1;
                         report.future_max = report.future_max.max(incoming.timestamp);
@@ -997,14 +1092,29 @@ impl WriterState {
         &mut self,
         changes: &mut HashMap<String, Change>,
         tombstones: &[(String, u64)],
-        horizon: &mut u64,
     ) -> Result<usize, StoreError> {
         let mut removed = 0;
         for (path, ts) in tombstones {
             let current = self.current(changes, path)?;
-            if merge::may_purge(current.as_ref(), *ts) {
-                *horizon = (*horizon).max(*ts);
+            if merge::may_purge(current.as_ref(), *ts)
+                && let Some(t) = &current
+            {
+                self.certs.insert(path.clone(), Some(Cert { timestamp: t.timestamp, uuid: t.uuid }));
                 self.stage(changes, path, current, None);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn stage_forget(&mut self, up_to: u64, limit: usize, horizon: &mut u64) -> Result<usize, StoreError> {
+        let end = up_to.saturating_add(1).to_be_bytes();
+        let mut removed = 0;
+        for guard in self.store.inner.dormant_by_time.range(..end).take(limit) {
+            let (ts, path) = split_time_key(&guard.key().map_err(io)?)?;
+            if self.current_cert(&path)?.is_some_and(|c| c.timestamp == ts) {
+                self.certs.insert(path, None);
+                *horizon = (*horizon).max(ts);
                 removed += 1;
             }
         }
@@ -1088,7 +1198,20 @@ impl WriterState {
         for (leaf, hash) in &leaf_updates {
             batch.insert(&inner.summary, leaf.to_be_bytes().as_slice(), hash.to_be_bytes().as_slice());
         }
-        if !changes.is_empty() {
+        for (path, cert) in &self.certs {
+            // One certificate per path: the one it replaces (if any) leaves both keyspaces.
+            if let Some(old) = inner.dormant.get(path.as_str()).map_err(io)? {
+                batch.remove(&inner.dormant_by_time, time_key(Cert::decode(&old)?.timestamp, path));
+            }
+            match cert {
+                Some(c) => {
+                    batch.insert(&inner.dormant, path.as_str(), c.encode());
+                    batch.insert(&inner.dormant_by_time, time_key(c.timestamp, path), []);
+                }
+                None => batch.remove(&inner.dormant, path.as_str()),
+            }
+        }
+        if !changes.is_empty() || !self.certs.is_empty() {
             batch.insert(&inner.meta, META_LAST_TIMESTAMP, self.clock.last().to_be_bytes().as_slice());
             batch.insert(&inner.meta, META_LIVE_KEYS, live.to_be_bytes().as_slice());
             batch.insert(&inner.meta, META_TOMBSTONES, tombs.to_be_bytes().as_slice());
@@ -1182,6 +1305,45 @@ mod tests {
         let (store, writer) = open(dir.path());
         let ts = runtime().block_on(writer.put("e".into(), Bytes::from_static(b"1"))).unwrap().timestamp;
         assert!(hlc::ms(ts) <= now_ms() + OFFSET);
+        writer.close(&store).unwrap();
+    }
+
+    #[test]
+    fn a_purged_delete_leaves_a_certificate_that_refuses_its_victim_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let rt = runtime();
+        rt.block_on(async {
+            let v = Record::value(hlc::from_ms(1_000), Uuid::from_u128(1), Bytes::from_static(b"1"));
+            let t = Record::tombstone(hlc::from_ms(2_000), Uuid::from_u128(2));
+            writer.apply(vec![("k".into(), t.clone())], 0, 0).await.unwrap();
+            assert_eq!(store.purge_safe(&[("k".into(), t.timestamp), ("other".into(), 5)]).unwrap(), vec![true, true]);
+            assert_eq!(writer.purge(vec![("k".into(), t.timestamp)]).await.unwrap(), 1);
+            assert_eq!(store.get("k").unwrap(), None);
+            assert_eq!(store.tombstones(), 0);
+            assert_eq!(store.oldest_certificate().unwrap(), Some(t.timestamp));
+            // The deleted value comes back from a node that missed the delete: refused,
+            // and the delete is live again.
+            let r = writer.apply(vec![("k".into(), v.clone())], 0, 0).await.unwrap();
+            assert_eq!((r.applied, r.reawakened), (0, 1));
+            assert_eq!(store.get("k").unwrap(), Some(t.clone()));
+            assert_eq!(store.oldest_certificate().unwrap(), None, "the certificate became the tombstone again");
+            // Purged again; a later write takes the path and drops the certificate.
+            writer.purge(vec![("k".into(), t.timestamp)]).await.unwrap();
+            let w = writer.put("k".into(), Bytes::from_static(b"2")).await.unwrap();
+            assert!(w.timestamp > t.timestamp);
+            assert_eq!(store.oldest_certificate().unwrap(), None);
+            assert!(!store.purge_safe(&[("k".into(), w.timestamp + 1)]).unwrap()[0], "holds an older version");
+            // Forgetting raises the forgotten horizon.
+            writer.delete("gone".into()).await.unwrap();
+            let gone = store.get("gone").unwrap().unwrap();
+            writer.purge(vec![("gone".into(), gone.timestamp)]).await.unwrap();
+            assert_eq!(writer.forget(gone.timestamp - 1, 10).await.unwrap(), 0, "not old enough");
+            assert_eq!(writer.forget(gone.timestamp, 10).await.unwrap(), 1);
+            assert_eq!(store.gc_horizon(), gone.timestamp);
+            let r = writer.apply(vec![("gone".into(), v.clone())], 0, 0).await.unwrap();
+            assert_eq!(r.applied, 1, "forgotten: nothing catches it any more");
+        });
         writer.close(&store).unwrap();
     }
 

@@ -27,6 +27,7 @@ use crate::clock::now_ms;
 use crate::cluster::Cluster;
 use crate::hlc;
 use crate::peer::{PeerError, routes};
+use crate::purge;
 use crate::record::Record;
 use crate::resolve::Resolver;
 use crate::shutdown::Shutdown;
@@ -51,8 +52,11 @@ const FETCH_CHUNK: usize = 5_000;
 const LEAF_CHUNK: usize = 1_024;
 /// Timeout of one data call to a peer.
 pub const DATA_TIMEOUT: Duration = Duration::from_secs(30);
-/// Records removed per writer batch when discarding or purging.
+/// Records removed per writer batch when discarding or forgetting.
 const REMOVE_CHUNK: usize = 10_000;
+/// Tombstones asked about and purged per maintenance round (each member answers a
+/// list this long).
+const PURGE_BATCH: usize = 1_000;
 
 /// Meta key set once a bootstrap completed (tools that build data dirs set it too).
 pub const META_BOOTSTRAPPED: &str = "bootstrapped";
@@ -174,9 +178,10 @@ impl Replication {
         }
     }
 
-    /// Whether this node must bootstrap: it has seeds and never completed one.
+    /// Whether this node must bootstrap: it has seeds and never completed one, or it
+    /// was re-bootstrapping (after a stale discard) when it stopped.
     pub fn bootstrap_pending(store: &Store, has_seeds: bool) -> Result<bool, StoreError> {
-        Ok(has_seeds && store.meta(META_BOOTSTRAPPED)?.is_none())
+        Ok(has_seeds && store.meta(META_BOOTSTRAPPED)?.as_deref() != Some(b"1"))
     }
 
     /// The persisted time of the last contact with the cluster (0: never).
@@ -238,6 +243,13 @@ impl Replication {
         self.stats.received.add(n);
         self.stats.applied.add(report.applied as u64);
         self.stats.skipped.add(report.skipped as u64);
+        if report.reawakened > 0 {
+            self.stats.reawakened.add(report.reawakened as u64);
+            tracing::info!(
+                records = report.reawakened,
+                "refused records whose deletes were purged here; the deletes are live again"
+            );
+        }
         if report.future > 0 {
             self.stats.future_records.add(report.future as u64);
             tracing::warn!(
@@ -586,16 +598,23 @@ impl Replication {
     async fn maintain(&self, shutdown: &mut Shutdown) -> Result<(), StoreError> {
         if let Some(horizon) = self.cluster.stale_below() {
             self.syncing.store(true, Ordering::Relaxed);
+            // Persisted first: a node killed while discarding or re-bootstrapping
+            // starts again in mode `syncing`, never `normal` with holes.
+            self.writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"0")).await?;
+            // Only what this node had synced (at or below its last contact) goes: the
+            // cluster holds it or something newer. Its own writes since then stay and
+            // are sent.
+            let up_to = horizon.min(self.cluster.last_contact());
             let mut discarded = 0;
             loop {
-                let n = self.writer.discard(horizon, REMOVE_CHUNK).await?;
+                let n = self.writer.discard(up_to, REMOVE_CHUNK).await?;
                 discarded += n;
                 if n == 0 {
                     break;
                 }
             }
             self.stats.stale_discarded.add(discarded as u64);
-            tracing::info!(horizon, discarded, "discarded records that may have missed a purged delete");
+            tracing::info!(horizon, up_to, discarded, "discarded records that may have missed a purged delete");
             self.cluster.clear_stale(horizon);
             self.persist_contact(true).await?;
             return self.bootstrap(shutdown).await;
@@ -605,21 +624,82 @@ impl Replication {
         if self.cluster.clock_refusal().is_some() {
             return self.persist_contact(false).await;
         }
+        self.purge_round().await?;
+        self.forget_certificates().await?;
+        self.persist_contact(false).await
+    }
+
+    /// One round of the purge protocol ([`crate::purge`]): tombstones past the grace
+    /// period go once every member said it holds no older version; members that do are
+    /// sent the tombstone.
+    async fn purge_round(&self) -> Result<(), StoreError> {
         let floor = self.tombstone_floor();
-        loop {
-            let store = self.store.clone();
-            let expired = blocking(move || store.expired_tombstones(floor, REMOVE_CHUNK)).await?;
-            if expired.is_empty() {
-                break;
+        let store = self.store.clone();
+        let candidates = blocking(move || store.expired_tombstones(floor, PURGE_BATCH)).await?;
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let addresses = match purge::round(&self.cluster.members()) {
+            purge::Round::HeldBack { member } => {
+                self.stats.purges_held_back.add(1);
+                tracing::debug!(member = %member, tombstones = candidates.len(), "purge held back: a member is down");
+                return Ok(());
             }
-            let n = self.writer.purge(expired).await?;
-            self.stats.tombstones_purged.add(n as u64);
-            tracing::debug!(purged = n, "purged tombstones past the grace period");
-            if n == 0 {
-                break;
+            purge::Round::Ask(addresses) => addresses,
+        };
+        let body = Bytes::from(serde_json::to_vec(&candidates).unwrap_or_default());
+        let mut answers = Vec::with_capacity(addresses.len());
+        for address in &addresses {
+            let answer =
+                self.cluster.client().post_bytes(address, routes::PURGE_CHECK, body.clone(), DATA_TIMEOUT).await;
+            match answer
+                .map_err(SyncError::Peer)
+                .and_then(|b| serde_json::from_slice::<Vec<bool>>(&b).map_err(protocol))
+            {
+                Ok(a) => answers.push(a),
+                Err(e) => {
+                    tracing::debug!(peer = %address, error = %e, "purge check failed; purging nothing this round");
+                    return Ok(());
+                }
             }
         }
-        self.persist_contact(false).await
+        let (purge, repair) = purge::decide(candidates.len(), &answers);
+        for (address, missing) in addresses.iter().zip(repair) {
+            if !missing.is_empty() {
+                let paths: Vec<String> = missing.iter().map(|&i| candidates[i].0.clone()).collect();
+                if let Err(e) = self.send_records(address, paths).await {
+                    tracing::debug!(peer = %address, error = %e, "could not send tombstones a peer lacks");
+                }
+            }
+        }
+        let chosen: Vec<(String, u64)> = purge.into_iter().map(|i| candidates[i].clone()).collect();
+        let n = self.writer.purge(chosen).await?;
+        self.stats.tombstones_purged.add(n as u64);
+        if n > 0 {
+            tracing::debug!(purged = n, "purged tombstones every member has");
+        }
+        Ok(())
+    }
+
+    /// Forgets certificates of purged deletes older than the retention and behind every
+    /// member's last contact ([`purge::forget_up_to`]).
+    async fn forget_certificates(&self) -> Result<(), StoreError> {
+        let retention = self.config.tombstone_grace * purge::CERT_RETENTION_GRACES;
+        let floor = hlc::from_ms(now_ms().saturating_sub(retention.as_millis() as u64));
+        let Some(up_to) = purge::forget_up_to(floor, self.cluster.last_contact(), &self.cluster.members()) else {
+            return Ok(());
+        };
+        let store = self.store.clone();
+        if blocking(move || store.oldest_certificate()).await?.is_none_or(|oldest| oldest > up_to) {
+            return Ok(());
+        }
+        loop {
+            let n = self.writer.forget(up_to, REMOVE_CHUNK).await?;
+            self.stats.certificates_forgotten.add(n as u64);
+            if n == 0 {
+                return Ok(());
+            }
+        }
     }
 
     /// Persists the last contact time, at most about once a second unless forced.
