@@ -82,8 +82,9 @@ pub struct Plan {
 }
 
 /// Compares the versions both sides hold in the differing leaves. Both lists are
-/// sorted by path. Tombstones older than `tombstone_floor` are not moved: both sides
-/// drop them anyway.
+/// sorted by path. A tombstone older than `tombstone_floor` is not moved to a side
+/// that holds nothing of its path: there is nothing there for it to delete (and a
+/// purge check leaves a certificate there).
 pub fn plan(mine: &[Version], theirs: &[Version], tombstone_floor: u64) -> Plan {
     let mut p = Plan::default();
     let (mut i, mut j) = (0, 0);

@@ -336,14 +336,14 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
             Ok(json_response(StatusCode::OK, &json!(VoteAnswer { held })))
         }
         routes::PURGE_CHECK if post => {
-            let tombstones: Vec<(String, u64)> = read_json(req).await?;
+            let tombstones: Vec<(String, u64, uuid::Uuid)> = read_json(req).await?;
             if tombstones.len() > MAX_FETCH {
                 return Err(ApiError::BadRequest(format!("at most {MAX_FETCH} tombstones per purge check")));
             }
-            for (p, _) in &tombstones {
+            for (p, _, _) in &tombstones {
                 validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
             }
-            let safe = blocking(move || store.purge_safe(&tombstones)).await?;
+            let safe = app.writer.certify(tombstones).await?;
             Ok(json_response(StatusCode::OK, &json!(safe)))
         }
         routes::LEVEL1 if get => Ok(binary_response(encode_hashes(&store.level1()))),

@@ -18,8 +18,7 @@
 //! - [`peer`]: the pooled HTTP client for node-to-node calls, a timeout on each.
 //! - [`antientropy`]: the replication rules (hash summary, diff plan, stale rule), no I/O.
 //! - [`wire`]: the binary record batches nodes exchange.
-//! - [`purge`]: when a tombstone may be purged (every member confirmed) and when its
-//!   certificate may be forgotten, no I/O.
+//! - [`purge`]: when a tombstone may be purged (every member confirmed), no I/O.
 //! - [`push`], [`sync`]: replication tasks: push of fresh writes; regular sync,
 //!   catch-up, bootstrap and tombstone purge. [`stats`]: their counters.
 //! - [`conflict`]: the vote rules for timestamp collisions (majority, oldest node,

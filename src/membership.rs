@@ -42,12 +42,12 @@ pub struct MemberInfo {
     /// Timestamp of the newest write the member holds (for catch-up decisions).
     #[serde(default)]
     pub newest_write: u64,
-    /// The member has forgotten certificates of purged deletes up to this timestamp
-    /// (for the stale rule).
+    /// The newest delete the member purged without keeping a certificate (a data dir
+    /// upgraded from format 1; for the stale rule).
     #[serde(default)]
     pub gc_horizon: u64,
     /// The member's `last_contact`: it had the cluster's data as of this timestamp
-    /// (0: unknown). Certificates older than every member's contact may be forgotten.
+    /// (0: unknown). Shown to peers for diagnosis.
     #[serde(default)]
     pub last_contact: u64,
     /// The member is bootstrapping (mode `syncing`) and cannot serve data yet.

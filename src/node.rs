@@ -242,6 +242,7 @@ async fn serve(
         throttle_delay: config.throttle_delay,
         fetch_delay: config.fetch_delay,
         max_value_bytes: config.max_value_bytes,
+        removal_timeout: config.removal_timeout,
     };
     let maintenance_interval = (config.tombstone_grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let (resolver, collisions) = Resolver::new();

@@ -1,4 +1,4 @@
-//! Purging deletes: when a tombstone may go, and when its certificate may be forgotten.
+//! Purging deletes: when a tombstone may go.
 //! No I/O: the maintenance task in [`crate::sync`] asks the peers and calls these.
 //!
 //! A tombstone older than `tombstone_grace_hours` is purged only once **every member**
@@ -8,22 +8,17 @@
 //! node drops a tombstone, no member can bring back what it deleted. Grace is the lower
 //! bound, confirmation the rule (Garage's table GC works the same way).
 //!
-//! Each node that purges keeps a **certificate** (path, timestamp, uuid) out of the
-//! data and the summary. Nodes that were not members during the purge (removed after a
-//! long absence, then back) may still hold a deleted value; a certificate refuses it
-//! and brings the delete back to life ([`crate::merge::Decision::Reawaken`]), so it
-//! reaches that node too: Demers et al.'s dormant death certificates.
-//!
-//! A certificate is forgotten once it is older than the retention
-//! ([`CERT_RETENTION_GRACES`] grace periods) **and** every member's `last_contact` is
-//! past it: every current member had the delete. Only a node that was not a member
-//! then can be behind it, so the stale rule that the forgotten horizon feeds (see
-//! [`crate::antientropy::stale_below`]) never fires on every node at once.
+//! Each node keeps a **certificate** (path, timestamp, uuid) of a purged delete, out of
+//! the data and the summary: the purger when it purges, and every member that holds
+//! nothing of the path when it answers the check. A deleted value that arrives later
+//! (from a node that was removed during the purge and came back, or from a fetch that
+//! was under way during the check) meets a certificate, is refused, and the delete
+//! comes back to life ([`crate::merge::Decision::Reawaken`]), so it reaches that node
+//! too: Demers et al.'s dormant death certificates. Certificates are kept for good:
+//! forgetting one safely needs to know that no node that missed the delete can ever
+//! return, which kvs cannot know (a partition can last any time).
 
 use crate::membership::{MemberInfo, Status};
-
-/// Certificates are kept at least this many grace periods.
-pub const CERT_RETENTION_GRACES: u32 = 10;
 
 /// What one purge round does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,15 +47,6 @@ pub fn decide(candidates: usize, answers: &[Vec<bool>]) -> (Vec<usize>, Vec<Vec<
     let purge = (0..candidates).filter(|&i| safe(i)).collect();
     let repair = answers.iter().map(|a| (0..candidates).filter(|&i| a.get(i) != Some(&true)).collect()).collect();
     (purge, repair)
-}
-
-/// Up to which timestamp certificates may be forgotten: at most `retention_floor` (now
-/// less the retention, as a timestamp), and below every member's `last_contact`.
-/// `None` while some member's contact is unknown (0).
-pub fn forget_up_to(retention_floor: u64, my_contact: u64, members: &[(MemberInfo, Status)]) -> Option<u64> {
-    let contacts = members.iter().map(|(m, _)| m.last_contact).chain([my_contact]);
-    let oldest = contacts.min()?;
-    (oldest > 0).then(|| retention_floor.min(oldest - 1))
 }
 
 #[cfg(test)]
@@ -101,15 +87,5 @@ mod tests {
         assert_eq!(purge, vec![0], "a short answer is not a yes");
         let (purge, repair) = decide(2, &[]);
         assert_eq!((purge, repair), (vec![0, 1], vec![]));
-    }
-
-    #[test]
-    fn certificates_are_forgotten_only_behind_every_members_contact() {
-        let members = [(member("a", 500), Status::Alive), (member("b", 300), Status::Down)];
-        assert_eq!(forget_up_to(1000, 800, &members), Some(299));
-        assert_eq!(forget_up_to(100, 800, &members), Some(100));
-        let unknown = [(member("a", 0), Status::Alive)];
-        assert_eq!(forget_up_to(1000, 800, &unknown), None, "a member of unknown contact blocks it");
-        assert_eq!(forget_up_to(1000, 0, &[]), None, "nor without a contact of its own");
     }
 }

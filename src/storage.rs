@@ -131,6 +131,7 @@ enum Reply {
     Written(Written),
     Applied(ApplyReport),
     Removed(usize),
+    Certified(Vec<bool>),
     Done,
 }
 
@@ -172,8 +173,9 @@ struct Inner {
     /// `max_clock_offset_ms` ahead of the wall clock when stored: one record from a
     /// node with a clock far ahead must not make catch-up skip every later write.
     newest: AtomicU64,
-    /// The newest certificate of a purged delete this node has forgotten: a record at
-    /// or below it may be a delete's victim that no certificate here catches any more.
+    /// The newest delete purged here without a certificate (by kvs before format 2,
+    /// carried over by the upgrade; 0 on newer data dirs): a record at or below it may
+    /// be a delete's victim that no certificate catches (the stale rule).
     gc_horizon: AtomicU64,
     failed: watch::Sender<Option<String>>,
     failed_flag: AtomicBool,
@@ -585,27 +587,21 @@ impl Store {
     }
 
     /// Tombstones with a timestamp below `floor`, oldest first, at most `limit`, as
-    /// `(path, timestamp)`.
-    pub fn expired_tombstones(&self, floor: u64, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+    /// `(path, timestamp, uuid)`.
+    pub fn expired_tombstones(&self, floor: u64, limit: usize) -> Result<Vec<(String, u64, Uuid)>, StoreError> {
         let mut out = Vec::new();
         for guard in self.inner.by_time.range(..floor.to_be_bytes()) {
             let (k, v) = guard.into_inner().map_err(|e| self.fail(io(e)))?;
-            if v.get(16) == Some(&1) {
+            let (uuid, tombstone) = decode_uuid_kind(&v).map_err(|e| self.fail(e))?;
+            if tombstone {
                 let (ts, path) = split_time_key(&k).map_err(|e| self.fail(e))?;
-                out.push((path, ts));
+                out.push((path, ts, uuid));
                 if out.len() == limit {
                     break;
                 }
             }
         }
         Ok(out)
-    }
-
-    /// For each `(path, timestamp)` of a tombstone a peer wants to purge: true when
-    /// this node holds no older version of the path (nothing the delete must still
-    /// reach here).
-    pub fn purge_safe(&self, tombstones: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
-        tombstones.iter().map(|(p, ts)| Ok(self.get(p)?.is_none_or(|r| r.timestamp >= *ts))).collect()
     }
 
     /// The oldest certificate of a purged delete (its timestamp), if any.
@@ -663,7 +659,7 @@ impl Store {
         self.inner.newest.load(Ordering::Relaxed)
     }
 
-    /// Tombstones with timestamps up to this may have been purged here.
+    /// The newest delete purged here without a certificate (data dirs from format 1).
     pub fn gc_horizon(&self) -> u64 {
         self.inner.gc_horizon.load(Ordering::Relaxed)
     }
@@ -736,7 +732,7 @@ enum Op {
     Delete { path: String },
     Apply { records: Vec<(String, Record)>, tombstone_floor: u64, absent_floor: u64 },
     Purge { tombstones: Vec<(String, u64)> },
-    Forget { up_to: u64, limit: usize },
+    Certify { tombstones: Vec<(String, u64, Uuid)> },
     Discard { up_to: u64, limit: usize },
     Replace { path: String, record: Record, if_timestamp: Option<u64> },
     SetMeta { key: String, value: Bytes },
@@ -820,11 +816,15 @@ impl Writer {
         }
     }
 
-    /// Forgets up to `limit` certificates of purged deletes at or below `up_to`, oldest
-    /// first, and raises the forgotten horizon to the newest forgotten. Returns how many.
-    pub async fn forget(&self, up_to: u64, limit: usize) -> Result<usize, StoreError> {
-        match self.submit(Op::Forget { up_to, limit }).await? {
-            Reply::Removed(n) => Ok(n),
+    /// Answers a peer's purge check: for each tombstone `(path, timestamp, uuid)` it
+    /// wants to purge, true when this node holds no version the delete must still reach
+    /// (nothing older, and no other version at the same timestamp: a collision waits
+    /// for its vote). Where this node holds nothing of the path, it keeps a certificate
+    /// of the delete, so that it too refuses the deleted value should it arrive later
+    /// (from a node that was away, or from a fetch already under way).
+    pub async fn certify(&self, tombstones: Vec<(String, u64, Uuid)>) -> Result<Vec<bool>, StoreError> {
+        match self.submit(Op::Certify { tombstones }).await? {
+            Reply::Certified(v) => Ok(v),
             _ => Err(StoreError::Closed),
         }
     }
@@ -953,7 +953,7 @@ impl WriterState {
         let mut results: Vec<Result<Reply, StoreError>> = Vec::with_capacity(group.len());
         let clock_before = self.clock.clone();
         self.certs.clear();
-        let mut horizon = self.store.gc_horizon();
+        let horizon = self.store.gc_horizon();
         for req in group.iter_mut() {
             let r = match &mut req.op {
                 Op::Put { path, data } => {
@@ -964,13 +964,15 @@ impl WriterState {
                     .stage_apply(&mut changes, std::mem::take(records), *tombstone_floor, *absent_floor)
                     .map(Reply::Applied),
                 Op::Purge { tombstones } => self.stage_purge(&mut changes, tombstones).map(Reply::Removed),
-                Op::Forget { up_to, limit } => self.stage_forget(*up_to, *limit, &mut horizon).map(Reply::Removed),
+                Op::Certify { tombstones } => self.stage_certify(&changes, tombstones).map(Reply::Certified),
                 Op::Discard { up_to, limit } => self.stage_discard(&mut changes, *up_to, *limit).map(Reply::Removed),
                 Op::Replace { path, record, if_timestamp } => {
                     let current = self.current(&changes, path);
                     current.map(|current| {
                         let replace = merge::may_replace(current.as_ref(), record, *if_timestamp);
                         if replace {
+                            // A chosen version replaces a purged delete's certificate too.
+                            self.certs.insert(path.clone(), None);
                             self.stage(&mut changes, path, current, Some(record.clone()));
                         }
                         Reply::Removed(usize::from(replace))
@@ -1107,18 +1109,25 @@ impl WriterState {
         Ok(removed)
     }
 
-    fn stage_forget(&mut self, up_to: u64, limit: usize, horizon: &mut u64) -> Result<usize, StoreError> {
-        let end = up_to.saturating_add(1).to_be_bytes();
-        let mut removed = 0;
-        for guard in self.store.inner.dormant_by_time.range(..end).take(limit) {
-            let (ts, path) = split_time_key(&guard.key().map_err(io)?)?;
-            if self.current_cert(&path)?.is_some_and(|c| c.timestamp == ts) {
-                self.certs.insert(path, None);
-                *horizon = (*horizon).max(ts);
-                removed += 1;
-            }
+    fn stage_certify(
+        &mut self,
+        changes: &HashMap<String, Change>,
+        tombstones: &[(String, u64, Uuid)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut answers = Vec::with_capacity(tombstones.len());
+        for (path, ts, uuid) in tombstones {
+            let safe = match self.current(changes, path)? {
+                Some(r) => r.timestamp > *ts || (r.timestamp == *ts && r.uuid == *uuid),
+                None => {
+                    if self.current_cert(path)?.is_none_or(|c| c.timestamp < *ts) {
+                        self.certs.insert(path.clone(), Some(Cert { timestamp: *ts, uuid: *uuid }));
+                    }
+                    true
+                }
+            };
+            answers.push(safe);
         }
-        Ok(removed)
+        Ok(answers)
     }
 
     fn stage_discard(
@@ -1309,7 +1318,7 @@ mod tests {
     }
 
     #[test]
-    fn a_purged_delete_leaves_a_certificate_that_refuses_its_victim_until_forgotten() {
+    fn a_purged_delete_leaves_certificates_that_refuse_its_victim() {
         let dir = tempfile::tempdir().unwrap();
         let (store, writer) = open(dir.path());
         let rt = runtime();
@@ -1317,7 +1326,6 @@ mod tests {
             let v = Record::value(hlc::from_ms(1_000), Uuid::from_u128(1), Bytes::from_static(b"1"));
             let t = Record::tombstone(hlc::from_ms(2_000), Uuid::from_u128(2));
             writer.apply(vec![("k".into(), t.clone())], 0, 0).await.unwrap();
-            assert_eq!(store.purge_safe(&[("k".into(), t.timestamp), ("other".into(), 5)]).unwrap(), vec![true, true]);
             assert_eq!(writer.purge(vec![("k".into(), t.timestamp)]).await.unwrap(), 1);
             assert_eq!(store.get("k").unwrap(), None);
             assert_eq!(store.tombstones(), 0);
@@ -1333,16 +1341,37 @@ mod tests {
             let w = writer.put("k".into(), Bytes::from_static(b"2")).await.unwrap();
             assert!(w.timestamp > t.timestamp);
             assert_eq!(store.oldest_certificate().unwrap(), None);
-            assert!(!store.purge_safe(&[("k".into(), w.timestamp + 1)]).unwrap()[0], "holds an older version");
-            // Forgetting raises the forgotten horizon.
-            writer.delete("gone".into()).await.unwrap();
-            let gone = store.get("gone").unwrap().unwrap();
-            writer.purge(vec![("gone".into(), gone.timestamp)]).await.unwrap();
-            assert_eq!(writer.forget(gone.timestamp - 1, 10).await.unwrap(), 0, "not old enough");
-            assert_eq!(writer.forget(gone.timestamp, 10).await.unwrap(), 1);
-            assert_eq!(store.gc_horizon(), gone.timestamp);
-            let r = writer.apply(vec![("gone".into(), v.clone())], 0, 0).await.unwrap();
-            assert_eq!(r.applied, 1, "forgotten: nothing catches it any more");
+        });
+        writer.close(&store).unwrap();
+    }
+
+    #[test]
+    fn a_purge_check_says_what_the_delete_must_still_reach_and_certifies_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        runtime().block_on(async {
+            let ts = hlc::from_ms(2_000);
+            writer
+                .apply(
+                    vec![("older".into(), Record::value(ts - 5, Uuid::from_u128(1), Bytes::from_static(b"1")))],
+                    0,
+                    0,
+                )
+                .await
+                .unwrap();
+            writer.apply(vec![("same".into(), Record::tombstone(ts, Uuid::from_u128(9)))], 0, 0).await.unwrap();
+            writer
+                .apply(vec![("clash".into(), Record::value(ts, Uuid::from_u128(3), Bytes::from_static(b"1")))], 0, 0)
+                .await
+                .unwrap();
+            let ask = |p: &str| (p.to_string(), ts, Uuid::from_u128(9));
+            let answers = writer.certify(vec![ask("older"), ask("same"), ask("clash"), ask("absent")]).await.unwrap();
+            assert_eq!(answers, vec![false, true, false, true], "older and a collision still need the delete");
+            // Holding nothing of "absent", this node now refuses its deleted value too.
+            let late = Record::value(ts - 1, Uuid::from_u128(4), Bytes::from_static(b"1"));
+            let r = writer.apply(vec![("absent".into(), late)], 0, 0).await.unwrap();
+            assert_eq!((r.applied, r.reawakened), (0, 1));
+            assert_eq!(store.get("absent").unwrap().map(|r| r.is_tombstone()), Some(true));
         });
         writer.close(&store).unwrap();
     }

@@ -79,6 +79,9 @@ pub struct SyncConfig {
     pub fetch_delay: Duration,
     /// Largest value accepted from a peer.
     pub max_value_bytes: u64,
+    /// Silence after which a member is removed: a node purges nothing until it has
+    /// been up this long, so it knows every member that is not removed.
+    pub removal_timeout: Duration,
 }
 
 /// Replication state shared by the sync tasks and the internal endpoints.
@@ -95,6 +98,8 @@ pub struct Replication {
     newest_at_start: u64,
     last_persisted_contact: AtomicU64,
     resolver: Arc<Resolver>,
+    /// When this process started.
+    started: std::time::Instant,
 }
 
 /// Why a sync step failed.
@@ -175,13 +180,19 @@ impl Replication {
             newest_at_start,
             last_persisted_contact: AtomicU64::new(last),
             resolver,
+            started: std::time::Instant::now(),
         }
     }
 
     /// Whether this node must bootstrap: it has seeds and never completed one, or it
     /// was re-bootstrapping (after a stale discard) when it stopped.
     pub fn bootstrap_pending(store: &Store, has_seeds: bool) -> Result<bool, StoreError> {
-        Ok(has_seeds && store.meta(META_BOOTSTRAPPED)?.as_deref() != Some(b"1"))
+        Ok(match store.meta(META_BOOTSTRAPPED)?.as_deref() {
+            Some(b"1") => false,
+            // A re-bootstrap that was under way: resume it, seeds or not.
+            Some(_) => true,
+            None => has_seeds,
+        })
     }
 
     /// The persisted time of the last contact with the cluster (0: never).
@@ -447,9 +458,17 @@ impl Replication {
     /// this node lacks; then marks bootstrap done and switches to `normal`. Listing the
     /// next page overlaps with fetching and storing the previous one.
     pub async fn bootstrap(&self, shutdown: &mut Shutdown) -> Result<(), StoreError> {
+        self.bootstrap_back_to(shutdown, u64::MAX).await
+    }
+
+    /// [`Self::bootstrap`], reaching back at least to `reach_back` (a timestamp): a
+    /// re-bootstrap after a stale discard must fetch again everything it discarded,
+    /// however old.
+    async fn bootstrap_back_to(&self, shutdown: &mut Shutdown, reach_back: u64) -> Result<(), StoreError> {
         self.syncing.store(true, Ordering::Relaxed);
         let started = now_ms();
-        let min_ts = hlc::from_ms(started.saturating_sub(self.config.bootstrap_max_age.as_millis() as u64));
+        let min_ts =
+            hlc::from_ms(started.saturating_sub(self.config.bootstrap_max_age.as_millis() as u64)).min(reach_back);
         let mut cursor: Option<(u64, String)> = None;
         // Paths listed but not yet fetched. They are fetched from whichever serving peer
         // this round picked, not only from the one that listed them: a peer that fails
@@ -617,7 +636,8 @@ impl Replication {
             tracing::info!(horizon, up_to, discarded, "discarded records that may have missed a purged delete");
             self.cluster.clear_stale(horizon);
             self.persist_contact(true).await?;
-            return self.bootstrap(shutdown).await;
+            // Everything discarded is fetched again, not only bootstrap_max_age of it.
+            return self.bootstrap_back_to(shutdown, 0).await;
         }
         // A node whose clock is off (or not yet judged) purges nothing: with a clock
         // far ahead it would purge early and make every peer discard its data.
@@ -625,7 +645,6 @@ impl Replication {
             return self.persist_contact(false).await;
         }
         self.purge_round().await?;
-        self.forget_certificates().await?;
         self.persist_contact(false).await
     }
 
@@ -633,6 +652,11 @@ impl Replication {
     /// period go once every member said it holds no older version; members that do are
     /// sent the tombstone.
     async fn purge_round(&self) -> Result<(), StoreError> {
+        // Membership lives in memory: right after a start this node may not know every
+        // member yet, and a purge must hear from all of them.
+        if self.started.elapsed() < self.config.removal_timeout {
+            return Ok(());
+        }
         let floor = self.tombstone_floor();
         let store = self.store.clone();
         let candidates = blocking(move || store.expired_tombstones(floor, PURGE_BATCH)).await?;
@@ -658,48 +682,31 @@ impl Replication {
             {
                 Ok(a) => answers.push(a),
                 Err(e) => {
+                    // No answer is no confirmation: nothing goes this round, but the
+                    // members that answered still get what they lack.
+                    self.stats.purges_held_back.add(1);
                     tracing::debug!(peer = %address, error = %e, "purge check failed; purging nothing this round");
-                    return Ok(());
+                    answers.push(Vec::new());
                 }
             }
         }
         let (purge, repair) = purge::decide(candidates.len(), &answers);
-        for (address, missing) in addresses.iter().zip(repair) {
-            if !missing.is_empty() {
+        for ((address, missing), answer) in addresses.iter().zip(repair).zip(&answers) {
+            if !missing.is_empty() && !answer.is_empty() {
                 let paths: Vec<String> = missing.iter().map(|&i| candidates[i].0.clone()).collect();
                 if let Err(e) = self.send_records(address, paths).await {
                     tracing::debug!(peer = %address, error = %e, "could not send tombstones a peer lacks");
                 }
             }
         }
-        let chosen: Vec<(String, u64)> = purge.into_iter().map(|i| candidates[i].clone()).collect();
+        let chosen: Vec<(String, u64)> =
+            purge.into_iter().map(|i| (candidates[i].0.clone(), candidates[i].1)).collect();
         let n = self.writer.purge(chosen).await?;
         self.stats.tombstones_purged.add(n as u64);
         if n > 0 {
             tracing::debug!(purged = n, "purged tombstones every member has");
         }
         Ok(())
-    }
-
-    /// Forgets certificates of purged deletes older than the retention and behind every
-    /// member's last contact ([`purge::forget_up_to`]).
-    async fn forget_certificates(&self) -> Result<(), StoreError> {
-        let retention = self.config.tombstone_grace * purge::CERT_RETENTION_GRACES;
-        let floor = hlc::from_ms(now_ms().saturating_sub(retention.as_millis() as u64));
-        let Some(up_to) = purge::forget_up_to(floor, self.cluster.last_contact(), &self.cluster.members()) else {
-            return Ok(());
-        };
-        let store = self.store.clone();
-        if blocking(move || store.oldest_certificate()).await?.is_none_or(|oldest| oldest > up_to) {
-            return Ok(());
-        }
-        loop {
-            let n = self.writer.forget(up_to, REMOVE_CHUNK).await?;
-            self.stats.certificates_forgotten.add(n as u64);
-            if n == 0 {
-                return Ok(());
-            }
-        }
     }
 
     /// Persists the last contact time, at most about once a second unless forced.
