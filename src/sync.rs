@@ -720,3 +720,24 @@ impl Replication {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_re_bootstrap_under_way_resumes_at_restart_with_or_without_seeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = Store::open(dir.path(), crate::config::Durability::Buffer, 500).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        assert!(Replication::bootstrap_pending(&store, true).unwrap(), "new, with seeds: bootstrap");
+        assert!(!Replication::bootstrap_pending(&store, false).unwrap(), "new, alone: founds");
+        rt.block_on(writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"1"))).unwrap();
+        assert!(!Replication::bootstrap_pending(&store, true).unwrap());
+        // What a stale discard records before it removes anything.
+        rt.block_on(writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"0"))).unwrap();
+        assert!(Replication::bootstrap_pending(&store, true).unwrap());
+        assert!(Replication::bootstrap_pending(&store, false).unwrap(), "killed mid re-bootstrap: resume it");
+        writer.close(&store).unwrap();
+    }
+}

@@ -453,3 +453,38 @@ fn a_bootstrap_whose_source_dies_finishes_from_another_peer() {
     wait_keys(&n3, 300);
     assert_eq!(n3.put("/kv/b/after", "1").status, 200);
 }
+
+#[test]
+fn a_node_with_a_clock_ahead_by_more_than_the_grace_period_makes_nobody_discard() {
+    let d = Dirs::new();
+    let extra = "tombstone_grace_hours: 0.0014";
+    let n1 = d.start("n1", &[], extra);
+    let n2 = d.start("n2", &[&n1.addr], extra);
+    wait_members_alive(&n1, &["n1", "n2"]);
+    // n3's clock is 60 s ahead: every delete looks past the grace period to it.
+    let dir = d.0.path().join("n3");
+    let config = config_in(&dir, &cluster_config_with("n3", &[&n1.addr], extra));
+    let n3 = Node::start_config_env(&dir, &config, &[("KVS_FAULT_CLOCK_OFFSET_MS", "60000")]);
+    for n in [&n1, &n2, &n3] {
+        wait_members_alive(n, &["n1", "n2", "n3"]);
+        wait_normal(n);
+    }
+    for i in 0..10 {
+        assert_eq!(n1.put(&format!("/kv/s/{i}"), "1").status, 200);
+    }
+    for i in 0..3 {
+        assert_eq!(n1.delete(&format!("/kv/s/{i}")).status, 204);
+    }
+    for n in [&n1, &n2, &n3] {
+        wait_keys(n, 7);
+        wait_sync_rounds(n, 3);
+    }
+    // Its clock is off: it takes no writes and purges nothing, so no peer is made stale.
+    n3.put("/kv/s/x", "1").assert_error(503);
+    assert_eq!(stat(&n3, "tombstones_purged"), 0);
+    for n in [&n1, &n2, &n3] {
+        assert_eq!(stat(n, "stale_discarded"), 0, "{}", n.addr);
+        assert_eq!(n.health()["keys"], 7);
+        assert_eq!(n.health()["mode"], "normal");
+    }
+}
