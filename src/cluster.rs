@@ -325,7 +325,8 @@ impl Cluster {
             return;
         }
         let last = self.last_contact();
-        match crate::antientropy::stale_below(last, m.max_peer_gc_horizon()) {
+        let ceiling = crate::hlc::from_ms(now_ms().saturating_add(self.clock.max_offset_ms));
+        match crate::antientropy::stale_below(last, m.max_peer_gc_horizon(ceiling)) {
             Some(h) => {
                 tracing::warn!(
                     last_contact = last,

@@ -175,9 +175,12 @@ impl Membership {
         self.others.values().map(|e| (e.info.clone(), self.status_of(e, now))).collect()
     }
 
-    /// The highest purge horizon among the members we know (alive or not).
-    pub fn max_peer_gc_horizon(&self) -> u64 {
-        self.others.values().map(|e| e.info.gc_horizon).max().unwrap_or(0)
+    /// The highest purge horizon among the members we know (alive or not), ignoring
+    /// any above `ceiling`: a delete cannot have been purged in the future, and one
+    /// absurd horizon (a buggy or hostile peer's gossip, spread to every node) would
+    /// otherwise make every node discard its data at once.
+    pub fn max_peer_gc_horizon(&self, ceiling: u64) -> u64 {
+        self.others.values().map(|e| e.info.gc_horizon).filter(|&h| h <= ceiling).max().unwrap_or(0)
     }
 
     /// One gossip round: raise our heartbeat and remove members silent for
@@ -535,5 +538,15 @@ mod tests {
         let t = a.gossip_targets(&["s1:1".into(), "a:1".into()], 0, &mut rng);
         assert_eq!(t, vec!["s1:1"], "never itself");
         assert_eq!(view_ids(&a, 0), vec![("a".into(), Status::Alive)]);
+    }
+
+    #[test]
+    fn a_purge_horizon_from_the_future_is_ignored() {
+        let mut m = Membership::new(info("me", 1, 0), Timeouts { failure_ms: 1_000, removal_ms: 2_000 });
+        let honest = MemberInfo { gc_horizon: 50, ..info("a", 1, 1) };
+        let absurd = MemberInfo { gc_horizon: u64::MAX, ..info("b", 1, 1) };
+        m.merge([honest, absurd], 0);
+        assert_eq!(m.max_peer_gc_horizon(100), 50);
+        assert_eq!(m.max_peer_gc_horizon(u64::MAX), u64::MAX);
     }
 }

@@ -488,3 +488,34 @@ fn a_node_with_a_clock_ahead_by_more_than_the_grace_period_makes_nobody_discard(
         assert_eq!(n.health()["mode"], "normal");
     }
 }
+
+#[test]
+fn a_gossiped_purge_horizon_from_the_future_makes_nobody_discard() {
+    let d = Dirs::new();
+    let n1 = d.start("n1", &[], "");
+    let n2 = d.start("n2", &[&n1.addr], "");
+    wait_members_alive(&n1, &["n1", "n2"]);
+    wait_normal(&n2);
+    for i in 0..10 {
+        assert_eq!(n1.put(&format!("/kv/h/{i}"), "1").status, 200);
+    }
+    for n in [&n1, &n2] {
+        wait_keys(n, 10);
+        wait_sync_rounds(n, 2);
+        assert!(n.health()["last_contact"].as_u64().unwrap() > 0);
+    }
+    // One gossip message from a buggy peer: a member whose purge horizon is absurd.
+    let evil = format!(
+        r#"{{"members":[{{"id":"evil","uid":"e","address":"127.0.0.1:9","joined_timestamp":1,"incarnation":1,"heartbeat":1,"gc_horizon":{}}}]}}"#,
+        u64::MAX
+    );
+    assert_eq!(peer_post(&n1.addr, kvs::peer::routes::GOSSIP, evil.as_bytes()).status, 200);
+    // It spreads to n2 by gossip; neither node takes it for a reason to discard.
+    wait_for(DEADLINE, "the entry spread", || members(&n2).iter().any(|(id, _)| id == "evil").then_some(()));
+    for n in [&n1, &n2] {
+        wait_sync_rounds(n, 2);
+        assert_eq!(stat(n, "stale_discarded"), 0, "{}", n.addr);
+        assert_eq!(n.health()["keys"], 10);
+        assert_eq!(n.health()["mode"], "normal");
+    }
+}
