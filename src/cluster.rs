@@ -58,14 +58,16 @@ pub struct ClockStatus {
     /// False while the offset is beyond the bound, or before the first comparison with
     /// a seed: client writes are refused.
     pub ok: bool,
-    /// The first join round is over (true at once for a node without seeds).
+    /// The clock has been judged (see [`ClockRefusal::Unchecked`]); true at once for a
+    /// node without seeds.
     pub checked: bool,
 }
 
 /// Why this node's clock keeps it from taking client writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClockRefusal {
-    /// Not yet compared with any seed since start.
+    /// No verdict yet: just started (or the wall clock stepped) and the readings so far
+    /// are not decisive.
     Unchecked,
     /// Off the cluster's clock by this many ms (positive: ahead).
     Off(i64),
@@ -96,7 +98,7 @@ pub struct Cluster {
     gossip_min: Duration,
     gossip_max: Duration,
     rounds: AtomicU64,
-    /// Wall-clock ms at which this node last had the cluster's data: the start of its
+    /// The timestamp (HLC) at which this node last had the cluster's data: the start of its
     /// last completed sync, catch-up or bootstrap (0: never). Talking is not enough: a
     /// node that just returned has news of its peers but not yet their deletes. See
     /// [`crate::antientropy::stale_below`].
@@ -285,12 +287,12 @@ impl Cluster {
         m.me().clone()
     }
 
-    /// Wall-clock ms at which this node last had the cluster's data (0: never).
+    /// The timestamp (HLC) at which this node last had the cluster's data (0: never).
     pub fn last_contact(&self) -> u64 {
         self.last_contact.load(Ordering::Relaxed)
     }
 
-    /// A sync, catch-up or bootstrap that started at `started` (wall ms) completed:
+    /// A sync, catch-up or bootstrap that started at `started` (an HLC) completed:
     /// this node had every delete its peer had then.
     pub fn note_synced(&self, started: u64) {
         if self.stale_below().is_none() {
@@ -331,7 +333,8 @@ impl Cluster {
                 tracing::warn!(
                     last_contact = last,
                     peer_gc_horizon = h,
-                    "away past the tombstone grace period: discarding records up to the horizon and fetching them again"
+                    "a peer purged deletes (format 1, without certificates) past this node's last contact: \
+                     discarding what it had synced and fetching everything again"
                 );
                 self.stale_below.store(h, Ordering::Relaxed);
             }
@@ -342,7 +345,7 @@ impl Cluster {
     /// Puts this node's current newest write and purge horizon in its own entry.
     fn refresh_facts(&self, m: &mut Membership) {
         let f = (self.data_facts)();
-        m.set_data_facts(f.newest_write, f.gc_horizon, f.syncing, self.last_contact());
+        m.set_data_facts(f.newest_write, f.gc_horizon, f.syncing);
     }
 
     /// Merges what a peer told us, checks whether it makes us stale, logs the changes.

@@ -191,7 +191,7 @@ pub struct Config {
     pub failure_timeout: Duration,
     /// Silence after which a member is removed.
     pub removal_timeout: Duration,
-    /// How long tombstones are kept before they are purged.
+    /// How long tombstones are kept at least; purging also waits for every member.
     pub tombstone_grace: Duration,
     /// Largest clock offset tolerated, in ms: the HLC's adoption bound and the skew
     /// beyond which client writes are refused.
@@ -533,9 +533,9 @@ gossip_interval_max: 120
 sync_interval: 300
 # Pause between catch-up syncs while this node is behind, in seconds.
 catchup_interval: 120
-# Hours a delete's tombstone is kept before it is purged (at least 10 x sync_interval
-# and 2 x removal_timeout). A node away for longer discards its records older than the
-# cluster's purges and fetches them again.
+# Hours a delete's tombstone is kept at least (at least 10 x sync_interval and
+# 2 x removal_timeout). It is purged after that only once every member has confirmed
+# it holds nothing older; a down member holds purges back until it is removed.
 tombstone_grace_hours: 168
 # How far back (hours) a new node fetches before it serves writes.
 bootstrap_max_age_hours: 720

@@ -46,10 +46,6 @@ pub struct MemberInfo {
     /// upgraded from format 1; for the stale rule).
     #[serde(default)]
     pub gc_horizon: u64,
-    /// The member's `last_contact`: it had the cluster's data as of this timestamp
-    /// (0: unknown). Shown to peers for diagnosis.
-    #[serde(default)]
-    pub last_contact: u64,
     /// The member is bootstrapping (mode `syncing`) and cannot serve data yet.
     #[serde(default)]
     pub syncing: bool,
@@ -162,11 +158,10 @@ impl Membership {
 
     /// Records this node's newest write, purge horizon and whether it is
     /// bootstrapping, told to peers with the next gossip.
-    pub fn set_data_facts(&mut self, newest_write: u64, gc_horizon: u64, syncing: bool, last_contact: u64) {
+    pub fn set_data_facts(&mut self, newest_write: u64, gc_horizon: u64, syncing: bool) {
         self.me.newest_write = newest_write;
         self.me.gc_horizon = gc_horizon;
         self.me.syncing = syncing;
-        self.me.last_contact = last_contact;
     }
 
     /// Every member other than this node that has not left or been removed, alive or
@@ -393,7 +388,6 @@ mod tests {
             newest_write: 0,
             gc_horizon: 0,
             syncing: false,
-            last_contact: 0,
         }
     }
 

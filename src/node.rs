@@ -204,7 +204,6 @@ async fn serve(
         newest_write: 0,
         gc_horizon: 0,
         syncing: false,
-        last_contact: 0,
     };
     let timeouts = Timeouts {
         failure_ms: config.failure_timeout.as_millis() as u64,

@@ -53,7 +53,7 @@ pub fn decide(candidates: usize, answers: &[Vec<bool>]) -> (Vec<usize>, Vec<Vec<
 mod tests {
     use super::*;
 
-    fn member(id: &str, contact: u64) -> MemberInfo {
+    fn member(id: &str) -> MemberInfo {
         MemberInfo {
             id: id.into(),
             uid: id.into(),
@@ -65,15 +65,14 @@ mod tests {
             newest_write: 0,
             gc_horizon: 0,
             syncing: false,
-            last_contact: contact,
         }
     }
 
     #[test]
     fn a_down_member_holds_every_purge_back() {
-        let members = [(member("a", 5), Status::Alive), (member("b", 5), Status::Down)];
+        let members = [(member("a"), Status::Alive), (member("b"), Status::Down)];
         assert_eq!(round(&members), Round::HeldBack { member: "b".into() });
-        let members = [(member("a", 5), Status::Alive), (member("b", 5), Status::Alive)];
+        let members = [(member("a"), Status::Alive), (member("b"), Status::Alive)];
         assert_eq!(round(&members), Round::Ask(vec!["a:1".into(), "b:1".into()]));
         assert_eq!(round(&[]), Round::Ask(vec![]), "alone: nobody else can hold an older version");
     }

@@ -65,8 +65,7 @@ pub struct Stats {
     /// Records refused because a certificate said their delete was purged (the delete
     /// was brought back).
     pub reawakened: Counter,
-    /// Certificates of purged deletes forgotten after the retention.
-    pub certificates_forgotten: Counter,
+
     /// Records discarded because this node was away past the grace period.
     pub stale_discarded: Counter,
     /// Conflicts resolved, by rule.
@@ -101,7 +100,6 @@ impl Stats {
             "tombstones_purged": self.tombstones_purged.get(),
             "purges_held_back": self.purges_held_back.get(),
             "reawakened": self.reawakened.get(),
-            "certificates_forgotten": self.certificates_forgotten.get(),
             "stale_discarded": self.stale_discarded.get(),
             "conflicts_resolved": {
                 "majority": self.resolved_majority.get(),

@@ -164,8 +164,6 @@ struct Inner {
     meta: Keyspace,
     /// Certificates of purged deletes: path → timestamp (8) · uuid (16).
     dormant: Keyspace,
-    /// The same certificates by age: timestamp (8) · path → nothing.
-    dormant_by_time: Keyspace,
     counts: Counts,
     /// Leaf hashes, as committed.
     leaves: Mutex<Vec<u64>>,
@@ -407,7 +405,6 @@ impl Store {
         let summary = db.keyspace("summary", KeyspaceCreateOptions::default).map_err(io)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io)?;
         let dormant = db.keyspace("dormant", KeyspaceCreateOptions::default).map_err(io)?;
-        let dormant_by_time = db.keyspace("dormant_by_time", KeyspaceCreateOptions::default).map_err(io)?;
         match read_u64(&meta, META_FORMAT)? {
             0 if fresh => meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes()).map_err(io)?,
             0 | 1 => upgrade_from_ms(&db, [&records, &by_time, &by_bucket, &summary, &meta])?,
@@ -445,7 +442,6 @@ impl Store {
                 summary,
                 meta,
                 dormant,
-                dormant_by_time,
                 counts,
                 leaves: Mutex::new(leaves),
                 newest: AtomicU64::new(newest),
@@ -604,10 +600,10 @@ impl Store {
         Ok(out)
     }
 
-    /// The oldest certificate of a purged delete (its timestamp), if any.
-    pub fn oldest_certificate(&self) -> Result<Option<u64>, StoreError> {
-        match self.inner.dormant_by_time.first_key_value() {
-            Some(g) => Ok(Some(split_time_key(&g.key().map_err(|e| self.fail(io(e)))?).map_err(|e| self.fail(e))?.0)),
+    /// The timestamp of the certificate of a purged delete of `path`, if one is kept.
+    pub fn certificate(&self, path: &str) -> Result<Option<u64>, StoreError> {
+        match self.inner.dormant.get(path).map_err(|e| self.fail(io(e)))? {
+            Some(v) => Ok(Some(Cert::decode(&v).map_err(|e| self.fail(e))?.timestamp)),
             None => Ok(None),
         }
     }
@@ -715,7 +711,7 @@ impl Store {
         // rotate_memtable_and_wait is public but undocumented in fjall 3.1 (the
         // version is pinned by Cargo.lock). Without it, a clean restart of a node
         // holding 1M keys replayed the whole journal: 6.6 s to the first request.
-        for ks in [&inner.records, &inner.by_time, &inner.by_bucket, &inner.summary, &inner.meta] {
+        for ks in [&inner.records, &inner.by_time, &inner.by_bucket, &inner.summary, &inner.meta, &inner.dormant] {
             ks.rotate_memtable_and_wait().map_err(|e| self.fail(io(e)))?;
         }
         Ok(())
@@ -1208,15 +1204,8 @@ impl WriterState {
             batch.insert(&inner.summary, leaf.to_be_bytes().as_slice(), hash.to_be_bytes().as_slice());
         }
         for (path, cert) in &self.certs {
-            // One certificate per path: the one it replaces (if any) leaves both keyspaces.
-            if let Some(old) = inner.dormant.get(path.as_str()).map_err(io)? {
-                batch.remove(&inner.dormant_by_time, time_key(Cert::decode(&old)?.timestamp, path));
-            }
             match cert {
-                Some(c) => {
-                    batch.insert(&inner.dormant, path.as_str(), c.encode());
-                    batch.insert(&inner.dormant_by_time, time_key(c.timestamp, path), []);
-                }
+                Some(c) => batch.insert(&inner.dormant, path.as_str(), c.encode()),
                 None => batch.remove(&inner.dormant, path.as_str()),
             }
         }
@@ -1329,18 +1318,18 @@ mod tests {
             assert_eq!(writer.purge(vec![("k".into(), t.timestamp)]).await.unwrap(), 1);
             assert_eq!(store.get("k").unwrap(), None);
             assert_eq!(store.tombstones(), 0);
-            assert_eq!(store.oldest_certificate().unwrap(), Some(t.timestamp));
+            assert_eq!(store.certificate("k").unwrap(), Some(t.timestamp));
             // The deleted value comes back from a node that missed the delete: refused,
             // and the delete is live again.
             let r = writer.apply(vec![("k".into(), v.clone())], 0, 0).await.unwrap();
             assert_eq!((r.applied, r.reawakened), (0, 1));
             assert_eq!(store.get("k").unwrap(), Some(t.clone()));
-            assert_eq!(store.oldest_certificate().unwrap(), None, "the certificate became the tombstone again");
+            assert_eq!(store.certificate("k").unwrap(), None, "the certificate became the tombstone again");
             // Purged again; a later write takes the path and drops the certificate.
             writer.purge(vec![("k".into(), t.timestamp)]).await.unwrap();
             let w = writer.put("k".into(), Bytes::from_static(b"2")).await.unwrap();
             assert!(w.timestamp > t.timestamp);
-            assert_eq!(store.oldest_certificate().unwrap(), None);
+            assert_eq!(store.certificate("k").unwrap(), None);
         });
         writer.close(&store).unwrap();
     }

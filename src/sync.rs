@@ -9,18 +9,20 @@
 //!   than [`CATCHUP_LAG_MS`] ahead of ours, pull again.
 //! - **Bootstrap**: a node with seeds and no completed bootstrap (new, or one that had
 //!   to discard stale records) is in mode `syncing` (client writes get 503): it lists
-//!   a peer's versions newest-first in pages back to `bootstrap_max_age_hours`, fetches
-//!   those it lacks, pausing `throttle_delay_ms` before each page and `fetch_delay_ms`
-//!   before each fetch, then switches to `normal`. Older data arrives by regular sync.
-//! - **Maintenance**: purges tombstones older than `tombstone_grace_hours`, persists
-//!   the time of the last contact with the cluster, and when a peer has purged
-//!   tombstones past that time, discards the records that might have missed their
-//!   delete and bootstraps again (the stale rule in [`crate::antientropy`]).
+//!   a serving peer's versions newest-first in pages back to `bootstrap_max_age_hours`
+//!   (all the way back after a stale discard), fetches those it lacks from a serving
+//!   peer, pausing `throttle_delay_ms` before each page and `fetch_delay_ms` before each
+//!   fetch, then switches to `normal`. Older data arrives by regular sync.
+//! - **Maintenance**: purges tombstones past `tombstone_grace_hours` that every member
+//!   confirmed ([`crate::purge`]), persists the time of the last contact with the
+//!   cluster, and, when a peer's format-1 purge horizon is past that time, discards
+//!   the records it had synced and bootstraps again (the stale rule in
+//!   [`crate::antientropy`]).
 //!
 //! Node-to-node endpoints (README "Internal endpoints"): `POST /internal/v2/push`,
 //! `GET /internal/v2/sync/level1`, `POST /internal/v2/sync/leaves`, `POST
 //! /internal/v2/sync/versions`, `POST /internal/v2/sync/fetch`, `GET /internal/v2/since`, `GET
-//! /internal/v2/newest`.
+//! /internal/v2/newest`, `POST /internal/v2/purge/check`.
 
 use crate::antientropy::{self, FANOUT, LEAVES, Version};
 use crate::clock::now_ms;
@@ -52,11 +54,14 @@ const FETCH_CHUNK: usize = 5_000;
 const LEAF_CHUNK: usize = 1_024;
 /// Timeout of one data call to a peer.
 pub const DATA_TIMEOUT: Duration = Duration::from_secs(30);
-/// Records removed per writer batch when discarding or forgetting.
+/// Records removed per writer batch when discarding.
 const REMOVE_CHUNK: usize = 10_000;
 /// Tombstones asked about and purged per maintenance round (each member answers a
 /// list this long).
 const PURGE_BATCH: usize = 1_000;
+/// Timeout of one purge check: a member that does not answer in time holds the
+/// round back.
+const PURGE_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Meta key set once a bootstrap completed (tools that build data dirs set it too).
 pub const META_BOOTSTRAPPED: &str = "bootstrapped";
@@ -601,11 +606,16 @@ impl Replication {
     /// purge expired tombstones, persist the last contact, and discard stale records
     /// (then bootstrap again) when a peer found this node stale.
     pub async fn maintenance_loop(self: Arc<Self>, mut shutdown: Shutdown, interval: Duration) {
-        if self.is_syncing()
-            && let Err(e) = self.bootstrap(&mut shutdown).await
-        {
-            tracing::error!(error = %e, "bootstrap failed");
-            return;
+        if self.is_syncing() {
+            // A re-bootstrap cut short (the "0" mark) fetches all the way back, as the
+            // one that was cut short would have.
+            let store = self.store.clone();
+            let resumed = blocking(move || store.meta(META_BOOTSTRAPPED)).await.ok().flatten();
+            let reach_back = if resumed.as_deref() == Some(b"0") { 0 } else { u64::MAX };
+            if let Err(e) = self.bootstrap_back_to(&mut shutdown, reach_back).await {
+                tracing::error!(error = %e, "bootstrap failed");
+                return;
+            }
         }
         while pause(interval, &mut shutdown).await {
             if let Err(e) = self.maintain(&mut shutdown).await {
@@ -620,10 +630,10 @@ impl Replication {
             // Persisted first: a node killed while discarding or re-bootstrapping
             // starts again in mode `syncing`, never `normal` with holes.
             self.writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"0")).await?;
-            // Only what this node had synced (at or below its last contact) goes: the
-            // cluster holds it or something newer. Its own writes since then stay and
-            // are sent.
-            let up_to = horizon.min(self.cluster.last_contact());
+            // Only what this node had synced (at or below its last contact, which the
+            // stale rule put below the horizon) goes: the cluster holds it or something
+            // newer. Its own writes since then stay and are sent.
+            let up_to = self.cluster.last_contact();
             let mut discarded = 0;
             loop {
                 let n = self.writer.discard(up_to, REMOVE_CHUNK).await?;
@@ -639,8 +649,8 @@ impl Replication {
             // Everything discarded is fetched again, not only bootstrap_max_age of it.
             return self.bootstrap_back_to(shutdown, 0).await;
         }
-        // A node whose clock is off (or not yet judged) purges nothing: with a clock
-        // far ahead it would purge early and make every peer discard its data.
+        // A node whose clock is off (or not yet judged) purges nothing: with a clock far
+        // ahead every delete looks past the grace period to it.
         if self.cluster.clock_refusal().is_some() {
             return self.persist_contact(false).await;
         }
@@ -672,23 +682,36 @@ impl Replication {
             purge::Round::Ask(addresses) => addresses,
         };
         let body = Bytes::from(serde_json::to_vec(&candidates).unwrap_or_default());
-        let mut answers = Vec::with_capacity(addresses.len());
-        for address in &addresses {
-            let answer =
-                self.cluster.client().post_bytes(address, routes::PURGE_CHECK, body.clone(), DATA_TIMEOUT).await;
-            match answer
-                .map_err(SyncError::Peer)
-                .and_then(|b| serde_json::from_slice::<Vec<bool>>(&b).map_err(protocol))
-            {
-                Ok(a) => answers.push(a),
+        // Every member at once, each bounded by PURGE_CHECK_TIMEOUT.
+        let mut checks = tokio::task::JoinSet::new();
+        for (i, address) in addresses.iter().enumerate() {
+            let (client, address, body) = (self.cluster.client().clone(), address.clone(), body.clone());
+            checks.spawn(async move {
+                let answer = client.post_bytes(&address, routes::PURGE_CHECK, body, PURGE_CHECK_TIMEOUT).await;
+                (
+                    i,
+                    answer
+                        .map_err(SyncError::Peer)
+                        .and_then(|b| serde_json::from_slice::<Vec<bool>>(&b).map_err(protocol)),
+                )
+            });
+        }
+        let mut answers = vec![Vec::new(); addresses.len()];
+        let mut failed = false;
+        while let Some(Ok((i, answer))) = checks.join_next().await {
+            match answer {
+                Ok(a) => answers[i] = a,
                 Err(e) => {
-                    // No answer is no confirmation: nothing goes this round, but the
-                    // members that answered still get what they lack.
-                    self.stats.purges_held_back.add(1);
-                    tracing::debug!(peer = %address, error = %e, "purge check failed; purging nothing this round");
-                    answers.push(Vec::new());
+                    // No answer is no confirmation: nothing goes this round (an empty
+                    // answer confirms nothing), but the members that answered still get
+                    // what they lack.
+                    failed = true;
+                    tracing::debug!(peer = %addresses[i], error = %e, "purge check failed; purging nothing this round");
                 }
             }
+        }
+        if failed {
+            self.stats.purges_held_back.add(1);
         }
         let (purge, repair) = purge::decide(candidates.len(), &answers);
         for ((address, missing), answer) in addresses.iter().zip(repair).zip(&answers) {

@@ -9,10 +9,6 @@ fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
-fn version_of(r: &Resp) -> u64 {
-    r.json()["version"].as_str().expect("version").parse().expect("a number")
-}
-
 /// Pushes one record to `addr` the way a peer does.
 fn push(addr: &str, path: &str, record: &kvs::record::Record) -> Resp {
     let mut body = bytes::BytesMut::new();

@@ -4,11 +4,6 @@ mod common;
 use common::*;
 use std::process::Command;
 
-/// The full version (HLC) a write answered.
-fn version_of(r: &Resp) -> u64 {
-    r.json()["version"].as_str().expect("version in the answer").parse().expect("version is a number")
-}
-
 #[test]
 fn restart_keeps_data_and_versions_keep_increasing() {
     let dir = tempfile::tempdir().unwrap();

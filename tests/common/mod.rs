@@ -251,6 +251,11 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
     raw(addr, &bytes, method == "HEAD")
 }
 
+/// The full version (HLC) a write answered.
+pub fn version_of(r: &Resp) -> u64 {
+    r.json()["version"].as_str().expect("version in the answer").parse().expect("version is a number")
+}
+
 /// POSTs `body` to a node-to-node route the way a peer of this protocol version does.
 pub fn peer_post(addr: &str, route: &str, body: &[u8]) -> Resp {
     let mut req = format!(
