@@ -48,10 +48,7 @@ fn a_write_burst_keeps_timestamps_on_the_wall_clock() {
 #[test]
 fn a_peer_with_a_wrong_clock_leaves_the_others_on_real_time() {
     let d = Dirs::new();
-    let n1 = d.start("n1", &[], "");
-    let n2 = d.start("n2", &[&n1.addr], "");
-    wait_members_alive(&n1, &["n1", "n2"]);
-    wait_normal(&n2);
+    let (n1, n2) = two(&d, "");
     // A record written by a node whose clock ran 120 s fast.
     let future = kvs::hlc::from_ms(wall_ms() + 120_000);
     let skewed = kvs::record::Record::value(future, uuid::Uuid::new_v4(), bytes::Bytes::from("\"skewed\""));

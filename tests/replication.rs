@@ -257,10 +257,7 @@ fn a_cold_restart_of_every_node_past_the_grace_period_keeps_every_key() {
 fn a_two_node_partition_past_the_grace_period_keeps_both_sides_writes_and_deletes() {
     let d = Dirs::new();
     let extra = "tombstone_grace_hours: 0.0014";
-    let n1 = d.start("n1", &[], extra);
-    let mut n2 = d.start("n2", &[&n1.addr], extra);
-    wait_members_alive(&n1, &["n1", "n2"]);
-    wait_normal(&n2);
+    let (n1, mut n2) = two(&d, extra);
     for k in ["a", "b", "c"] {
         assert_eq!(n1.put(&format!("/kv/{k}"), "\"both\"").status, 200);
     }
@@ -397,10 +394,7 @@ fn a_stop_during_a_write_loop_pushes_every_acknowledged_write_first() {
     let d = Dirs::new();
     // No sync or catch-up within the test: n2 has only what n1 pushed.
     let extra = "sync_interval: 60\ncatchup_interval: 60\ndurability: sync";
-    let mut n1 = d.start("n1", &[], extra);
-    let n2 = d.start("n2", &[&n1.addr], extra);
-    wait_members_alive(&n1, &["n1", "n2"]);
-    wait_normal(&n2);
+    let (mut n1, n2) = two(&d, extra);
     // 16 writers until n1 refuses; the stop lands mid-loop, with requests in flight.
     let writers: Vec<_> = (0..16)
         .map(|w| {
@@ -496,10 +490,7 @@ fn a_node_with_a_clock_ahead_by_more_than_the_grace_period_purges_nothing() {
 #[test]
 fn a_gossiped_purge_horizon_from_the_future_makes_nobody_discard() {
     let d = Dirs::new();
-    let n1 = d.start("n1", &[], "");
-    let n2 = d.start("n2", &[&n1.addr], "");
-    wait_members_alive(&n1, &["n1", "n2"]);
-    wait_normal(&n2);
+    let (n1, n2) = two(&d, "");
     for i in 0..10 {
         assert_eq!(n1.put(&format!("/kv/h/{i}"), "1").status, 200);
     }

@@ -322,6 +322,15 @@ pub fn cluster_config_with(id: &str, seeds: &[&str], extra: &str) -> String {
     lines.join("\n") + "\n"
 }
 
+/// Two nodes, n2 seeded with n1; returns once both are alive and n2 is bootstrapped.
+pub fn two(d: &Dirs, extra: &str) -> (Node, Node) {
+    let n1 = d.start("n1", &[], extra);
+    let n2 = d.start("n2", &[&n1.addr], extra);
+    wait_members_alive(&n1, &["n1", "n2"]);
+    wait_normal(&n2);
+    (n1, n2)
+}
+
 /// Config lines for a cluster node with sub-second intervals.
 pub fn cluster_config(id: &str, seeds: &[&str]) -> String {
     let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
