@@ -174,7 +174,7 @@ struct Inner {
     /// The newest delete purged here without a certificate (by kvs before format 2,
     /// carried over by the upgrade; 0 on newer data dirs): a record at or below it may
     /// be a delete's victim that no certificate catches (the stale rule).
-    gc_horizon: AtomicU64,
+    gc_horizon: u64,
     failed: watch::Sender<Option<String>>,
     failed_flag: AtomicBool,
 }
@@ -445,7 +445,7 @@ impl Store {
                 counts,
                 leaves: Mutex::new(leaves),
                 newest: AtomicU64::new(newest),
-                gc_horizon: AtomicU64::new(gc_horizon),
+                gc_horizon,
                 failed: watch::channel(None).0,
                 failed_flag: AtomicBool::new(false),
             }),
@@ -657,7 +657,7 @@ impl Store {
 
     /// The newest delete purged here without a certificate (data dirs from format 1).
     pub fn gc_horizon(&self) -> u64 {
-        self.inner.gc_horizon.load(Ordering::Relaxed)
+        self.inner.gc_horizon
     }
 
     /// Number of live keys.
@@ -949,7 +949,6 @@ impl WriterState {
         let mut results: Vec<Result<Reply, StoreError>> = Vec::with_capacity(group.len());
         let clock_before = self.clock.clone();
         self.certs.clear();
-        let horizon = self.store.gc_horizon();
         for req in group.iter_mut() {
             let r = match &mut req.op {
                 Op::Put { path, data } => {
@@ -982,7 +981,7 @@ impl WriterState {
             };
             results.push(r);
         }
-        let committed = self.commit(&changes, &meta, horizon, now_ms());
+        let committed = self.commit(&changes, &meta, now_ms());
         if let Err(e) = &committed {
             self.clock = clock_before;
             let e = self.store.fail(e.clone());
@@ -1149,13 +1148,7 @@ impl WriterState {
         Ok(removed)
     }
 
-    fn commit(
-        &self,
-        changes: &HashMap<String, Change>,
-        meta: &[(String, Bytes)],
-        horizon: u64,
-        wall: u64,
-    ) -> Result<(), StoreError> {
+    fn commit(&self, changes: &HashMap<String, Change>, meta: &[(String, Bytes)], wall: u64) -> Result<(), StoreError> {
         let inner = &self.store.inner;
         let mut batch = inner.db.batch().durability(Some(self.mode));
         let (mut live, mut tombs) =
@@ -1213,7 +1206,6 @@ impl WriterState {
             batch.insert(&inner.meta, META_LAST_TIMESTAMP, self.clock.last().to_be_bytes().as_slice());
             batch.insert(&inner.meta, META_LIVE_KEYS, live.to_be_bytes().as_slice());
             batch.insert(&inner.meta, META_TOMBSTONES, tombs.to_be_bytes().as_slice());
-            batch.insert(&inner.meta, META_GC_HORIZON, horizon.to_be_bytes().as_slice());
         }
         for (k, v) in meta {
             batch.insert(&inner.meta, k.as_str(), v.as_ref());
@@ -1228,7 +1220,6 @@ impl WriterState {
         inner.counts.live_keys.store(live, Ordering::Relaxed);
         inner.counts.tombstones.store(tombs, Ordering::Relaxed);
         inner.newest.store(newest, Ordering::Relaxed);
-        inner.gc_horizon.store(horizon, Ordering::Relaxed);
         Ok(())
     }
 }
