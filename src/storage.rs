@@ -694,7 +694,11 @@ impl Store {
         std::thread::Builder::new()
             .name("kvs-flush".into())
             .spawn(move || {
-                let _ = tx.send(store.flush_now());
+                let flushed = store.flush_now();
+                // Released before the answer: the caller may reopen the data dir at
+                // once, and this clone would still hold its lock.
+                drop(store);
+                let _ = tx.send(flushed);
             })
             .map_err(|e| StoreError::Io(format!("cannot start the flush thread: {e}")))?;
         rx.recv_timeout(FLUSH_TIMEOUT).unwrap_or_else(|_| {
