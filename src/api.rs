@@ -1,23 +1,18 @@
-//! The client HTTP API: `/kv/<path>`, `/health`, `/members/`.
+//! The client HTTP API: `/kv/<path>`, `/health`, `/metrics`, `/members/`. Node-to-node
+//! paths are handed to [`crate::internal`].
 //!
 //! [`handle`] routes one request and always produces a response: every error a client
 //! can cause becomes an [`ApiError`], rendered as `{"error": "..."}` with its status.
 //! Point reads run inline, scans on the blocking pool; writes go to the storage writer
 //! thread.
 
-use crate::antientropy::FANOUT;
-use crate::cluster::{ClockRefusal, GossipMessage};
-use crate::config::{check_host_port, check_node_id};
+use crate::cluster::ClockRefusal;
 use crate::hlc;
-use crate::membership::MemberInfo;
 use crate::node::App;
-use crate::path::{parse_key, percent_decode, validate_key};
-use crate::peer::{LAST_CONTACT_HEADER, LogThrottle, WIRE_HEADER, WIRE_VERSION, routes, wire_version};
+use crate::path::{parse_key, percent_decode};
+use crate::protocol::{WIRE_HEADER, WIRE_VERSION, routes};
 use crate::record::Record;
-use crate::resolve::{VoteAnswer, VoteRequest, held};
 use crate::storage::{StoreError, blocking};
-use crate::sync::encode_hashes;
-use crate::wire;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
@@ -137,10 +132,8 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpRespon
 }
 
 const KV_METHODS: &str = "GET, HEAD, PUT, DELETE";
-const POST_METHOD: &str = "POST";
-const GET_METHOD: &str = "GET";
-/// Largest node-to-node request body.
-const INTERNAL_BODY_LIMIT: u64 = 256 * 1024 * 1024;
+pub(crate) const POST_METHOD: &str = "POST";
+pub(crate) const GET_METHOD: &str = "GET";
 const READ_METHODS: &str = "GET, HEAD";
 
 /// The route name used in metrics (a fixed set, so label cardinality stays bounded).
@@ -241,9 +234,8 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
         };
     }
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
-    let post = req.method() == Method::POST;
-    if path.starts_with("/internal/") || path == "/members/join" || path == "/members/leave" {
-        check_wire_version(&req)?;
+    if crate::internal::is_internal(path) {
+        return crate::internal::route(app, req).await;
     }
     match path {
         "/health" if read => Ok(json_response(StatusCode::OK, &app.health())),
@@ -257,205 +249,12 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
         }
         "/members" | "/members/" if read => Ok(json_response(StatusCode::OK, &json!(app.cluster.view()))),
         "/health" | "/metrics" | "/members" | "/members/" => Err(ApiError::MethodNotAllowed(READ_METHODS)),
-        routes::JOIN if post => {
-            let info: MemberInfo = read_json(req).await?;
-            check_member(&info)?;
-            match app.cluster.handle_join(info) {
-                Ok(answer) => Ok(json_response(StatusCode::OK, &json!(answer))),
-                Err(reason) => Err(ApiError::Conflict(reason)),
-            }
-        }
-        routes::LEAVE if post => {
-            let info: MemberInfo = read_json(req).await?;
-            check_member(&info)?;
-            if !info.left {
-                return Err(ApiError::BadRequest("a leave announcement has \"left\": true".into()));
-            }
-            app.cluster.handle_leave(info);
-            Ok(json_response(StatusCode::OK, &json!({})))
-        }
-        routes::GOSSIP if post => {
-            let msg: GossipMessage = read_json(req).await?;
-            msg.members.iter().try_for_each(check_member)?;
-            Ok(json_response(StatusCode::OK, &json!(app.cluster.handle_gossip(msg))))
-        }
-        routes::JOIN | routes::LEAVE | routes::GOSSIP => Err(ApiError::MethodNotAllowed(POST_METHOD)),
-        _ if path.starts_with("/internal/") => internal_data(app, req).await,
         _ => Err(ApiError::NotFound("route")),
     }
-}
-
-/// Refuses a node-to-node request from a peer of another protocol version: a path of
-/// protocol 1 (no version in it), or a header that does not say this version. 400, not
-/// 409: kvs before the HLC took a 409 to its join for a duplicate `node_id` and exited.
-fn check_wire_version(req: &Request<Incoming>) -> Result<(), ApiError> {
-    static REFUSALS: std::sync::OnceLock<LogThrottle> = std::sync::OnceLock::new();
-    let versioned = req.uri().path().starts_with(routes::PREFIX);
-    let theirs = if versioned { wire_version(req.headers()) } else { Some(1) };
-    if theirs == Some(WIRE_VERSION) {
-        return Ok(());
-    }
-    let theirs = theirs.map_or_else(|| "an unreadable".to_string(), |v| v.to_string());
-    let msg = format!(
-        "node-to-node protocol version {theirs} refused: this node speaks {WIRE_VERSION}; \
-         run the same kvs version on every node (README \"Upgrading\")"
-    );
-    if REFUSALS.get_or_init(LogThrottle::default).allow(&theirs) {
-        tracing::error!(route = req.uri().path(), "{msg}");
-    }
-    Err(ApiError::BadRequest(msg))
-}
-
-/// The replication endpoints (see [`crate::sync`]).
-async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
-    let path = req.uri().path().to_string();
-    let (get, post) = (req.method() == Method::GET, req.method() == Method::POST);
-    let store = app.store.clone();
-    // Only data coming in (push) and votes are served while this node may hold stale
-    // records.
-    if path != routes::PUSH && path != routes::VOTE && path != routes::PURGE_CHECK && !app.replication.ready() {
-        return Err(ApiError::Syncing);
-    }
-    match path.as_str() {
-        routes::PUSH if post => {
-            let sender = req.headers().get(LAST_CONTACT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
-            let body = read_body(req, INTERNAL_BODY_LIMIT).await?;
-            let records = wire::decode(body, app.config.max_value_bytes).map_err(ApiError::BadRequest)?;
-            let report = app.replication.apply(records, sender).await?;
-            Ok(json_response(StatusCode::OK, &json!({ "applied": report.applied, "skipped": report.skipped })))
-        }
-        routes::VOTE if post => {
-            let req: VoteRequest = read_json(req).await?;
-            if req.paths.len() > MAX_FETCH {
-                return Err(ApiError::BadRequest(format!("at most {MAX_FETCH} paths per vote")));
-            }
-            for p in &req.paths {
-                validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
-            }
-            let held = blocking(move || held(&store, &req.paths)).await?;
-            Ok(json_response(StatusCode::OK, &json!(VoteAnswer { held })))
-        }
-        routes::PURGE_CHECK if post => {
-            let tombstones: Vec<(String, u64, uuid::Uuid)> = read_json(req).await?;
-            if tombstones.len() > MAX_FETCH {
-                return Err(ApiError::BadRequest(format!("at most {MAX_FETCH} tombstones per purge check")));
-            }
-            for (p, _, _) in &tombstones {
-                validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
-            }
-            let safe = app.writer.certify(tombstones).await?;
-            Ok(json_response(StatusCode::OK, &json!(safe)))
-        }
-        routes::LEVEL1 if get => Ok(binary_response(encode_hashes(&store.level1()))),
-        routes::LEAVES if post => {
-            let tops: Vec<usize> = read_json(req).await?;
-            if tops.len() > FANOUT || tops.iter().any(|&t| t >= FANOUT) {
-                return Err(ApiError::BadRequest(format!("level-1 indices must be below {FANOUT}")));
-            }
-            Ok(binary_response(encode_hashes(&store.leaves_under(&tops))))
-        }
-        routes::VERSIONS if post => {
-            let leaves: Vec<u16> = read_json(req).await?;
-            let versions = blocking(move || store.versions_in_leaves(&leaves)).await?;
-            Ok(json_response(StatusCode::OK, &json!(versions)))
-        }
-        routes::FETCH if post => {
-            let paths: Vec<String> = read_json(req).await?;
-            if paths.len() > MAX_FETCH {
-                return Err(ApiError::BadRequest(format!("at most {MAX_FETCH} paths per fetch")));
-            }
-            for p in &paths {
-                validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
-            }
-            let records = blocking(move || store.records(&paths)).await?;
-            Ok(records_response(app, &records))
-        }
-        routes::SINCE if get => {
-            let q = Query::parse(req.uri().query())?;
-            let (after_ts, after_path, limit) = (q.u64("after_ts")?, q.text("after_path"), q.limit()?);
-            let records = blocking(move || {
-                let versions = store.versions_since(Some((after_ts, &after_path)), limit)?;
-                store.records(&versions.into_iter().map(|v| v.path).collect::<Vec<_>>())
-            })
-            .await?;
-            Ok(records_response(app, &records))
-        }
-        routes::NEWEST if get => {
-            let q = Query::parse(req.uri().query())?;
-            let (min_ts, limit) = (q.u64("min_ts")?, q.limit()?);
-            let before = match q.get("before_ts") {
-                Some(_) => Some((q.u64("before_ts")?, q.text("before_path"))),
-                None => None,
-            };
-            let versions =
-                blocking(move || store.newest_versions(before.as_ref().map(|(t, p)| (*t, p.as_str())), min_ts, limit))
-                    .await?;
-            Ok(json_response(StatusCode::OK, &json!(versions)))
-        }
-        routes::PUSH | routes::VOTE | routes::LEAVES | routes::VERSIONS | routes::FETCH | routes::PURGE_CHECK => {
-            Err(ApiError::MethodNotAllowed(POST_METHOD))
-        }
-        routes::LEVEL1 | routes::SINCE | routes::NEWEST => Err(ApiError::MethodNotAllowed(GET_METHOD)),
-        _ => Err(ApiError::NotFound("route")),
-    }
-}
-
-/// Most paths in one fetch, and most records in one page.
-const MAX_FETCH: usize = 10_000;
-
-/// Decoded query parameters of an internal request.
-struct Query(Vec<(String, String)>);
-
-impl Query {
-    fn parse(q: Option<&str>) -> Result<Query, ApiError> {
-        parse_query(q).map(Query)
-    }
-    fn get(&self, k: &str) -> Option<&str> {
-        self.0.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
-    }
-    fn text(&self, k: &str) -> String {
-        self.get(k).unwrap_or_default().to_string()
-    }
-    fn u64(&self, k: &str) -> Result<u64, ApiError> {
-        match self.get(k) {
-            None => Ok(0),
-            Some(v) => v.parse().map_err(|_| ApiError::BadRequest(format!("{k} must be a whole number"))),
-        }
-    }
-    fn limit(&self) -> Result<usize, ApiError> {
-        let n = self.u64("limit")? as usize;
-        if n == 0 || n > MAX_FETCH {
-            return Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_FETCH}")));
-        }
-        Ok(n)
-    }
-}
-
-/// A record batch, with this node's `last_contact` for the receiver's stale check.
-fn records_response(app: &App, records: &[(String, Record)]) -> HttpResponse {
-    let mut resp = binary_response(wire::encode(records.iter().map(|(p, r)| (p.as_str(), r))));
-    resp.headers_mut().insert(LAST_CONTACT_HEADER, HeaderValue::from(app.cluster.last_contact()));
-    resp
-}
-
-fn binary_response(body: Bytes) -> HttpResponse {
-    let mut resp = Response::new(Full::new(body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(wire::CONTENT_TYPE));
-    resp
-}
-
-/// Checks what a peer says about a member like client input.
-fn check_member(m: &MemberInfo) -> Result<(), ApiError> {
-    check_node_id(&m.id).map_err(|e| ApiError::BadRequest(format!("member id: {e}")))?;
-    check_host_port(&m.address).map_err(|e| ApiError::BadRequest(format!("member address: {e}")))?;
-    if m.uid.is_empty() || m.uid.len() > 64 {
-        return Err(ApiError::BadRequest("member uid must be 1 to 64 bytes".into()));
-    }
-    Ok(())
 }
 
 /// Reads a whole body of at most `max` bytes within [`BODY_READ_TIMEOUT`].
-async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
         return Err(ApiError::TooLarge(max));
@@ -469,14 +268,8 @@ async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> 
     }
 }
 
-/// Reads and decodes a node-to-node JSON body.
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = read_body(req, INTERNAL_BODY_LIMIT).await?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
-}
-
 /// Query parameters, each percent-decoded once. A parameter without `=` has value "".
-fn parse_query(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn parse_query(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
     let Some(q) = query.filter(|q| !q.is_empty()) else { return Ok(Vec::new()) };
     q.split('&')
         .filter(|p| !p.is_empty())

@@ -16,7 +16,7 @@
 
 use crate::clock::{ClockOffsets, ClockSample, StepDetector, now_ms};
 use crate::membership::{Changes, JoinOutcome, MemberInfo, MemberView, Membership, Timeouts};
-use crate::peer::{PeerClient, PeerError, routes};
+use crate::protocol::{PeerClient, PeerError, routes};
 use crate::shutdown::Shutdown;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};

@@ -15,7 +15,8 @@
 //!   change.
 //! - [`membership`]: the membership rules (merge, status, removal, peer choice), no I/O.
 //! - [`cluster`]: the membership tasks around them: join, gossip, leave.
-//! - [`peer`]: the pooled HTTP client for node-to-node calls, a timeout on each.
+//! - [`protocol`]: the node-to-node protocol: its routes, headers, limits, and the
+//!   pooled HTTP client for node-to-node calls, a timeout on each.
 //! - [`antientropy`]: the replication rules (hash summary, diff plan, stale rule), no I/O.
 //! - [`wire`]: the binary record batches nodes exchange.
 //! - [`purge`]: when a tombstone may be purged (every member confirmed), no I/O.
@@ -23,8 +24,8 @@
 //!   catch-up, bootstrap and tombstone purge. [`stats`]: their counters.
 //! - [`conflict`]: the vote rules for timestamp collisions (majority, oldest node,
 //!   fallback), no I/O; [`resolve`]: the task that runs the votes.
-//! - [`api`]: the HTTP API (client routes and node-to-node routes): routing, handlers,
-//!   JSON errors.
+//! - [`api`]: the client HTTP API: routing, handlers, JSON errors.
+//!   [`internal`]: the server half of the node-to-node protocol.
 //! - [`server`]: the accept loop: connection cap, timeouts, graceful drain.
 //! - [`node`]: wires one node together and runs it until a signal.
 //! - [`metrics`]: Prometheus metrics for `GET /metrics`; [`notify`]: systemd readiness
@@ -61,13 +62,14 @@ pub mod cluster;
 pub mod config;
 pub mod conflict;
 pub mod hlc;
+pub mod internal;
 pub mod membership;
 pub mod merge;
 pub mod metrics;
 pub mod node;
 pub mod notify;
 pub mod path;
-pub mod peer;
+pub mod protocol;
 pub mod purge;
 pub mod push;
 pub mod record;

@@ -7,7 +7,7 @@
 //! fills only its own queue, so it never holds back the others.
 
 use crate::cluster::Cluster;
-use crate::peer::routes;
+use crate::protocol::routes;
 use crate::record::Record;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;

@@ -13,7 +13,7 @@
 
 use crate::cluster::Cluster;
 use crate::conflict::{Vote, tally};
-use crate::peer::routes;
+use crate::protocol::routes;
 use crate::push::Pusher;
 use crate::record::Record;
 use crate::shutdown::Shutdown;

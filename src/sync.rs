@@ -28,7 +28,7 @@ use crate::antientropy::{self, FANOUT, LEAVES, Version};
 use crate::clock::now_ms;
 use crate::cluster::Cluster;
 use crate::hlc;
-use crate::peer::{PeerError, routes};
+use crate::protocol::{PeerError, routes};
 use crate::purge;
 use crate::record::Record;
 use crate::resolve::Resolver;

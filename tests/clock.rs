@@ -13,7 +13,7 @@ fn wall_ms() -> u64 {
 fn push(addr: &str, path: &str, record: &kvs::record::Record) -> Resp {
     let mut body = bytes::BytesMut::new();
     kvs::wire::put(&mut body, path, record);
-    peer_post(addr, kvs::peer::routes::PUSH, &body)
+    peer_post(addr, kvs::protocol::routes::PUSH, &body)
 }
 
 #[test]

@@ -98,7 +98,7 @@ fn duplicate_node_id_is_refused() {
     assert!(log.contains("already used by the node at"), "{log}");
     wait_members_alive(&n1, &["n1", "n2"]);
     let join = br#"{"id":"n1","uid":"x","address":"127.0.0.1:9","joined_timestamp":1,"incarnation":1,"heartbeat":0}"#;
-    let r = peer_post(&n1.addr, kvs::peer::routes::JOIN, join);
+    let r = peer_post(&n1.addr, kvs::protocol::routes::JOIN, join);
     r.assert_error(409);
     assert!(r.text().contains("already used"), "{}", r.text());
     // The same join from a node of protocol 1 (kvs before the HLC: its path, no

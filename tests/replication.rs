@@ -345,7 +345,7 @@ fn read_only_nodes_take_replicated_writes_and_bad_batches_are_refused_whole() {
     let mut body = bytes::BytesMut::new();
     kvs::wire::put(&mut body, "fine/key", &good);
     kvs::wire::put(&mut body, "bad/../key", &good);
-    peer_post(&n1.addr, kvs::peer::routes::PUSH, &body).assert_error(400);
+    peer_post(&n1.addr, kvs::protocol::routes::PUSH, &body).assert_error(400);
     n1.get("/kv/fine/key").assert_error(404);
 }
 
@@ -504,7 +504,7 @@ fn a_gossiped_purge_horizon_from_the_future_makes_nobody_discard() {
         r#"{{"members":[{{"id":"evil","uid":"e","address":"127.0.0.1:9","joined_timestamp":1,"incarnation":1,"heartbeat":1,"gc_horizon":{}}}]}}"#,
         u64::MAX
     );
-    assert_eq!(peer_post(&n1.addr, kvs::peer::routes::GOSSIP, evil.as_bytes()).status, 200);
+    assert_eq!(peer_post(&n1.addr, kvs::protocol::routes::GOSSIP, evil.as_bytes()).status, 200);
     // It spreads to n2 by gossip; neither node takes it for a reason to discard.
     wait_for(DEADLINE, "the entry spread", || members(&n2).iter().any(|(id, _)| id == "evil").then_some(()));
     for n in [&n1, &n2] {

@@ -39,7 +39,7 @@
 
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
-use kvs::peer::{PeerClient, routes};
+use kvs::protocol::{PeerClient, routes};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{RngExt, SeedableRng};

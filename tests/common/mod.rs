@@ -260,7 +260,7 @@ pub fn version_of(r: &Resp) -> u64 {
 pub fn peer_post(addr: &str, route: &str, body: &[u8]) -> Resp {
     let mut req = format!(
         "POST {route} HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        kvs::peer::WIRE_VERSION,
+        kvs::protocol::WIRE_VERSION,
         body.len()
     )
     .into_bytes();

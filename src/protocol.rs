@@ -88,6 +88,10 @@ impl LogThrottle {
     }
 }
 
+/// Largest node-to-node request body.
+pub const MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
+/// Most paths in one fetch, vote or purge check, and most records in one page.
+pub const MAX_PATHS: usize = 10_000;
 /// Largest answer read from a peer.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
