@@ -79,13 +79,17 @@ pub struct Plan {
     pub send: Vec<String>,
     /// Paths with the same timestamp and different uuids: a vote decides.
     pub collisions: Vec<String>,
+    /// Versions the peer holds from beyond the clock bound (above `ceiling`): not
+    /// fetched, taken by a later round (ARCHITECTURE.md, clock rule 3a).
+    pub held_back: usize,
 }
 
 /// Compares the versions both sides hold in the differing leaves. Both lists are
 /// sorted by path. A tombstone older than `tombstone_floor` is not moved to a side
 /// that holds nothing of its path: there is nothing there for it to delete (and a
-/// purge check leaves a certificate there).
-pub fn plan(mine: &[Version], theirs: &[Version], tombstone_floor: u64) -> Plan {
+/// purge check leaves a certificate there). A peer's version above `ceiling` is from
+/// beyond the clock bound and is held back ([`crate::merge::Decision::Future`]).
+pub fn plan(mine: &[Version], theirs: &[Version], tombstone_floor: u64, ceiling: u64) -> Plan {
     let mut p = Plan::default();
     let (mut i, mut j) = (0, 0);
     let expired = |v: &Version| v.tombstone && v.timestamp < tombstone_floor;
@@ -103,7 +107,9 @@ pub fn plan(mine: &[Version], theirs: &[Version], tombstone_floor: u64) -> Plan 
                 i += 1;
             }
             std::cmp::Ordering::Greater => {
-                if !expired(&theirs[j]) {
+                if theirs[j].timestamp > ceiling {
+                    p.held_back += 1;
+                } else if !expired(&theirs[j]) {
                     p.fetch.push(theirs[j].path.clone());
                 }
                 j += 1;
@@ -112,6 +118,7 @@ pub fn plan(mine: &[Version], theirs: &[Version], tombstone_floor: u64) -> Plan 
                 let (a, b) = (&mine[i], &theirs[j]);
                 match a.timestamp.cmp(&b.timestamp) {
                     std::cmp::Ordering::Greater => p.send.push(a.path.clone()),
+                    std::cmp::Ordering::Less if b.timestamp > ceiling => p.held_back += 1,
                     std::cmp::Ordering::Less => p.fetch.push(b.path.clone()),
                     std::cmp::Ordering::Equal if a.uuid != b.uuid => p.collisions.push(a.path.clone()),
                     std::cmp::Ordering::Equal => {}
@@ -267,18 +274,28 @@ mod tests {
             let range = top * per..(top + 1) * per;
             leaves.extend(differing(&lm[range.clone()], &lt[range]).into_iter().map(|i| top * per + i));
         }
-        plan(&mine.versions_in(&leaves), &theirs.versions_in(&leaves), 0)
+        plan(&mine.versions_in(&leaves), &theirs.versions_in(&leaves), 0, u64::MAX)
     }
 
     #[test]
     fn plan_moves_newer_both_ways_and_skips_expired_tombstones() {
         let mine = [v("a", 5, 1, false), v("b", 5, 1, false), v("c", 5, 1, false), v("e", 1, 1, true)];
         let theirs = [v("b", 6, 2, false), v("c", 5, 3, false), v("d", 2, 1, false), v("f", 1, 2, true)];
-        let p = plan(&mine, &theirs, 2);
+        let p = plan(&mine, &theirs, 2, u64::MAX);
         assert_eq!(p.send, vec!["a"]);
         assert_eq!(p.fetch, vec!["b", "d"]);
         assert_eq!(p.collisions, vec!["c"]);
-        assert_eq!(plan(&mine, &mine, 0), Plan::default());
+        assert_eq!(plan(&mine, &mine, 0, u64::MAX), Plan::default());
+    }
+
+    #[test]
+    fn plan_holds_back_versions_from_beyond_the_clock_bound() {
+        let mine = [v("a", 5, 1, false)];
+        let theirs = [v("a", 9, 2, false), v("b", 10, 1, false), v("c", 7, 1, true)];
+        let p = plan(&mine, &theirs, 0, 8);
+        assert_eq!(p.fetch, vec!["c"]);
+        assert_eq!(p.held_back, 2);
+        assert!(p.send.is_empty(), "their newer version still wins over ours");
     }
 
     #[test]

@@ -76,6 +76,7 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::Storage(StoreError::NoNewerTimestamp(_)) => StatusCode::CONFLICT,
             ApiError::Storage(StoreError::Closed) | ApiError::Syncing | ApiError::Clock(..) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -96,6 +97,10 @@ impl ApiError {
             ApiError::Clock(ClockRefusal::Unchecked, _) => {
                 "this node has not yet compared its clock with the cluster's; retry shortly".into()
             }
+            ApiError::Clock(ClockRefusal::Stepped(step), _) => format!(
+                "this node's wall clock just stepped by {step} ms; it compares its clock with the cluster's \
+                 again before it takes writes; retry shortly"
+            ),
             ApiError::Clock(ClockRefusal::Off(offset), max) => format!(
                 "this node's clock is {offset} ms off the cluster's (max_clock_offset_ms is {max}); \
                  it refuses writes until its clock is right; use another node"

@@ -154,6 +154,21 @@ impl ClockOffsets {
     }
 }
 
+/// How far the wall clock moved beyond the monotonic clock between two readings
+/// `(monotonic ms, wall ms)`: positive when it stepped forward.
+pub fn step(then: (u64, u64), now: (u64, u64)) -> i64 {
+    let wall = i128::from(now.1) - i128::from(then.1);
+    let mono = i128::from(now.0) - i128::from(then.0);
+    (wall - mono).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
+/// The wall clock's lead over the monotonic clock at one reading: two leads differ by
+/// the [`step`] between the readings. Lets the write path check for a step against the
+/// watch task's last look with one atomic number.
+pub fn lead(mono_ms: u64, wall_ms: u64) -> i64 {
+    step((0, 0), (mono_ms, wall_ms))
+}
+
 /// Notices a step of the wall clock (an operator or NTP setting it, a VM resumed):
 /// the wall clock moving more than `tolerance_ms` away from the monotonic clock
 /// between two looks. Pure: both clocks are passed in.
@@ -172,13 +187,16 @@ impl StepDetector {
     /// Looks at the clocks (monotonic ms, wall ms); returns the step in ms (wall minus
     /// monotonic progress) when it exceeds the tolerance.
     pub fn look(&mut self, mono_ms: u64, wall_ms: u64) -> Option<i64> {
-        let step = self.last.map(|(m, w)| {
-            let wall = i128::from(wall_ms) - i128::from(w);
-            let mono = i128::from(mono_ms) - i128::from(m);
-            (wall - mono).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
-        });
+        let found = self.drift(mono_ms, wall_ms);
         self.last = Some((mono_ms, wall_ms));
-        step.filter(|s| s.unsigned_abs() > self.tolerance_ms)
+        found
+    }
+
+    /// The step since the last look, if it exceeds the tolerance, without looking (the
+    /// write path's check between two looks).
+    pub fn drift(&self, mono_ms: u64, wall_ms: u64) -> Option<i64> {
+        let s = step(self.last?, (mono_ms, wall_ms));
+        (s.unsigned_abs() > self.tolerance_ms).then_some(s)
     }
 }
 
@@ -260,6 +278,9 @@ mod tests {
         assert_eq!(d.look(3_000, T + 2_100), None, "100 ms of slew is within tolerance");
         assert_eq!(d.look(4_000, T + 33_100), Some(30_000), "stepped 30 s ahead");
         assert_eq!(d.look(5_000, T + 4_100), Some(-30_000), "and back");
+        assert_eq!(d.drift(5_500, T + 9_600), Some(5_000), "between looks, without looking");
+        assert_eq!(d.drift(5_500, T + 4_600), None);
+        assert_eq!(lead(5_500, T + 9_600) - lead(5_000, T + 4_100), 5_000);
     }
 
     #[test]

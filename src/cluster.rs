@@ -71,6 +71,9 @@ pub enum ClockRefusal {
     Unchecked,
     /// Off the cluster's clock by this many ms (positive: ahead).
     Off(i64),
+    /// The wall clock stepped by this many ms since the watch task last looked; it is
+    /// judged again within a second (ARCHITECTURE.md, clock rule 6a).
+    Stepped(i64),
 }
 
 /// Clock state read on every client write, kept in atomics so the write path takes no
@@ -86,6 +89,8 @@ struct ClockGate {
     checked: AtomicBool,
     /// When the last "clock off" line was logged (at most one a minute).
     logged: Mutex<Option<Instant>>,
+    /// [`crate::clock::lead`] at the watch task's last look (`i64::MIN`: none yet).
+    lead: AtomicI64,
 }
 
 /// The node's cluster state and the means to talk to peers.
@@ -148,6 +153,7 @@ impl Cluster {
             ok: AtomicBool::new(true),
             checked: AtomicBool::new(seeds.is_empty()),
             logged: Mutex::new(None),
+            lead: AtomicI64::new(i64::MIN),
         };
         Cluster {
             membership: Mutex::new(Membership::new(me, timeouts)),
@@ -221,10 +227,16 @@ impl Cluster {
         if !self.clock.checked.load(Ordering::Relaxed) {
             return Some(ClockRefusal::Unchecked);
         }
-        if self.clock.ok.load(Ordering::Relaxed) {
-            return None;
+        if !self.clock.ok.load(Ordering::Relaxed) {
+            return Some(ClockRefusal::Off(self.clock.offset.load(Ordering::Relaxed)));
         }
-        Some(ClockRefusal::Off(self.clock.offset.load(Ordering::Relaxed)))
+        // A step since the watch task last looked: no write is stamped across it.
+        let then = self.clock.lead.load(Ordering::Relaxed);
+        let step = crate::clock::lead(self.now(), now_ms()).saturating_sub(then);
+        if then != i64::MIN && step.unsigned_abs() > self.clock.max_offset_ms / 2 {
+            return Some(ClockRefusal::Stepped(step));
+        }
+        None
     }
 
     /// Milliseconds on the local monotonic clock, the `now` of every membership rule.
@@ -500,7 +512,10 @@ impl Cluster {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.wait() => return,
             }
-            let Some(step) = detector.look(self.now(), now_ms()) else { continue };
+            let (mono, wall) = (self.now(), now_ms());
+            let stepped = detector.look(mono, wall);
+            self.clock.lead.store(crate::clock::lead(mono, wall), Ordering::Relaxed);
+            let Some(step) = stepped else { continue };
             tracing::warn!(step_ms = step, "the wall clock stepped: judging it against the peers again");
             self.clock.offsets.lock().unwrap_or_else(|p| p.into_inner()).reset();
             self.clock.checked.store(false, Ordering::Relaxed);

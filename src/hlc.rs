@@ -75,6 +75,12 @@ impl Hlc {
         ms(ts) > wall_ms.saturating_add(self.max_offset_ms)
     }
 
+    /// The newest timestamp that is not from the future at `wall_ms`.
+    pub fn ceiling(&self, wall_ms: u64) -> u64 {
+        let ms = wall_ms.saturating_add(self.max_offset_ms);
+        if ms >= MAX_MS { u64::MAX } else { from_ms(ms) | ((1 << COUNTER_BITS) - 1) }
+    }
+
     /// The next timestamp at wall time `wall_ms`: above everything handed out, and on
     /// the wall clock whenever the wall clock is ahead.
     pub fn now(&mut self, wall_ms: u64) -> u64 {
@@ -95,15 +101,15 @@ impl Hlc {
     /// The timestamp of a client write over `held` (the key's current version's
     /// timestamp, if any): the clock's next timestamp, or just after `held` when that
     /// is not newer. A held timestamp from the future is superseded without moving the
-    /// clock.
-    pub fn stamp_over(&mut self, held: Option<u64>, wall_ms: u64) -> u64 {
+    /// clock. `None` when nothing is newer than `held` (it is `u64::MAX`).
+    pub fn stamp_over(&mut self, held: Option<u64>, wall_ms: u64) -> Option<u64> {
         if let Some(h) = held {
             self.observe(h, wall_ms);
         }
         let ts = self.now(wall_ms);
         match held {
-            Some(h) if ts <= h => h.saturating_add(1),
-            _ => ts,
+            Some(h) if ts <= h => h.checked_add(1),
+            _ => Some(ts),
         }
     }
 }
@@ -158,21 +164,23 @@ mod tests {
     fn a_write_over_a_future_version_supersedes_it_without_moving_the_clock() {
         let mut c = Hlc::new(500);
         let held = from_ms(WALL + 120_000);
-        let ts = c.stamp_over(Some(held), WALL);
+        let ts = c.stamp_over(Some(held), WALL).unwrap();
         assert_eq!(ts, held + 1, "ordered just after the held version");
-        let other = c.stamp_over(None, WALL + 1);
+        let other = c.stamp_over(None, WALL + 1).unwrap();
         assert_eq!(ms(other), WALL + 1, "writes to other keys stay on real time");
-        assert_eq!(c.stamp_over(Some(u64::MAX), WALL), u64::MAX, "saturates, never overflows");
+        assert_eq!(c.stamp_over(Some(u64::MAX), WALL), None, "nothing is newer: refused, never overflows");
+        assert_eq!(c.ceiling(WALL), from_ms(WALL + 501) - 1);
+        assert_eq!(c.ceiling(u64::MAX), u64::MAX);
     }
 
     #[test]
     fn a_write_over_a_near_version_moves_the_clock_past_it() {
         let mut c = Hlc::new(500);
         let held = from_ms(WALL + 200) + 9;
-        let ts = c.stamp_over(Some(held), WALL);
+        let ts = c.stamp_over(Some(held), WALL).unwrap();
         assert_eq!(ts, held + 1);
-        assert!(c.stamp_over(None, WALL) > ts);
+        assert!(c.stamp_over(None, WALL).unwrap() > ts);
         let older = from_ms(WALL - 1000);
-        assert!(c.stamp_over(Some(older), WALL + 1) > older);
+        assert!(c.stamp_over(Some(older), WALL + 1).unwrap() > older);
     }
 }

@@ -100,7 +100,10 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
             let body = read_body(req, protocol::MAX_BODY_BYTES).await?;
             let records = wire::decode(body, app.config.max_value_bytes).map_err(ApiError::BadRequest)?;
             let report = app.replication.apply(records, sender).await?;
-            Ok(json_response(StatusCode::OK, &json!({ "applied": report.applied, "skipped": report.skipped })))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({ "applied": report.applied, "skipped": report.skipped, "held_back": report.future }),
+            ))
         }
         routes::VOTE if post => {
             let req: VoteRequest = read_json(req).await?;

@@ -16,14 +16,23 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 /// The version a client write creates over `held`: a fresh uuid and a timestamp from
-/// [`Hlc::stamp_over`], so it supersedes whatever the node holds for the path.
-pub fn client_version(clock: &mut Hlc, held: Option<&Record>, wall_ms: u64, uuid: Uuid, data: Option<Bytes>) -> Record {
-    let timestamp = clock.stamp_over(held.map(|r| r.timestamp), wall_ms);
-    Record { timestamp, uuid, data }
+/// [`Hlc::stamp_over`], so it supersedes whatever the node holds for the path. `None`
+/// when no timestamp can (the held one is the last there is): the write must be
+/// refused, not acknowledged and lost.
+pub fn client_version(
+    clock: &mut Hlc,
+    held: Option<&Record>,
+    wall_ms: u64,
+    uuid: Uuid,
+    data: Option<Bytes>,
+) -> Option<Record> {
+    let timestamp = clock.stamp_over(held.map(|r| r.timestamp), wall_ms)?;
+    Some(Record { timestamp, uuid, data })
 }
 
-/// Limits on which replicated records are taken for paths held nowhere here.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Limits on which replicated records are taken: for paths held nowhere here, and
+/// from the future.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Floors {
     /// Tombstones older than this are past the grace period: storing one for an absent
     /// path would only purge it again.
@@ -31,6 +40,16 @@ pub struct Floors {
     /// Records at or below this come from a sender that may have missed a delete this
     /// node has purged (0: no such limit).
     pub absent: u64,
+    /// Records above this are from beyond the clock bound ([`Hlc::ceiling`]): held
+    /// back, whatever is held (`u64::MAX`: no such limit).
+    pub future: u64,
+}
+
+impl Default for Floors {
+    /// No limit at all.
+    fn default() -> Floors {
+        Floors { tombstone: 0, absent: 0, future: u64::MAX }
+    }
 }
 
 /// What to do with one replicated record.
@@ -47,11 +66,18 @@ pub enum Decision {
     /// delete (it was away, and removed, while the cluster purged). Refuse it and bring
     /// the delete back as a live tombstone, so it reaches that node too.
     Reawaken,
+    /// From more than the clock bound ahead of this node's wall clock: not stored. The
+    /// nodes that hold it keep it and offer it again; it is taken once this node's
+    /// clock is within the bound of it (ARCHITECTURE.md, clock rule 3a).
+    Future,
 }
 
 /// Whether a replicated `incoming` record replaces `held`; `dormant` is the timestamp
 /// of the certificate of a purged delete of the path, if this node keeps one.
 pub fn decide_apply(held: Option<&Record>, dormant: Option<u64>, incoming: &Record, floors: Floors) -> Decision {
+    if incoming.timestamp > floors.future {
+        return Decision::Future;
+    }
     match compare(held, incoming) {
         Ordering::Newer if held.is_none() => {
             if dormant.is_some_and(|d| incoming.timestamp <= d) {
@@ -104,11 +130,38 @@ mod tests {
     fn a_client_write_supersedes_the_held_version_and_stays_on_real_time() {
         let mut clock = Hlc::new(500);
         let future = rec(from_ms(WALL + 120_000), 1, Some("1"));
-        let v = client_version(&mut clock, Some(&future), WALL, Uuid::from_u128(2), None);
+        let v = client_version(&mut clock, Some(&future), WALL, Uuid::from_u128(2), None).unwrap();
         assert_eq!(compare(Some(&future), &v), Ordering::Newer);
         assert!(v.is_tombstone());
-        let fresh = client_version(&mut clock, None, WALL, Uuid::from_u128(3), Some(Bytes::from_static(b"1")));
+        let fresh = client_version(&mut clock, None, WALL, Uuid::from_u128(3), Some(Bytes::from_static(b"1"))).unwrap();
         assert_eq!(ms(fresh.timestamp), WALL);
+    }
+
+    #[test]
+    fn a_version_at_the_end_of_time_refuses_the_write_instead_of_losing_it() {
+        let mut clock = Hlc::new(500);
+        let end = rec(u64::MAX, 1, Some("1"));
+        assert_eq!(client_version(&mut clock, Some(&end), WALL, Uuid::from_u128(2), None), None);
+        let almost = rec(u64::MAX - 1, 1, Some("1"));
+        let v = client_version(&mut clock, Some(&almost), WALL, Uuid::from_u128(2), None).unwrap();
+        assert_eq!(v.timestamp, u64::MAX);
+        assert!(ms(clock.now(WALL)) == WALL, "the clock did not follow either");
+    }
+
+    #[test]
+    fn records_from_beyond_the_clock_bound_are_held_back_whatever_is_held() {
+        let clock = Hlc::new(500);
+        let floors = Floors { future: clock.ceiling(WALL), ..Floors::default() };
+        let at_bound = rec(from_ms(WALL + 500) + 7, 1, Some("1"));
+        let beyond = rec(from_ms(WALL + 501), 1, Some("1"));
+        assert_eq!(decide_apply(None, None, &at_bound, floors), Decision::Store);
+        assert_eq!(decide_apply(None, None, &beyond, floors), Decision::Future);
+        assert_eq!(decide_apply(Some(&rec(5, 2, None)), None, &beyond, floors), Decision::Future);
+        let end = rec(u64::MAX, 1, None);
+        assert_eq!(decide_apply(None, Some(10), &end, floors), Decision::Future);
+        // Later, with the wall clock within the bound of it, it is taken.
+        let later = Floors { future: clock.ceiling(WALL + 1), ..Floors::default() };
+        assert_eq!(decide_apply(None, None, &beyond, later), Decision::Store);
     }
 
     #[test]
@@ -124,7 +177,7 @@ mod tests {
 
     #[test]
     fn floors_only_refuse_records_for_absent_paths() {
-        let floors = Floors { tombstone: 100, absent: 50 };
+        let floors = Floors { tombstone: 100, absent: 50, ..Floors::default() };
         assert_eq!(decide_apply(None, None, &rec(99, 1, None), floors), Decision::Skip, "expired tombstone");
         assert_eq!(decide_apply(None, None, &rec(100, 1, None), floors), Decision::Store);
         assert_eq!(decide_apply(None, None, &rec(50, 1, Some("1")), floors), Decision::Skip, "from a stale sender");

@@ -241,6 +241,7 @@ async fn serve(
         throttle_delay: config.throttle_delay,
         fetch_delay: config.fetch_delay,
         max_value_bytes: config.max_value_bytes,
+        max_clock_offset_ms: config.max_clock_offset_ms,
         removal_timeout: config.removal_timeout,
     };
     let maintenance_interval = (config.tombstone_grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));

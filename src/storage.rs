@@ -24,7 +24,7 @@
 use crate::antientropy::{FANOUT, LEAVES, Version, leaf_of, record_digest};
 use crate::clock::now_ms;
 use crate::config::Durability;
-use crate::hlc::{self, Hlc, Observed};
+use crate::hlc::{self, Hlc};
 use crate::merge::{self, Decision, Floors};
 use crate::record::{CorruptRecord, Record};
 use bytes::Bytes;
@@ -73,6 +73,9 @@ pub enum StoreError {
     Format(u64),
     /// The writer has shut down.
     Closed,
+    /// A client write to this path cannot be ordered after the version it holds (that
+    /// version's timestamp is the last there is); refused, never acknowledged and lost.
+    NoNewerTimestamp(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -86,6 +89,9 @@ impl std::fmt::Display for StoreError {
                 "the data dir has format version {v}, newer than this kvs understands ({FORMAT_VERSION}): run a newer kvs"
             ),
             StoreError::Closed => write!(f, "storage is shutting down"),
+            StoreError::NoNewerTimestamp(path) => {
+                write!(f, "key {path:?} holds a version at the end of the timestamp range; no write can supersede it")
+            }
         }
     }
 }
@@ -116,8 +122,8 @@ pub struct ApplyReport {
     pub skipped: usize,
     /// Same timestamp, different uuid: `(path, local, incoming)`; the local one is kept.
     pub collisions: Vec<(String, Record, Record)>,
-    /// Stored records whose timestamp was more than `max_clock_offset_ms` ahead of this
-    /// node's wall clock (the clock did not follow them), and the furthest ahead.
+    /// Records held back: their timestamp was more than `max_clock_offset_ms` ahead of
+    /// this node's wall clock (ARCHITECTURE.md, clock rule 3a). Counted in `skipped` too.
     pub future: usize,
     /// The furthest-ahead of those timestamps (0: none).
     pub future_max: u64,
@@ -1035,7 +1041,8 @@ impl WriterState {
         // Over a purged delete, the write is ordered after it, as over the tombstone.
         let cert = if current.is_none() { self.current_cert(path)? } else { None };
         let held = current.clone().or_else(|| cert.map(|c| c.tombstone()));
-        let record = merge::client_version(&mut self.clock, held.as_ref(), now_ms(), Uuid::new_v4(), data);
+        let record = merge::client_version(&mut self.clock, held.as_ref(), now_ms(), Uuid::new_v4(), data)
+            .ok_or_else(|| StoreError::NoNewerTimestamp(path.to_string()))?;
         if cert.is_some() {
             self.certs.insert(path.to_string(), None);
         }
@@ -1052,8 +1059,8 @@ impl WriterState {
         absent_floor: u64,
     ) -> Result<ApplyReport, StoreError> {
         let mut report = ApplyReport::default();
-        let floors = Floors { tombstone: tombstone_floor, absent: absent_floor };
         let wall = now_ms();
+        let floors = Floors { tombstone: tombstone_floor, absent: absent_floor, future: self.clock.ceiling(wall) };
         for (path, incoming) in records {
             let current = self.current(changes, &path)?;
             let cert = if current.is_none() { self.current_cert(&path)? } else { None };
@@ -1071,11 +1078,14 @@ impl WriterState {
                     if cert.is_some() {
                         self.certs.insert(path.clone(), None);
                     }
-                    if self.clock.observe(incoming.timestamp, wall) == Observed::Future {
-                        report.future += 1;
-                        report.future_max = report.future_max.max(incoming.timestamp);
-                    }
+                    // Not from the future (decided above), so the clock takes it.
+                    self.clock.observe(incoming.timestamp, wall);
                     self.stage(changes, &path, current, Some(incoming));
+                }
+                Decision::Future => {
+                    report.skipped += 1;
+                    report.future += 1;
+                    report.future_max = report.future_max.max(incoming.timestamp);
                 }
                 Decision::Skip => report.skipped += 1,
                 Decision::Collision => {
@@ -1272,7 +1282,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_from_the_future_is_stored_superseded_and_does_not_drag_the_clock() {
+    fn a_record_from_the_future_is_held_back_and_does_not_drag_the_clock() {
         let dir = tempfile::tempdir().unwrap();
         let (store, writer) = open(dir.path());
         let rt = runtime();
@@ -1280,12 +1290,15 @@ mod tests {
         rt.block_on(async {
             let r = Record::value(future, Uuid::from_u128(7), Bytes::from_static(b"\"skewed\""));
             let report = writer.apply(vec![("a".into(), r.clone())], 0, 0).await.unwrap();
-            assert_eq!((report.applied, report.future, report.future_max), (1, 1, future));
-            assert_eq!(store.get("a").unwrap(), Some(r), "stored, never dropped");
+            assert_eq!((report.applied, report.skipped, report.future, report.future_max), (0, 1, 1, future));
+            assert_eq!(store.get("a").unwrap(), None, "held back: its sender keeps it");
+            let end = Record::value(u64::MAX, Uuid::from_u128(8), Bytes::from_static(b"1"));
+            let held = Record::value(5, Uuid::from_u128(9), Bytes::from_static(b"2"));
+            writer.apply(vec![("b".into(), held.clone())], 0, 0).await.unwrap();
+            assert_eq!(writer.apply(vec![("b".into(), end)], 0, 0).await.unwrap().future, 1);
+            assert_eq!(store.get("b").unwrap(), Some(held), "the key is not frozen at the end of time");
             let other = writer.put("b".into(), Bytes::from_static(b"1")).await.unwrap();
-            assert!(hlc::ms(other.timestamp) <= now_ms(), "writes to other keys stay on real time");
-            let over = writer.delete("a".into()).await.unwrap();
-            assert_eq!(over.timestamp, future + 1, "a client write supersedes what its node holds");
+            assert!(hlc::ms(other.timestamp) <= now_ms(), "writes stay on real time");
             let near = hlc::from_ms(now_ms() + 200);
             let report = writer.apply(vec![("c".into(), Record::tombstone(near, Uuid::from_u128(8)))], 0, 0).await;
             assert_eq!(report.unwrap().future, 0, "within the bound: taken");

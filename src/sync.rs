@@ -28,7 +28,7 @@ use crate::antientropy::{self, FANOUT, LEAVES, Version};
 use crate::clock::now_ms;
 use crate::cluster::Cluster;
 use crate::hlc;
-use crate::protocol::{PeerError, routes};
+use crate::protocol::{LogThrottle, PeerError, routes};
 use crate::purge;
 use crate::record::Record;
 use crate::resolve::Resolver;
@@ -84,6 +84,8 @@ pub struct SyncConfig {
     pub fetch_delay: Duration,
     /// Largest value accepted from a peer.
     pub max_value_bytes: u64,
+    /// How far ahead of this node's wall clock a peer's timestamp may be.
+    pub max_clock_offset_ms: u64,
     /// Silence after which a member is removed: a node purges nothing until it has
     /// been up this long, so it knows every member that is not removed.
     pub removal_timeout: Duration,
@@ -105,6 +107,8 @@ pub struct Replication {
     resolver: Arc<Resolver>,
     /// When this process started.
     started: std::time::Instant,
+    /// Repeated warnings about peers' records, at most one a minute per kind.
+    throttle: LogThrottle,
 }
 
 /// Why a sync step failed.
@@ -186,6 +190,7 @@ impl Replication {
             last_persisted_contact: AtomicU64::new(last),
             resolver,
             started: std::time::Instant::now(),
+            throttle: LogThrottle::default(),
         }
     }
 
@@ -231,6 +236,12 @@ impl Replication {
         two_rounds.min(self.config.tombstone_grace / 4).as_millis() as u64
     }
 
+    /// The newest timestamp taken from a peer now: anything later is from beyond the
+    /// clock bound and held back.
+    fn future_ceiling(&self) -> u64 {
+        hlc::Hlc::new(self.config.max_clock_offset_ms).ceiling(now_ms())
+    }
+
     /// Tombstones older than this (a timestamp) are purged (and not taken from peers).
     pub fn tombstone_floor(&self) -> u64 {
         hlc::from_ms(now_ms().saturating_sub(self.config.tombstone_grace.as_millis() as u64))
@@ -268,10 +279,12 @@ impl Replication {
         }
         if report.future > 0 {
             self.stats.future_records.add(report.future as u64);
+        }
+        if report.future > 0 && self.throttle.allow("future") {
             tracing::warn!(
                 records = report.future,
                 furthest_ahead_ms = hlc::ms(report.future_max).saturating_sub(now_ms()),
-                "stored records from more than max_clock_offset_ms in the future; this node's clock did not follow them"
+                "held back records from more than max_clock_offset_ms in the future: not stored until this node's clock reaches them"
             );
         }
         if !report.collisions.is_empty() {
@@ -338,7 +351,15 @@ impl Replication {
             let store = self.store.clone();
             let chunk = chunk.to_vec();
             let mine = blocking(move || store.versions_in_leaves(&chunk)).await?;
-            let plan = antientropy::plan(&mine, &theirs, self.tombstone_floor());
+            let plan = antientropy::plan(&mine, &theirs, self.tombstone_floor(), self.future_ceiling());
+            if plan.held_back > 0 {
+                self.stats.future_records.add(plan.held_back as u64);
+                tracing::debug!(
+                    peer,
+                    versions = plan.held_back,
+                    "sync: held back versions from beyond the clock bound"
+                );
+            }
             // Collisions are fetched too: applying them reports them to conflict handling.
             let wanted: Vec<String> = plan.fetch.into_iter().chain(plan.collisions).collect();
             for paths in wanted.chunks(FETCH_CHUNK) {

@@ -46,35 +46,57 @@ fn a_write_burst_keeps_timestamps_on_the_wall_clock() {
 }
 
 #[test]
-fn a_peer_with_a_wrong_clock_leaves_the_others_on_real_time() {
+fn a_record_from_beyond_the_clock_bound_is_held_back_and_freezes_no_key() {
     let d = Dirs::new();
     let (n1, n2) = two(&d, "");
-    // A record written by a node whose clock ran 120 s fast.
+    n1.put("/kv/shared/key", "\"before\"");
+    wait_value(&n2, "/kv/shared/key", Some("\"before\""));
+    // A record dated at the end of time (a buggy or hostile peer), and one written by
+    // a node whose clock ran 120 s fast.
+    let end = kvs::record::Record::value(u64::MAX, uuid::Uuid::new_v4(), bytes::Bytes::from("\"end\""));
     let future = kvs::hlc::from_ms(wall_ms() + 120_000);
-    let skewed = kvs::record::Record::value(future, uuid::Uuid::new_v4(), bytes::Bytes::from("\"skewed\""));
-    assert_eq!(push(&n1.addr, "shared/key", &skewed).status, 200);
-    assert_eq!(n1.get("/kv/shared/key").text(), "\"skewed\"", "stored, never dropped");
-    wait_value(&n2, "/kv/shared/key", Some("\"skewed\""));
-    for n in [&n1, &n2] {
-        // Overwriting the key supersedes the future version...
-        let over = n.put("/kv/shared/key", &format!("\"{}\"", n.addr));
-        assert!(version_of(&over) > future);
-        // ...and writes to other keys stay on real time: the clock did not follow it.
-        let other = n.put("/kv/other", "1");
-        let ts = other.json()["timestamp"].as_u64().unwrap();
-        assert!(ts <= wall_ms(), "{}: a peer's wrong clock dragged this node's ({ts})", n.addr);
+    let skewed = kvs::record::Record::tombstone(future, uuid::Uuid::new_v4());
+    for (path, record) in [("shared/key", &end), ("shared/key", &skewed), ("other/key", &end)] {
+        let r = push(&n1.addr, path, record);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["held_back"], 1, "{}", r.text());
     }
-    wait_for(DEADLINE, "the future record counted", || {
-        (n1.health()["replication"]["future_records"].as_u64()? >= 1).then_some(())
-    });
-    // (The overwrites are ordered just after the future version, so they count too.)
+    assert_eq!(n1.get("/kv/shared/key").text(), "\"before\"", "held back, not stored");
+    n1.get("/kv/other/key").assert_error(404);
+    // The key is not frozen: later writes win on every node, and stay on real time.
+    for (i, n) in [&n1, &n2].into_iter().enumerate() {
+        let value = format!("\"after {i}\"");
+        let over = n.put("/kv/shared/key", &value);
+        assert_eq!(over.status, 200, "{}", over.text());
+        let ts = over.json()["timestamp"].as_u64().unwrap();
+        assert!(ts <= wall_ms(), "{}: a peer's record dragged this node's clock ({ts})", n.addr);
+        wait_value(&n1, "/kv/shared/key", Some(&value));
+        wait_value(&n2, "/kv/shared/key", Some(&value));
+    }
+    assert!(n1.health()["replication"]["future_records"].as_u64().unwrap() >= 3);
     let metrics = n1.get("/metrics").text();
     assert!(metrics.lines().any(|l| l.starts_with("kvs_future_records_total ") && !l.ends_with(" 0")), "{metrics}");
-    // The later write wins everywhere.
-    let winner = n2.get("/kv/shared/key").header("etag").map(str::to_string);
-    wait_for(DEADLINE, "both nodes agree", || {
-        (n1.get("/kv/shared/key").header("etag") == winner.as_deref()).then_some(())
-    });
+    assert_eq!(n1.health()["status"], "ok");
+}
+
+#[test]
+fn a_write_from_a_clock_ahead_is_late_not_lost() {
+    let d = Dirs::new();
+    let (n1, n2) = two(&d, "");
+    let dir = d.0.path().join("n3");
+    let config = config_in(&dir, &cluster_config("n3", &[&n1.addr]));
+    let n3 = Node::start_config_env(&dir, &config, &[("KVS_FAULT_CLOCK_OFFSET_MS", "5000")]);
+    wait_normal(&n3);
+    // What n3 stamped before it noticed its clock: 5 s ahead of the others.
+    let ahead = kvs::hlc::from_ms(wall_ms() + 5_000);
+    let record = kvs::record::Record::value(ahead, uuid::Uuid::new_v4(), bytes::Bytes::from("\"ahead\""));
+    assert_eq!(push(&n3.addr, "late/key", &record).json()["held_back"], 0, "n3's own time");
+    assert_eq!(push(&n1.addr, "late/key", &record).json()["held_back"], 1, "4.5 s beyond n1's bound");
+    n1.get("/kv/late/key").assert_error(404);
+    // Once their clocks are within the bound of it, sync brings it to both.
+    wait_value(&n1, "/kv/late/key", Some("\"ahead\""));
+    wait_value(&n2, "/kv/late/key", Some("\"ahead\""));
+    assert!(wall_ms() + 500 >= kvs::hlc::ms(ahead), "taken only once within the bound");
 }
 
 #[test]
