@@ -15,8 +15,8 @@
 //! `max_clock_offset_ms` off the cluster's refuses client writes until it is right.
 
 use crate::clock::{ClockOffsets, ClockSample, StepDetector, now_ms};
-use crate::membership::{Changes, JoinOutcome, MemberInfo, MemberView, Membership, Timeouts};
-use crate::protocol::{PeerClient, PeerError, routes};
+use crate::membership::{self, Changes, JoinOutcome, MemberInfo, MemberView, Membership, Timeouts};
+use crate::protocol::{LogThrottle, PeerClient, PeerError, routes};
 use crate::shutdown::Shutdown;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -111,6 +111,11 @@ pub struct Cluster {
     /// Set when a peer has purged tombstones past our last contact: records up to
     /// this timestamp must be discarded and fetched again.
     stale_below: AtomicU64,
+    /// Member entries from peers that failed [`membership::check_info`] or exceeded
+    /// [`membership::MAX_MEMBERS`].
+    refused_members: AtomicU64,
+    /// One warning a minute per kind of refused news.
+    refusals: LogThrottle,
     /// False from the start of a node that was in a cluster before until news from a
     /// peer shows it is not stale: until then it must not hand out its records.
     verified: AtomicBool,
@@ -165,6 +170,8 @@ impl Cluster {
             rounds: AtomicU64::new(0),
             last_contact: AtomicU64::new(last_contact),
             stale_below: AtomicU64::new(0),
+            refused_members: AtomicU64::new(0),
+            refusals: LogThrottle::default(),
             verified: AtomicBool::new(last_contact == 0),
             data_facts,
             clock,
@@ -361,7 +368,43 @@ impl Cluster {
     }
 
     /// Merges what a peer told us, checks whether it makes us stale, logs the changes.
+    /// The entries of `members` that pass [`membership::check_info`] (at most
+    /// [`membership::MAX_MEMBERS`]); the others are counted and logged, never acted on.
+    pub fn admit(&self, mut members: Vec<MemberInfo>, via: &str) -> Vec<MemberInfo> {
+        let wall = now_ms();
+        let mut refused = members.len().saturating_sub(membership::MAX_MEMBERS);
+        members.truncate(membership::MAX_MEMBERS);
+        let mut first_error = None;
+        members.retain(|m| match membership::check_info(m, wall) {
+            Ok(()) => true,
+            Err(e) => {
+                refused += 1;
+                first_error.get_or_insert(e);
+                false
+            }
+        });
+        if refused > 0 {
+            self.refused_members.fetch_add(refused as u64, Ordering::Relaxed);
+            if self.refusals.allow(via) {
+                tracing::warn!(
+                    via,
+                    refused,
+                    first = first_error.as_deref().unwrap_or("too many entries"),
+                    "refused member entries from a peer"
+                );
+            }
+        }
+        members
+    }
+
+    /// Member entries refused since start ([`Self::admit`], and news of new members
+    /// beyond [`membership::MAX_MEMBERS`]).
+    pub fn refused_members(&self) -> u64 {
+        self.refused_members.load(Ordering::Relaxed)
+    }
+
     fn take_news(&self, members: Vec<MemberInfo>, via: &str) {
+        let members = self.admit(members, via);
         let now = self.now();
         let changes = {
             let mut m = self.lock();
@@ -373,6 +416,17 @@ impl Cluster {
     }
 
     fn log_changes(&self, changes: &Changes, via: &str) {
+        if changes.refused > 0 {
+            self.refused_members.fetch_add(changes.refused as u64, Ordering::Relaxed);
+            if self.refusals.allow("full") {
+                tracing::warn!(
+                    via,
+                    refused = changes.refused,
+                    "news of new members refused: this node keeps at most {}",
+                    membership::MAX_MEMBERS
+                );
+            }
+        }
         for id in &changes.joined {
             tracing::info!(member = %id, via, "member joined");
         }
@@ -400,6 +454,11 @@ impl Cluster {
                 tracing::warn!(member = %id, holder = %holder, "join refused: duplicate node_id");
                 Err(format!("node_id {id:?} is already used by the node at {holder}"))
             }
+            JoinOutcome::Full => {
+                self.refused_members.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(member = %id, "join refused: this node keeps at most {} members", membership::MAX_MEMBERS);
+                Err(format!("the cluster already has {} members, the most a node keeps", membership::MAX_MEMBERS))
+            }
         }
     }
 
@@ -412,9 +471,10 @@ impl Cluster {
 
     /// Handles `POST /internal/v2/gossip`: merge, answer with what we know.
     pub fn handle_gossip(&self, msg: GossipMessage) -> GossipMessage {
+        let members = self.admit(msg.members, "gossip");
         let now = self.now();
         let mut m = self.lock();
-        let changes = m.merge(msg.members, now);
+        let changes = m.merge(members, now);
         self.note_contact(&m);
         self.refresh_facts(&mut m);
         let members = m.gossip_payload();

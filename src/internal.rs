@@ -8,7 +8,6 @@
 use crate::antientropy::FANOUT;
 use crate::api::{ApiError, GET_METHOD, HttpResponse, POST_METHOD, json_response, parse_query, read_body};
 use crate::cluster::GossipMessage;
-use crate::config::{check_host_port, check_node_id};
 use crate::membership::MemberInfo;
 use crate::node::App;
 use crate::path::validate_key;
@@ -54,8 +53,8 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRespons
             Ok(json_response(StatusCode::OK, &json!({})))
         }
         routes::GOSSIP if post => {
+            // Entries that fail the checks are skipped and counted, never the whole message.
             let msg: GossipMessage = read_json(req).await?;
-            msg.members.iter().try_for_each(check_member)?;
             Ok(json_response(StatusCode::OK, &json!(app.cluster.handle_gossip(msg))))
         }
         routes::JOIN | routes::LEAVE | routes::GOSSIP => Err(ApiError::MethodNotAllowed(POST_METHOD)),
@@ -98,11 +97,18 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
         routes::PUSH if post => {
             let sender = req.headers().get(LAST_CONTACT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
             let body = read_body(req, protocol::MAX_BODY_BYTES).await?;
-            let records = wire::decode(body, app.config.max_value_bytes).map_err(ApiError::BadRequest)?;
-            let report = app.replication.apply(records, sender).await?;
+            let mut decoded =
+                wire::decode_off_thread(body, app.config.max_value_bytes).await.map_err(ApiError::BadRequest)?;
+            app.replication.note_refused("a pushing peer", &decoded.refused);
+            let report = app.replication.apply(std::mem::take(&mut decoded.records), sender).await?;
             Ok(json_response(
                 StatusCode::OK,
-                &json!({ "applied": report.applied, "skipped": report.skipped, "held_back": report.future }),
+                &json!({
+                    "applied": report.applied,
+                    "skipped": report.skipped,
+                    "held_back": report.future,
+                    "refused": decoded.refused.len(),
+                }),
             ))
         }
         routes::VOTE if post => {
@@ -225,14 +231,9 @@ fn binary_response(body: Bytes) -> HttpResponse {
     resp
 }
 
-/// Checks what a peer says about a member like client input.
+/// Checks what a peer says about itself (a join or leave) like client input.
 fn check_member(m: &MemberInfo) -> Result<(), ApiError> {
-    check_node_id(&m.id).map_err(|e| ApiError::BadRequest(format!("member id: {e}")))?;
-    check_host_port(&m.address).map_err(|e| ApiError::BadRequest(format!("member address: {e}")))?;
-    if m.uid.is_empty() || m.uid.len() > 64 {
-        return Err(ApiError::BadRequest("member uid must be 1 to 64 bytes".into()));
-    }
-    Ok(())
+    crate::membership::check_info(m, crate::clock::now_ms()).map_err(ApiError::BadRequest)
 }
 
 /// Reads and decodes a node-to-node JSON body.

@@ -15,6 +15,7 @@
 //! Leaves are gossiped (as `left` entries) so members that missed the leave drop it
 //! too; graves are forgotten after `removal_timeout`.
 
+use crate::config::{check_host_port, check_node_id};
 use rand::Rng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -92,6 +93,39 @@ pub enum JoinOutcome {
         /// Address of the node that holds the id.
         holder: String,
     },
+    /// This node already keeps [`MAX_MEMBERS`] members.
+    Full,
+}
+
+/// Most members a node keeps (and most entries one message may carry): news of more
+/// is refused, so one message cannot make a node track without bound.
+pub const MAX_MEMBERS: usize = 1_024;
+/// How far ahead of this node's wall clock a member's incarnation or join time may be
+/// (both are wall-clock ms of the member's own process).
+pub const MAX_AHEAD_MS: u64 = 24 * 3_600 * 1_000;
+/// Largest heartbeat taken: one gossip round every 10 ms for 89,000 years.
+pub const MAX_HEARTBEAT: u64 = 1 << 48;
+
+/// Checks a member entry from a peer like client input: its id, address and uid, and
+/// numbers that could otherwise freeze it (a version no later news can beat).
+/// `wall_ms` is this node's wall clock.
+pub fn check_info(m: &MemberInfo, wall_ms: u64) -> Result<(), String> {
+    check_node_id(&m.id).map_err(|e| format!("member id: {e}"))?;
+    check_host_port(&m.address).map_err(|e| format!("member {}: address: {e}", m.id))?;
+    if m.uid.is_empty() || m.uid.len() > 64 {
+        return Err(format!("member {}: uid must be 1 to 64 bytes", m.id));
+    }
+    let limit = wall_ms.saturating_add(MAX_AHEAD_MS);
+    if m.incarnation > limit || m.joined_timestamp > limit {
+        return Err(format!(
+            "member {}: incarnation or joined_timestamp more than a day ahead of this node's clock",
+            m.id
+        ));
+    }
+    if m.heartbeat > MAX_HEARTBEAT {
+        return Err(format!("member {}: heartbeat above {MAX_HEARTBEAT}", m.id));
+    }
+    Ok(())
 }
 
 /// One row of `/members/`.
@@ -136,12 +170,14 @@ pub struct Changes {
     pub left: Vec<String>,
     /// Members removed after `removal_timeout`.
     pub removed: Vec<String>,
+    /// News of new members refused because [`MAX_MEMBERS`] are known.
+    pub refused: usize,
 }
 
 impl Changes {
     /// True when nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.joined.is_empty() && self.left.is_empty() && self.removed.is_empty()
+        self.joined.is_empty() && self.left.is_empty() && self.removed.is_empty() && self.refused == 0
     }
 }
 
@@ -213,7 +249,14 @@ impl Membership {
         if info.id == self.me.id {
             // Only we speak for ourselves. News of an older incarnation of us (say, its
             // leave) is stale; a newer one with another uid is a duplicate id, which the
-            // join refused, so it is ignored here too.
+            // join refused, so it is ignored here too. News of us, with our uid, at a
+            // version above ours (a past process with a higher incarnation, or a forged
+            // entry) would shadow our heartbeats: refute it by outranking it, as SWIM
+            // does.
+            if info.uid == self.me.uid && info.version() > self.me.version() {
+                self.me.incarnation = info.incarnation.saturating_add(1);
+                self.me.heartbeat = 0;
+            }
             return;
         }
         if let Some(grave) = self.graves.get(&info.id) {
@@ -222,6 +265,7 @@ impl Membership {
             }
             self.graves.remove(&info.id);
         }
+        let full = self.others.len() >= MAX_MEMBERS;
         match self.others.get_mut(&info.id) {
             Some(e) if info.version() <= e.info.version() => {}
             Some(e) if info.uid != e.info.uid && !Self::is_silent(e, now, self.timeouts.failure_ms) => {
@@ -236,6 +280,7 @@ impl Membership {
                 e.info = info;
                 e.heard = now;
             }
+            None if full => changes.refused += 1,
             None => {
                 changes.joined.push(info.id.clone());
                 self.others.insert(info.id.clone(), Entry { info, heard: now });
@@ -259,6 +304,9 @@ impl Membership {
         };
         if let Some(holder) = holder {
             return JoinOutcome::DuplicateId { holder };
+        }
+        if info.id != self.me.id && !self.others.contains_key(&info.id) && self.others.len() >= MAX_MEMBERS {
+            return JoinOutcome::Full;
         }
         // A replacement of a silent holder starts fresh.
         if self.others.get(&info.id).is_some_and(|e| e.info.uid != info.uid) {
@@ -389,6 +437,47 @@ mod tests {
             gc_horizon: 0,
             syncing: false,
         }
+    }
+
+    #[test]
+    fn member_entries_from_peers_are_checked_like_client_input() {
+        let wall = 1_700_000_000_000;
+        let ok = MemberInfo { address: "127.0.0.1:7001".into(), ..info("b", wall, 5) };
+        assert_eq!(check_info(&ok, wall), Ok(()));
+        let bad = [
+            MemberInfo { id: String::new(), ..ok.clone() },
+            MemberInfo { address: "nowhere".into(), ..ok.clone() },
+            MemberInfo { uid: "x".repeat(65), ..ok.clone() },
+            MemberInfo { incarnation: u64::MAX, ..ok.clone() },
+            MemberInfo { joined_timestamp: wall + MAX_AHEAD_MS + 1, ..ok.clone() },
+            MemberInfo { heartbeat: u64::MAX, ..ok.clone() },
+        ];
+        for b in bad {
+            assert!(check_info(&b, wall).is_err(), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn forged_news_of_this_node_is_outranked_not_obeyed() {
+        let mut m = Membership::new(info("a", 10, 3), T);
+        m.merge([info("a", 10, 3)], 0);
+        assert_eq!(m.me().version(), (10, 3), "our own version echoed back changes nothing");
+        m.merge([info("a", 50, 7)], 0);
+        assert!(m.me().version() > (50, 7), "a higher version of us is refuted");
+        let other_uid = MemberInfo { uid: "someone-else".into(), ..info("a", 90, 0) };
+        let before = m.me().version();
+        m.merge([other_uid], 0);
+        assert_eq!(m.me().version(), before, "a duplicate id is not us");
+    }
+
+    #[test]
+    fn a_node_keeps_at_most_max_members() {
+        let mut m = Membership::new(info("a", 1, 0), T);
+        let flood: Vec<MemberInfo> = (0..MAX_MEMBERS + 10).map(|i| info(&format!("m{i}"), 1, 0)).collect();
+        let changes = m.merge(flood, 0);
+        assert_eq!((changes.joined.len(), changes.refused), (MAX_MEMBERS, 10));
+        assert_eq!(m.join(info("late", 1, 0), 0), JoinOutcome::Full);
+        assert_eq!(m.join(info("m3", 2, 0), 0), JoinOutcome::Accepted, "a known member restarting");
     }
 
     #[test]

@@ -155,8 +155,14 @@ impl Collector for NodeCollector {
         counter(
             &mut e,
             "future_records",
-            "Records stored from peers whose timestamp was more than max_clock_offset_ms ahead of this node's clock",
+            "Records from peers held back: their timestamp was more than max_clock_offset_ms ahead of this node's clock",
             s.future_records.get(),
+        )?;
+        counter(
+            &mut e,
+            "refused_records",
+            "Records from peers skipped because they fail this node's checks (key, max_value_bytes, JSON)",
+            s.refused_records.get(),
         )?;
         let clock = self.cluster.clock_status();
         gauge(

@@ -72,6 +72,7 @@ impl App {
             "mode": mode,
             "member_count": self.cluster.alive_count(),
             "gossip_rounds": self.cluster.gossip_rounds(),
+            "refused_member_entries": self.cluster.refused_members(),
             "node_id": self.config.node_id,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs(),

@@ -264,8 +264,11 @@ impl Voting {
             else {
                 continue;
             };
-            let found =
-                crate::wire::decode(answer, u64::MAX).ok()?.into_iter().find(|(p, r)| p == path && r.uuid == winner);
+            let found = crate::wire::decode(answer, u64::MAX)
+                .ok()?
+                .records
+                .into_iter()
+                .find(|(p, r)| p == path && r.uuid == winner);
             if let Some((_, r)) = found {
                 return Some(r);
             }

@@ -35,9 +35,12 @@ pub struct Stats {
     pub skipped: Counter,
     /// Timestamp collisions found.
     pub collisions: Counter,
-    /// Received records stored whose timestamp was beyond the clock bound (the HLC did
-    /// not follow them).
+    /// Received (or offered) records held back: their timestamp was beyond the clock
+    /// bound (ARCHITECTURE.md, clock rule 3a).
     pub future_records: Counter,
+    /// Received records skipped because they fail this node's checks (a key it refuses,
+    /// a value over its `max_value_bytes`, invalid JSON).
+    pub refused_records: Counter,
     /// Regular sync rounds that completed.
     pub sync_ok: Counter,
     /// Regular sync rounds that failed.
@@ -88,6 +91,7 @@ impl Stats {
             "skipped": self.skipped.get(),
             "collisions": self.collisions.get(),
             "future_records": self.future_records.get(),
+            "refused_records": self.refused_records.get(),
             "sync_ok": self.sync_ok.get(),
             "sync_failed": self.sync_failed.get(),
             "sync_fetched": self.sync_fetched.get(),

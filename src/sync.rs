@@ -294,7 +294,41 @@ impl Replication {
         Ok(report)
     }
 
-    /// Fetches records and stores them.
+    /// Decodes a record batch from `peer` (off the async workers) and applies what
+    /// passes the checks; records that fail are skipped, counted and logged (one line
+    /// a minute per peer), and never stop the rest. `Err` only for a batch whose
+    /// framing is broken, or for storage trouble.
+    pub async fn take_batch(
+        &self,
+        peer: &str,
+        batch: Bytes,
+        sender_contact: Option<u64>,
+    ) -> Result<(ApplyReport, wire::Decoded), SyncError> {
+        let mut decoded = wire::decode_off_thread(batch, self.config.max_value_bytes).await.map_err(protocol)?;
+        self.note_refused(peer, &decoded.refused);
+        let report = self.apply(std::mem::take(&mut decoded.records), sender_contact).await?;
+        Ok((report, decoded))
+    }
+
+    /// Counts and logs records refused from `peer`.
+    pub fn note_refused(&self, peer: &str, refused: &[(String, String)]) {
+        if refused.is_empty() {
+            return;
+        }
+        self.stats.refused_records.add(refused.len() as u64);
+        if self.throttle.allow(&format!("refused {peer}")) {
+            let (path, reason) = &refused[0];
+            tracing::warn!(
+                peer,
+                refused = refused.len(),
+                first_path = %path,
+                first_reason = %reason,
+                "skipped records from a peer that fail this node's checks (the rest of the batch is taken)"
+            );
+        }
+    }
+
+    /// Fetches records and stores them; returns how many the peer sent.
     async fn fetch_and_store(&self, peer: &str, paths: &[String]) -> Result<usize, SyncError> {
         let body = Bytes::from(serde_json::to_vec(paths).map_err(protocol)?);
         self.stats.sync_bytes.add(body.len() as u64);
@@ -302,10 +336,8 @@ impl Replication {
         let (answer, theirs) =
             self.cluster.client().exchange(Method::POST, peer, routes::FETCH, body, DATA_TIMEOUT, lc).await?;
         self.stats.sync_bytes.add(answer.len() as u64);
-        let records = wire::decode(answer, self.config.max_value_bytes).map_err(protocol)?;
-        let n = records.len();
-        self.apply(records, theirs).await?;
-        Ok(n)
+        let (_, decoded) = self.take_batch(peer, answer, theirs).await?;
+        Ok(decoded.framed)
     }
 
     async fn send_records(&self, peer: &str, paths: Vec<String>) -> Result<usize, SyncError> {
@@ -432,14 +464,13 @@ impl Replication {
             let lc = self.cluster.last_contact();
             let (answer, theirs) =
                 self.cluster.client().exchange(Method::GET, peer, &q, Bytes::new(), DATA_TIMEOUT, lc).await?;
-            let records = wire::decode(answer, self.config.max_value_bytes).map_err(protocol)?;
-            let n = records.len();
-            if let Some((p, r)) = records.last() {
-                cursor = (r.timestamp, p.clone());
+            let (_, decoded) = self.take_batch(peer, answer, theirs).await?;
+            let n = decoded.framed;
+            if let Some(last) = decoded.last {
+                cursor = last;
             }
             total += n;
             self.stats.catchup_records.add(n as u64);
-            self.apply(records, theirs).await?;
             if n < PAGE || shutdown.is_triggered() {
                 return Ok(total);
             }
@@ -459,7 +490,12 @@ impl Replication {
                 continue;
             }
             let peers = self.cluster.alive_peers();
-            let Some(best) = peers.iter().max_by_key(|p| p.newest_write) else { continue };
+            // A newest write from beyond the clock bound would be held back anyway, and a
+            // forged one would start a catch-up every interval.
+            let ceiling = self.future_ceiling();
+            let Some(best) = peers.iter().filter(|p| p.newest_write <= ceiling).max_by_key(|p| p.newest_write) else {
+                continue;
+            };
             let mine = self.store.newest_timestamp();
             let since = if first {
                 self.newest_at_start

@@ -5,8 +5,12 @@
 //! 2: tombstone) · data length (u32 BE) · data`
 //!
 //! Binary keeps a value's bytes exactly as the client sent them and costs no escaping.
-//! [`decode`] checks every record like client input (key rules, size, JSON) and
-//! refuses the whole batch on the first bad one, so a batch is never half-applied.
+//! [`decode`] checks every record like client input (key rules, size, JSON). A record
+//! that fails is skipped and reported, and the rest of the batch is still taken: one
+//! value a peer cannot accept (a larger `max_value_bytes` there, a bug) must not stop
+//! everything after it from replicating. Only a batch whose framing is broken
+//! (truncated, a length past the end) is refused whole, since nothing after the break
+//! can be trusted.
 
 use crate::api::validate_json;
 use crate::path::validate_key;
@@ -39,43 +43,78 @@ pub fn encode<'a>(records: impl IntoIterator<Item = (&'a str, &'a Record)>) -> B
     buf.freeze()
 }
 
-/// Decodes and validates a batch; `max_value` bounds each value.
-pub fn decode(mut bytes: Bytes, max_value: u64) -> Result<Vec<(String, Record)>, String> {
-    let mut out = Vec::new();
+/// A decoded batch: the records that passed the checks, and those that did not.
+#[derive(Debug, Default, PartialEq)]
+pub struct Decoded {
+    /// Records that passed every check, in batch order.
+    pub records: Vec<(String, Record)>,
+    /// Records skipped: the path (lossy UTF-8) and why.
+    pub refused: Vec<(String, String)>,
+    /// Records in the batch, taken or not.
+    pub framed: usize,
+    /// Timestamp and path (lossy UTF-8) of the batch's last record, taken or not: a
+    /// paging cursor must move past refused records too.
+    pub last: Option<(u64, String)>,
+}
+
+/// Decodes and validates a batch; `max_value` bounds each value. `Err` only for broken
+/// framing; a bad record is skipped into [`Decoded::refused`].
+pub fn decode(mut bytes: Bytes, max_value: u64) -> Result<Decoded, String> {
+    let mut out = Decoded::default();
+    let mut n = 0usize;
     while bytes.has_remaining() {
-        let n = out.len();
-        let err = |m: &str| format!("record {n}: {m}");
+        let truncated = || format!("record {n}: truncated");
         if bytes.remaining() < 2 {
-            return Err(err("truncated"));
+            return Err(truncated());
         }
         let plen = bytes.get_u16() as usize;
         if bytes.remaining() < plen + 8 + 16 + 1 + 4 {
-            return Err(err("truncated"));
+            return Err(truncated());
         }
-        let path = String::from_utf8(bytes.split_to(plen).to_vec()).map_err(|_| err("path is not UTF-8"))?;
-        validate_key(&path).map_err(|e| err(&format!("path {path:?}: {e}")))?;
+        let raw_path = bytes.split_to(plen);
         let timestamp = bytes.get_u64();
-        let uuid = Uuid::from_slice(&bytes.split_to(16)).map_err(|_| err("bad uuid"))?;
+        let uuid = Uuid::from_slice(&bytes.split_to(16)).map_err(|_| format!("record {n}: bad uuid"))?;
         let kind = bytes.get_u8();
         let dlen = bytes.get_u32() as usize;
-        if dlen as u64 > max_value {
-            return Err(err("value larger than max_value_bytes"));
-        }
         if bytes.remaining() < dlen {
-            return Err(err("truncated"));
+            return Err(truncated());
         }
         let data = bytes.split_to(dlen);
-        let data = match kind {
-            1 => {
-                validate_json(&data).map_err(|e| err(&format!("value is not valid JSON: {e}")))?;
-                Some(data)
-            }
-            2 if dlen == 0 => None,
-            _ => return Err(err("bad kind")),
-        };
-        out.push((path, Record { timestamp, uuid, data }));
+        n += 1;
+        out.framed = n;
+        out.last = Some((timestamp, String::from_utf8_lossy(&raw_path).into_owned()));
+        match check(&raw_path, kind, data, max_value) {
+            Ok((path, data)) => out.records.push((path, Record { timestamp, uuid, data })),
+            Err(reason) => out.refused.push((String::from_utf8_lossy(&raw_path).into_owned(), reason)),
+        }
     }
     Ok(out)
+}
+
+/// Checks one framed record like client input.
+fn check(raw_path: &[u8], kind: u8, data: Bytes, max_value: u64) -> Result<(String, Option<Bytes>), String> {
+    let path = std::str::from_utf8(raw_path).map_err(|_| "path is not UTF-8".to_string())?;
+    validate_key(path).map_err(|e| format!("path: {e}"))?;
+    let data = match kind {
+        1 if data.len() as u64 > max_value => {
+            return Err(format!("value of {} bytes is larger than max_value_bytes ({max_value})", data.len()));
+        }
+        1 => {
+            validate_json(&data).map_err(|e| format!("value is not valid JSON: {e}"))?;
+            Some(data)
+        }
+        2 if data.is_empty() => None,
+        _ => return Err("bad kind".into()),
+    };
+    Ok((path.to_string(), data))
+}
+
+/// [`decode`] on the blocking pool: JSON validation of a large batch takes
+/// milliseconds that the async workers must not spend.
+pub async fn decode_off_thread(bytes: Bytes, max_value: u64) -> Result<Decoded, String> {
+    tokio::task::spawn_blocking(move || decode(bytes, max_value))
+        .await
+        .unwrap_or_else(|e| Err(format!("decoding stopped: {e}")))
 }
 
 #[cfg(test)]
@@ -93,25 +132,46 @@ mod tests {
     fn round_trip_keeps_bytes() {
         let s = sample();
         let enc = encode(s.iter().map(|(p, r)| (p.as_str(), r)));
-        assert_eq!(decode(enc, 1024).unwrap(), s);
-        assert!(decode(Bytes::new(), 10).unwrap().is_empty());
+        assert_eq!(decode(enc, 1024).unwrap().records, s);
+        assert_eq!(decode(Bytes::new(), 10).unwrap(), Decoded::default());
+        let d = decode(encode(s.iter().map(|(p, r)| (p.as_str(), r))), 1).unwrap();
+        assert_eq!((d.records.len(), d.refused.len(), d.framed), (1, 1, 2));
+        assert_eq!(d.last, Some((6, "c".to_string())), "the cursor passes refused records");
     }
 
     #[test]
-    fn bad_batches_are_refused_whole() {
+    fn broken_framing_refuses_the_batch() {
         let s = sample();
         let enc = encode(s.iter().map(|(p, r)| (p.as_str(), r)));
         let first_len = encode([(s[0].0.as_str(), &s[0].1)]).len();
         for cut in (1..enc.len()).filter(|&c| c != first_len) {
             assert!(decode(enc.slice(..cut), 1024).is_err(), "truncated at {cut}");
         }
-        assert_eq!(decode(enc.slice(..first_len), 1024).unwrap().len(), 1, "a record boundary is a valid batch");
-        assert!(decode(enc.clone(), 5).is_err(), "value over the limit");
-        let bad_key = Record::value(1, Uuid::nil(), Bytes::from("1"));
-        assert!(decode(encode([("a/../b", &bad_key)]), 10).is_err());
+        assert_eq!(
+            decode(enc.slice(..first_len), 1024).unwrap().records.len(),
+            1,
+            "a record boundary is a valid batch"
+        );
+    }
+
+    #[test]
+    fn a_bad_record_is_skipped_and_the_rest_is_taken() {
+        let good = Record::value(1, Uuid::nil(), Bytes::from("1"));
+        let big = Record::value(2, Uuid::nil(), Bytes::from("\"0123456789\""));
         let bad_json = Record::value(1, Uuid::nil(), Bytes::from("{"));
-        assert!(decode(encode([("a", &bad_json)]), 10).is_err());
         let deep = Record::value(1, Uuid::nil(), Bytes::from("[".repeat(500) + &"]".repeat(500)));
-        assert!(decode(encode([("a", &deep)]), 10_000).is_err());
+        let batch = encode([("a/../b", &good), ("big", &big), ("json", &bad_json), ("deep", &deep), ("ok", &good)]);
+        let d = decode(batch, 10).unwrap();
+        assert_eq!(d.records, vec![("ok".to_string(), good)]);
+        let refused: Vec<&str> = d.refused.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(refused, ["a/../b", "big", "json", "deep"]);
+        assert!(d.refused[1].1.contains("max_value_bytes"), "{:?}", d.refused[1]);
+        let mut bad_kind = BytesMut::new();
+        put(&mut bad_kind, "k", &Record::tombstone(1, Uuid::nil()));
+        let kind_at = bad_kind.len() - 5;
+        bad_kind[kind_at] = 9;
+        put(&mut bad_kind, "after", &Record::tombstone(1, Uuid::nil()));
+        let d = decode(bad_kind.freeze(), 10).unwrap();
+        assert_eq!((d.records.len(), d.refused.len()), (1, 1));
     }
 }

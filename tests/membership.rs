@@ -163,3 +163,29 @@ fn binding_all_interfaces_needs_advertise_address() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("advertise_address"));
 }
+
+#[test]
+fn hostile_gossip_is_refused_entry_by_entry_and_bounded() {
+    let d = Dirs::new();
+    let (n1, n2) = two(&d, "");
+    let entry = |id: &str, address: &str, incarnation: u64| {
+        format!(
+            r#"{{"id":"{id}","uid":"u-{id}","address":"{address}","joined_timestamp":1,"incarnation":{incarnation},"heartbeat":0}}"#
+        )
+    };
+    // A forged version no later news could beat, an address that is not one, and more
+    // members than a node keeps.
+    let mut members = vec![entry("ghost", "127.0.0.1:9", u64::MAX), entry("bad", "no port here", 1)];
+    members.extend((0..1_100).map(|i| entry(&format!("flood{i}"), "127.0.0.1:9", 1)));
+    let msg = format!(r#"{{"members":[{}],"wall_ms":0}}"#, members.join(","));
+    let r = peer_post(&n1.addr, kvs::protocol::routes::GOSSIP, msg.as_bytes());
+    assert_eq!(r.status, 200, "the rest of the message is still taken: {}", r.text());
+    let refused = n1.health()["refused_member_entries"].as_u64().unwrap();
+    assert!(refused >= 2 + 78, "{refused}");
+    let known = n1.get("/members/").json().as_array().unwrap().len();
+    assert!(known <= 1 + kvs::membership::MAX_MEMBERS, "{known}");
+    assert!(!n1.get("/members/").text().contains("ghost"));
+    // The cluster still works.
+    n1.put("/kv/still/works", "1");
+    wait_value(&n2, "/kv/still/works", Some("1"));
+}

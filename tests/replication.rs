@@ -329,7 +329,7 @@ fn deletes_stay_deleted_through_sync_and_restarts() {
 }
 
 #[test]
-fn read_only_nodes_take_replicated_writes_and_bad_batches_are_refused_whole() {
+fn read_only_nodes_take_replicated_writes_and_bad_records_are_skipped_one_by_one() {
     let d = Dirs::new();
     let n1 = d.start("n1", &[], "");
     let n2 = d.start("n2", &[&n1.addr], "read_only: true");
@@ -340,13 +340,28 @@ fn read_only_nodes_take_replicated_writes_and_bad_batches_are_refused_whole() {
     wait_value(&n2, "/kv/replicated", Some("7"));
     n2.put("/kv/replicated", "8").assert_error(403);
 
-    // A push whose second record has a bad path: 400, and the first is not stored.
+    // A push with a bad path in the middle: the bad record is skipped and counted,
+    // the others are stored.
     let good = kvs::record::Record::value(1, uuid::Uuid::new_v4(), bytes::Bytes::from("1"));
     let mut body = bytes::BytesMut::new();
     kvs::wire::put(&mut body, "fine/key", &good);
     kvs::wire::put(&mut body, "bad/../key", &good);
-    peer_post(&n1.addr, kvs::protocol::routes::PUSH, &body).assert_error(400);
-    n1.get("/kv/fine/key").assert_error(404);
+    kvs::wire::put(&mut body, "fine/too", &good);
+    let r = peer_post(&n1.addr, kvs::protocol::routes::PUSH, &body);
+    assert_eq!((r.status, r.json()["applied"].as_u64(), r.json()["refused"].as_u64()), (200, Some(2), Some(1)));
+    assert_eq!(n1.get("/kv/fine/key").text(), "1");
+    assert_eq!(n1.get("/kv/fine/too").text(), "1");
+    assert_eq!(n1.health()["replication"]["refused_records"], 1);
+    // A batch whose framing is broken is refused whole: nothing after the break can be
+    // trusted.
+    let mut cut = body.to_vec();
+    cut.truncate(cut.len() - 1);
+    let fresh = kvs::record::Record::value(2, uuid::Uuid::new_v4(), bytes::Bytes::from("2"));
+    let mut broken = bytes::BytesMut::new();
+    kvs::wire::put(&mut broken, "fine/key", &fresh);
+    broken.extend_from_slice(&cut);
+    peer_post(&n1.addr, kvs::protocol::routes::PUSH, &broken).assert_error(400);
+    assert_eq!(n1.get("/kv/fine/key").text(), "1");
 }
 
 #[test]
@@ -513,4 +528,38 @@ fn a_gossiped_purge_horizon_from_the_future_makes_nobody_discard() {
         assert_eq!(n.health()["keys"], 10);
         assert_eq!(n.health()["mode"], "normal");
     }
+}
+
+#[test]
+fn nodes_with_different_max_value_bytes_skip_only_what_they_refuse() {
+    let d = Dirs::new();
+    let n1 = d.start("n1", &[], "max_value_bytes: 100000");
+    let n2 = d.start("n2", &[&n1.addr], "max_value_bytes: 1000");
+    wait_members_alive(&n1, &["n1", "n2"]);
+    wait_normal(&n2);
+    let big = format!("\"{}\"", "x".repeat(5_000));
+    n1.put("/kv/mixed/big", &big);
+    for i in 0..20 {
+        n1.put(&format!("/kv/mixed/small{i}"), &i.to_string());
+    }
+    // Everything n2 accepts arrives; the value over its limit is skipped and counted.
+    for i in 0..20 {
+        wait_value(&n2, &format!("/kv/mixed/small{i}"), Some(&i.to_string()));
+    }
+    wait_for(DEADLINE, "n2 counts the refused record", || {
+        (n2.health()["replication"]["refused_records"].as_u64()? >= 1).then_some(())
+    });
+    n2.get("/kv/mixed/big").assert_error(404);
+    assert_eq!(n1.get("/kv/mixed/big").text(), big);
+    // Sync rounds between them still complete both ways, so contact moves on: with the
+    // big record refusing the whole batch they failed at that chunk forever.
+    let written = n1.health()["newest_write"].as_u64().unwrap();
+    for n in [&n1, &n2] {
+        wait_for(DEADLINE, "a sync round after the writes", || {
+            (n.health()["last_contact"].as_u64()? > written).then_some(())
+        });
+    }
+    // A later write n2 can take still replicates over the key.
+    n1.put("/kv/mixed/big", "\"small now\"");
+    wait_value(&n2, "/kv/mixed/big", Some("\"small now\""));
 }
