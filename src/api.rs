@@ -21,6 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// Largest total size of the request line and headers we accept (431 beyond).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -59,6 +60,8 @@ pub enum ApiError {
     HeadersTooLarge,
     /// The node is bootstrapping and takes no client writes yet (503).
     Syncing,
+    /// The node is busy (a memory budget is full); retry shortly (503).
+    Busy(&'static str),
     /// The node's clock is off the cluster's, or not yet compared (503).
     Clock(ClockRefusal, u64),
     /// Storage failed (500) or is shutting down (503).
@@ -77,7 +80,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Storage(StoreError::NoNewerTimestamp(_)) => StatusCode::CONFLICT,
-            ApiError::Storage(StoreError::Closed) | ApiError::Syncing | ApiError::Clock(..) => {
+            ApiError::Storage(StoreError::Closed) | ApiError::Syncing | ApiError::Clock(..) | ApiError::Busy(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -94,6 +97,7 @@ impl ApiError {
             ApiError::TooLarge(max) => format!("value larger than max_value_bytes ({max})"),
             ApiError::HeadersTooLarge => format!("request headers larger than {MAX_HEADER_BYTES} bytes"),
             ApiError::Syncing => "this node is syncing its data; retry later or use another node".into(),
+            ApiError::Busy(what) => format!("this node is busy ({what}); retry shortly"),
             ApiError::Clock(ClockRefusal::Unchecked, _) => {
                 "this node has not yet compared its clock with the cluster's; retry shortly".into()
             }
@@ -115,7 +119,10 @@ impl ApiError {
         if let ApiError::MethodNotAllowed(allow) = self {
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        if matches!(self, ApiError::Storage(StoreError::Closed) | ApiError::Syncing | ApiError::Clock(..)) {
+        if matches!(
+            self,
+            ApiError::Storage(StoreError::Closed) | ApiError::Syncing | ApiError::Clock(..) | ApiError::Busy(_)
+        ) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
@@ -273,6 +280,35 @@ pub(crate) async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes,
     }
 }
 
+/// Bytes of client request bodies held at once, in KiB permits: with 1,024
+/// connections each sending a value of the largest size, the bodies would otherwise
+/// need tens of GiB.
+pub const CLIENT_BODY_BUDGET: usize = 256 * 1024 * 1024;
+static CLIENT_BUDGET: Semaphore = Semaphore::const_new(CLIENT_BODY_BUDGET / 1024);
+
+/// Reads a body of at most `max` bytes while holding its share of `budget` (KiB
+/// permits; the declared length, or `max` when none is declared) until the returned
+/// permit is dropped, after the body has been acted on: however many requests arrive
+/// at once, their bodies together stay within the budget. A request that cannot get
+/// its share within [`BODY_READ_TIMEOUT`] gets 503.
+pub(crate) async fn read_body_within(
+    req: Request<Incoming>,
+    max: u64,
+    budget: &'static Semaphore,
+) -> Result<(Bytes, SemaphorePermit<'static>), ApiError> {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(ApiError::TooLarge(max));
+    }
+    let kib = declared.unwrap_or(max).div_ceil(1024).max(1);
+    let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+    let permit = tokio::time::timeout(BODY_READ_TIMEOUT, budget.acquire_many(kib))
+        .await
+        .map_err(|_| ApiError::Busy("request bodies in flight fill their memory budget"))?
+        .map_err(|_| ApiError::Busy("shutting down"))?;
+    Ok((read_body(req, max).await?, permit))
+}
+
 /// Query parameters, each percent-decoded once. A parameter without `=` has value "".
 pub(crate) fn parse_query(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
     let Some(q) = query.filter(|q| !q.is_empty()) else { return Ok(Vec::new()) };
@@ -370,8 +406,8 @@ async fn put_kv(app: &Arc<App>, raw_key: &str, req: Request<Incoming>) -> Result
     refuse_query(req.uri().query())?;
     let path = key(raw_key)?;
     check_writable(app)?;
-    let body = read_body(req, app.config.max_value_bytes).await?;
-    validate_json(&body).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+    let (body, _permit) = read_body_within(req, app.config.max_value_bytes, &CLIENT_BUDGET).await?;
+    check_json(body.clone()).await?;
     let written = app.writer.put(path.clone(), body.clone()).await?;
     app.pusher.enqueue(path, Record::value(written.timestamp, written.uuid, body));
     Ok(json_response(StatusCode::OK, &written_json(&written)))
@@ -388,6 +424,21 @@ async fn delete_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result
     resp.headers_mut().insert(TIMESTAMP_HEADER, HeaderValue::from(hlc::ms(written.timestamp)));
     resp.headers_mut().insert(VERSION_HEADER, HeaderValue::from(written.timestamp));
     Ok(resp)
+}
+
+/// Bodies above this are validated on the blocking pool, off the async workers.
+const INLINE_JSON_BYTES: usize = 64 * 1024;
+
+/// [`validate_json`] for a client body, on the blocking pool when it is large.
+async fn check_json(body: Bytes) -> Result<(), ApiError> {
+    let bad = |e: serde_json::Error| ApiError::BadRequest(format!("body is not valid JSON: {e}"));
+    if body.len() <= INLINE_JSON_BYTES {
+        return validate_json(&body).map_err(bad);
+    }
+    match tokio::task::spawn_blocking(move || validate_json(&body)).await {
+        Ok(r) => r.map_err(bad),
+        Err(_) => Err(ApiError::Busy("shutting down")),
+    }
 }
 
 /// Checks that `bytes` is one JSON value, without building it. Unlike

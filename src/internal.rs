@@ -3,10 +3,11 @@
 //!
 //! Everything a peer sends is checked like client input before it is acted on: member
 //! entries ([`check_member`]), record batches ([`crate::wire::decode`]), path lists and
-//! their lengths, query numbers. Bodies are bounded by [`protocol::MAX_BODY_BYTES`].
+//! their lengths, query numbers. Each body is bounded by [`protocol::MAX_BODY_BYTES`],
+//! and all of them together by [`protocol::INBOUND_BODY_BUDGET`].
 
 use crate::antientropy::FANOUT;
-use crate::api::{ApiError, GET_METHOD, HttpResponse, POST_METHOD, json_response, parse_query, read_body};
+use crate::api::{ApiError, GET_METHOD, HttpResponse, POST_METHOD, json_response, parse_query, read_body_within};
 use crate::cluster::GossipMessage;
 use crate::membership::MemberInfo;
 use crate::node::App;
@@ -24,6 +25,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use std::sync::Arc;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// Is this a node-to-node path (of this protocol version or an older one)?
 pub fn is_internal(path: &str) -> bool {
@@ -96,7 +98,7 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
     match path.as_str() {
         routes::PUSH if post => {
             let sender = req.headers().get(LAST_CONTACT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
-            let body = read_body(req, protocol::MAX_BODY_BYTES).await?;
+            let (body, _permit) = read_peer_body(req).await?;
             let mut decoded =
                 wire::decode_off_thread(body, app.config.max_value_bytes).await.map_err(ApiError::BadRequest)?;
             app.replication.note_refused("a pushing peer", &decoded.refused);
@@ -157,18 +159,24 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
             for p in &paths {
                 validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
             }
-            let records = blocking(move || store.records(&paths)).await?;
-            Ok(records_response(app, &records))
+            let (records, covered) = blocking(move || store.records_within(&paths, protocol::MAX_BATCH_BYTES)).await?;
+            let mut resp = records_response(app, &records);
+            resp.headers_mut().insert(protocol::COVERED_HEADER, HeaderValue::from(covered));
+            Ok(resp)
         }
         routes::SINCE if get => {
             let q = Query::parse(req.uri().query())?;
             let (after_ts, after_path, limit) = (q.u64("after_ts")?, q.text("after_path"), q.limit()?);
-            let records = blocking(move || {
-                let versions = store.versions_since(Some((after_ts, &after_path)), limit)?;
-                store.records(&versions.into_iter().map(|v| v.path).collect::<Vec<_>>())
+            let (records, more) = blocking(move || {
+                let paths: Vec<String> =
+                    store.versions_since(Some((after_ts, &after_path)), limit)?.into_iter().map(|v| v.path).collect();
+                let (records, covered) = store.records_within(&paths, protocol::MAX_BATCH_BYTES)?;
+                Ok((records, covered < paths.len() || paths.len() == limit))
             })
             .await?;
-            Ok(records_response(app, &records))
+            let mut resp = records_response(app, &records);
+            resp.headers_mut().insert(protocol::MORE_HEADER, HeaderValue::from(i32::from(more)));
+            Ok(resp)
         }
         routes::NEWEST if get => {
             let q = Query::parse(req.uri().query())?;
@@ -236,8 +244,18 @@ fn check_member(m: &MemberInfo) -> Result<(), ApiError> {
     crate::membership::check_info(m, crate::clock::now_ms()).map_err(ApiError::BadRequest)
 }
 
+/// Bytes of node-to-node bodies held at once, in KiB permits
+/// ([`protocol::INBOUND_BODY_BUDGET`]).
+static BODY_BUDGET: Semaphore = Semaphore::const_new(protocol::INBOUND_BODY_BUDGET / 1024);
+
+/// Reads a node-to-node body of at most [`protocol::MAX_BODY_BYTES`] within
+/// [`protocol::INBOUND_BODY_BUDGET`] (see [`read_body_within`]).
+async fn read_peer_body(req: Request<Incoming>) -> Result<(Bytes, SemaphorePermit<'static>), ApiError> {
+    read_body_within(req, protocol::MAX_BODY_BYTES, &BODY_BUDGET).await
+}
+
 /// Reads and decodes a node-to-node JSON body.
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = read_body(req, protocol::MAX_BODY_BYTES).await?;
+    let (body, _permit) = read_peer_body(req).await?;
     serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
 }

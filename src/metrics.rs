@@ -118,6 +118,12 @@ impl Collector for NodeCollector {
         gauge(&mut e, "tombstones", "Tombstones held (deletes not yet purged)", self.store.tombstones() as i64)?;
         gauge(&mut e, "storage_disk_bytes", "Bytes the database takes on disk", self.store.disk_bytes() as i64)?;
         gauge(&mut e, "push_queue_depth", "Writes waiting to be pushed", self.pusher.queue_depth() as i64)?;
+        gauge(
+            &mut e,
+            "push_queue_bytes",
+            "Bytes of writes waiting to be pushed, in the queue and every peer's queue",
+            self.pusher.queued_bytes() as i64,
+        )?;
         let (alive, down) = self.cluster.member_counts();
         {
             let g = ConstGauge::new(0i64);

@@ -88,12 +88,29 @@ impl LogThrottle {
     }
 }
 
-/// Largest node-to-node request body.
-pub const MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
+/// A record batch (push body, fetch answer, catch-up page) stops taking records once
+/// it holds this many bytes, whatever its record count; a batch always holds at least
+/// one record, so any single record fits. Bounds what one exchange costs in memory on
+/// both sides, with values of any size.
+pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Largest node-to-node body, request or answer: a full batch plus one record of the
+/// largest value any node may be configured for (nodes may differ in
+/// `max_value_bytes`), plus framing.
+pub const MAX_BODY_BYTES: u64 =
+    MAX_BATCH_BYTES as u64 + crate::config::MAX_VALUE_BYTES_LIMIT + 2 * crate::path::MAX_KEY_BYTES as u64 + 64;
+/// Bytes of node-to-node request bodies a node holds at once, across all connections;
+/// a request waits for its share (up to the body read timeout, then 503).
+pub const INBOUND_BODY_BUDGET: usize = 256 * 1024 * 1024;
 /// Most paths in one fetch, vote or purge check, and most records in one page.
 pub const MAX_PATHS: usize = 10_000;
 /// Largest answer read from a peer.
-pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+pub const MAX_RESPONSE_BYTES: usize = MAX_BODY_BYTES as usize;
+/// Answer header of a fetch: how many of the requested paths it covers (the answer
+/// stopped at [`MAX_BATCH_BYTES`]; ask again for the rest).
+pub const COVERED_HEADER: &str = "x-kvs-covered";
+/// Answer header of a catch-up page: `1` when there is more after it (the page is full
+/// by count or by [`MAX_BATCH_BYTES`]), `0` when it is the last.
+pub const MORE_HEADER: &str = "x-kvs-more";
 
 /// Why a call to a peer failed.
 #[derive(Debug)]
@@ -117,6 +134,19 @@ impl std::fmt::Display for PeerError {
             PeerError::Protocol(e) => write!(f, "bad answer: {e}"),
         }
     }
+}
+
+/// A record exchange's answer: the body and the headers that describe it.
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    /// The body (a record batch, for the data routes).
+    pub body: Bytes,
+    /// The peer's `last_contact` ([`LAST_CONTACT_HEADER`]).
+    pub last_contact: Option<u64>,
+    /// How many requested paths a fetch covered ([`COVERED_HEADER`]).
+    pub covered: Option<usize>,
+    /// Whether a catch-up page has more after it ([`MORE_HEADER`]).
+    pub more: Option<bool>,
 }
 
 /// A 2xx answer's body, or the error status with the start of the body.
@@ -167,7 +197,7 @@ impl PeerClient {
     }
 
     /// Exchanges records: sends our `last_contact` and returns a 2xx answer's body with
-    /// the peer's `last_contact`.
+    /// the headers that describe it.
     pub async fn exchange(
         &self,
         method: Method,
@@ -176,10 +206,10 @@ impl PeerClient {
         body: Bytes,
         timeout: Duration,
         last_contact: u64,
-    ) -> Result<(Bytes, Option<u64>), PeerError> {
-        let (status, theirs, answer) =
+    ) -> Result<Answer, PeerError> {
+        let (status, answer, body) =
             self.call_inner(method, addr, path_and_query, body, timeout, Some(last_contact)).await?;
-        Ok((success(status, answer)?, theirs))
+        Ok(Answer { body: success(status, body)?, ..answer })
     }
 
     async fn call_inner(
@@ -190,7 +220,7 @@ impl PeerClient {
         body: Bytes,
         timeout: Duration,
         last_contact: Option<u64>,
-    ) -> Result<(StatusCode, Option<u64>, Bytes), PeerError> {
+    ) -> Result<(StatusCode, Answer, Bytes), PeerError> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path_and_query}"))
@@ -215,13 +245,20 @@ impl PeerClient {
                 }
                 return Err(PeerError::Protocol(msg));
             }
-            let theirs = resp.headers().get(LAST_CONTACT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
+            let header =
+                |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+            let answer = Answer {
+                body: Bytes::new(),
+                last_contact: header(LAST_CONTACT_HEADER),
+                covered: header(COVERED_HEADER).map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                more: header(MORE_HEADER).map(|m| m != 0),
+            };
             let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
                 .map_err(|e| PeerError::Transport(e.to_string()))?
                 .to_bytes();
-            Ok((status, theirs, body))
+            Ok((status, answer, body))
         };
         tokio::time::timeout(timeout, exchange).await.map_err(|_| PeerError::Timeout)?
     }

@@ -1,30 +1,39 @@
 //! Push: every client write goes to every alive peer right away.
 //!
 //! The API hands each committed write to [`Pusher::enqueue`], which never waits: a
-//! full queue drops the record (counted), and sync repairs it later. One dispatcher
-//! task drains the queue in batches and copies each batch to one queue per alive peer;
-//! one task per peer sends what its queue holds as one request. A slow or dead peer
-//! fills only its own queue, so it never holds back the others.
+//! full queue (by count or by [`QUEUE_BYTES`]) drops the record (counted), and sync
+//! repairs it later. One dispatcher task drains the queue, encodes batches of at most
+//! [`protocol::MAX_BATCH_BYTES`], and hands each (shared, not copied) to one queue per
+//! alive peer; one task per peer sends what its queue holds, coalesced up to the same
+//! size. A slow or dead peer fills only its own queue, bounded by [`PEER_QUEUE_BYTES`]
+//! (its oldest batches are dropped), so it never holds back the others and never
+//! costs more memory than that.
 
 use crate::cluster::Cluster;
-use crate::protocol::routes;
+use crate::protocol::{self, routes};
 use crate::record::Record;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::wire;
 use bytes::{Bytes, BytesMut};
 use hyper::Method;
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 
-/// Records waiting to be pushed, across all peers.
+/// Records waiting to be dispatched, across all peers...
 const QUEUE_BOUND: usize = 16_384;
-/// Batches waiting for one peer.
-const PEER_QUEUE_BOUND: usize = 64;
-/// Most records in one dispatched batch.
+/// ...and their bytes (paths and values): beyond either, a new write is not queued
+/// (counted as dropped; sync repairs it).
+pub const QUEUE_BYTES: usize = 32 * 1024 * 1024;
+/// Bytes of batches waiting for one peer: beyond it the oldest are dropped (counted;
+/// sync repairs them), so a slow or paused peer costs at most this much.
+pub const PEER_QUEUE_BYTES: usize = 32 * 1024 * 1024;
+/// Most records in one dispatched batch (batches are cut by bytes too, see
+/// [`protocol::MAX_BATCH_BYTES`]).
 const MAX_BATCH: usize = 1_000;
 /// Timeout of one push request.
 pub const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,13 +45,30 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Pusher {
     queue: mpsc::Sender<(String, Record)>,
     stats: Arc<Stats>,
+    /// Bytes in `queue`.
+    queued: Arc<AtomicUsize>,
+    /// Bytes in every peer's queue.
+    peer_queued: Arc<AtomicUsize>,
+}
+
+/// What [`run`] takes from the [`Pusher`].
+pub struct Intake {
+    rx: mpsc::Receiver<(String, Record)>,
+    queued: Arc<AtomicUsize>,
+    peer_queued: Arc<AtomicUsize>,
+}
+
+fn size(path: &str, record: &Record) -> usize {
+    wire::encoded_len(path, record)
 }
 
 impl Pusher {
     /// A pusher and the receiving end for [`run`].
-    pub fn new(stats: Arc<Stats>) -> (Pusher, mpsc::Receiver<(String, Record)>) {
+    pub fn new(stats: Arc<Stats>) -> (Pusher, Intake) {
         let (queue, rx) = mpsc::channel(QUEUE_BOUND);
-        (Pusher { queue, stats }, rx)
+        let (queued, peer_queued) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let intake = Intake { rx, queued: queued.clone(), peer_queued: peer_queued.clone() };
+        (Pusher { queue, stats, queued, peer_queued }, intake)
     }
 
     /// Writes waiting in the queue.
@@ -50,17 +76,109 @@ impl Pusher {
         self.queue.max_capacity() - self.queue.capacity()
     }
 
+    /// Bytes waiting to be pushed: in the queue and in the peers' queues.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed) + self.peer_queued.load(Ordering::Relaxed)
+    }
+
     /// Queues a committed write for every alive peer. Never waits.
     pub fn enqueue(&self, path: String, record: Record) {
+        let n = size(&path, &record);
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > QUEUE_BYTES {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.stats.push_dropped.add(1);
+            return;
+        }
         if self.queue.try_send((path, record)).is_err() {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
             self.stats.push_dropped.add(1);
         }
     }
 }
 
+/// One peer's queue of encoded batches `(records, bytes)`, bounded by
+/// [`PEER_QUEUE_BYTES`]: a full queue drops its oldest batches.
+struct PeerQueue {
+    state: Mutex<PeerQueueState>,
+    ready: Notify,
+    total: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct PeerQueueState {
+    batches: VecDeque<(usize, Bytes)>,
+    bytes: usize,
+    closed: bool,
+}
+
+impl PeerQueue {
+    fn new(total: Arc<AtomicUsize>) -> PeerQueue {
+        PeerQueue { state: Mutex::new(PeerQueueState::default()), ready: Notify::new(), total }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PeerQueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a batch; returns how many records were dropped to make room.
+    fn push(&self, records: usize, batch: Bytes) -> usize {
+        let mut dropped = 0;
+        {
+            let mut q = self.lock();
+            q.bytes += batch.len();
+            self.total.fetch_add(batch.len(), Ordering::Relaxed);
+            q.batches.push_back((records, batch));
+            while q.bytes > PEER_QUEUE_BYTES && q.batches.len() > 1 {
+                if let Some((n, old)) = q.batches.pop_front() {
+                    q.bytes -= old.len();
+                    self.total.fetch_sub(old.len(), Ordering::Relaxed);
+                    dropped += n;
+                }
+            }
+        }
+        self.ready.notify_one();
+        dropped
+    }
+
+    /// Takes the oldest batches, up to [`protocol::MAX_BATCH_BYTES`] (at least one),
+    /// waiting for one; `None` once closed and empty.
+    async fn take(&self) -> Option<(usize, Vec<Bytes>)> {
+        loop {
+            {
+                let mut q = self.lock();
+                let (mut records, mut taken, mut bytes) = (0, Vec::new(), 0usize);
+                while let Some((_, b)) = q.batches.front() {
+                    if !taken.is_empty() && bytes + b.len() > protocol::MAX_BATCH_BYTES {
+                        break;
+                    }
+                    let Some((n, b)) = q.batches.pop_front() else { break };
+                    bytes += b.len();
+                    records += n;
+                    taken.push(b);
+                }
+                if !taken.is_empty() {
+                    q.bytes -= bytes;
+                    self.total.fetch_sub(bytes, Ordering::Relaxed);
+                    return Some((records, taken));
+                }
+                if q.closed {
+                    return None;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// No more batches will come: the sender delivers what is queued, then ends.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+}
+
 struct PeerLink {
     address: String,
-    queue: mpsc::Sender<(usize, Bytes)>,
+    queue: Arc<PeerQueue>,
 }
 
 /// Dispatches queued writes to per-peer senders until `shutdown`; then drains: every
@@ -68,12 +186,8 @@ struct PeerLink {
 /// deliver what they hold. The node triggers this shutdown only after its HTTP server
 /// has finished every request, so every write it acknowledged is on its way to the
 /// alive peers before it leaves.
-pub async fn run(
-    mut rx: mpsc::Receiver<(String, Record)>,
-    cluster: Arc<Cluster>,
-    stats: Arc<Stats>,
-    mut shutdown: Shutdown,
-) {
+pub async fn run(intake: Intake, cluster: Arc<Cluster>, stats: Arc<Stats>, mut shutdown: Shutdown) {
+    let Intake { mut rx, queued, peer_queued } = intake;
     let mut links: HashMap<String, PeerLink> = HashMap::new();
     let mut senders = JoinSet::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -94,32 +208,49 @@ pub async fn run(
                 }
             }
         }
-        let records = batch.len();
+        let taken: usize = batch.iter().map(|(p, r)| size(p, r)).sum();
         let peers = cluster.alive_peers();
-        links.retain(|id, link| peers.iter().any(|p| &p.id == id && p.address == link.address));
-        if peers.is_empty() {
-            // Nobody to push to: a node that joins later gets these by sync.
-            batch.clear();
-            continue;
-        }
+        links.retain(|id, link| {
+            let keep = peers.iter().any(|p| &p.id == id && p.address == link.address);
+            if !keep {
+                link.queue.close();
+            }
+            keep
+        });
+        // Encoded in batches of at most MAX_BATCH_BYTES (one record may be larger).
+        let mut chunks: Vec<(usize, Bytes)> = Vec::new();
         let mut buf = BytesMut::new();
+        let mut in_buf = 0;
         for (path, record) in batch.drain(..) {
+            if in_buf > 0 && buf.len() + size(&path, &record) > protocol::MAX_BATCH_BYTES {
+                chunks.push((in_buf, buf.split().freeze()));
+                in_buf = 0;
+            }
             wire::put(&mut buf, &path, &record);
+            in_buf += 1;
         }
-        let body = buf.freeze();
+        if in_buf > 0 {
+            chunks.push((in_buf, buf.freeze()));
+        }
+        // Out of the intake queue's budget now; the peers' queues hold them.
+        queued.fetch_sub(taken, Ordering::Relaxed);
+        // With nobody to push to, a node that joins later gets these by sync.
         for peer in peers {
             let link = links.entry(peer.id.clone()).or_insert_with(|| {
-                let (tx, prx) = mpsc::channel(PEER_QUEUE_BOUND);
-                senders.spawn(send_to_peer(peer.address.clone(), prx, cluster.clone(), stats.clone()));
-                PeerLink { address: peer.address.clone(), queue: tx }
+                let queue = Arc::new(PeerQueue::new(peer_queued.clone()));
+                senders.spawn(send_to_peer(peer.address.clone(), queue.clone(), cluster.clone(), stats.clone()));
+                PeerLink { address: peer.address.clone(), queue }
             });
-            if link.queue.try_send((records, body.clone())).is_err() {
-                stats.push_dropped.add(records as u64);
+            for (records, body) in &chunks {
+                let dropped = link.queue.push(*records, body.clone());
+                stats.push_dropped.add(dropped as u64);
             }
         }
         while senders.try_join_next().is_some() {}
     }
-    drop(links);
+    for link in links.values() {
+        link.queue.close();
+    }
     let delivered = tokio::time::timeout(DRAIN_TIMEOUT, async { while senders.join_next().await.is_some() {} }).await;
     if delivered.is_err() {
         tracing::warn!("stopping: some queued pushes not delivered within the drain time; sync will repair");
@@ -127,27 +258,54 @@ pub async fn run(
     }
 }
 
-/// Sends everything queued for one peer, coalescing queued batches into one request.
-async fn send_to_peer(
-    address: String,
-    mut rx: mpsc::Receiver<(usize, Bytes)>,
-    cluster: Arc<Cluster>,
-    stats: Arc<Stats>,
-) {
-    let mut pending = Vec::new();
-    while rx.recv_many(&mut pending, PEER_QUEUE_BOUND).await > 0 {
-        let records: usize = pending.iter().map(|(n, _)| n).sum();
-        let mut body = BytesMut::with_capacity(pending.iter().map(|(_, b)| b.len()).sum());
-        for (_, b) in pending.drain(..) {
-            body.extend_from_slice(&b);
-        }
+/// Sends everything queued for one peer, coalescing queued batches into requests of
+/// at most [`protocol::MAX_BATCH_BYTES`], until its queue is closed and empty.
+async fn send_to_peer(address: String, queue: Arc<PeerQueue>, cluster: Arc<Cluster>, stats: Arc<Stats>) {
+    while let Some((records, batches)) = queue.take().await {
+        let body = if batches.len() == 1 {
+            batches.into_iter().next().unwrap_or_default()
+        } else {
+            let mut body = BytesMut::with_capacity(batches.iter().map(Bytes::len).sum());
+            batches.iter().for_each(|b| body.extend_from_slice(b));
+            body.freeze()
+        };
         let lc = cluster.last_contact();
-        match cluster.client().exchange(Method::POST, &address, routes::PUSH, body.freeze(), PUSH_TIMEOUT, lc).await {
+        match cluster.client().exchange(Method::POST, &address, routes::PUSH, body, PUSH_TIMEOUT, lc).await {
             Ok(_) => stats.pushed.add(records as u64),
             Err(e) => {
                 stats.push_failed.add(1);
                 tracing::debug!(peer = %address, error = %e, records, "push failed; sync will repair");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_peer_queue_drops_its_oldest_batches_and_keeps_its_bytes_bound() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let q = PeerQueue::new(total.clone());
+        let mb = Bytes::from(vec![0u8; 1024 * 1024]);
+        let mut dropped = 0;
+        for _ in 0..40 {
+            dropped += q.push(10, mb.clone());
+        }
+        assert_eq!(dropped, 8 * 10, "40 MiB into a 32 MiB queue: the 8 oldest go");
+        assert_eq!(total.load(Ordering::Relaxed), PEER_QUEUE_BYTES);
+        let huge = Bytes::from(vec![0u8; PEER_QUEUE_BYTES + 1]);
+        assert_eq!(q.push(1, huge), 32 * 10, "one batch larger than the budget still goes out, alone");
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (records, batches) = rt.block_on(q.take()).unwrap();
+        assert_eq!((records, batches.len()), (1, 1));
+        q.push(3, mb.clone());
+        q.push(4, mb);
+        q.close();
+        let (records, batches) = rt.block_on(q.take()).unwrap();
+        assert_eq!((records, batches.len()), (7, 2), "coalesced up to MAX_BATCH_BYTES");
+        assert!(rt.block_on(q.take()).is_none(), "closed and empty");
+        assert_eq!(total.load(Ordering::Relaxed), 0);
     }
 }

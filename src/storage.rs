@@ -615,6 +615,29 @@ impl Store {
     }
 
     /// The current records of `paths` (absent paths are left out).
+    /// The records of a prefix of `paths` that fit in `max_bytes` (as a [`crate::wire`]
+    /// batch), or the first record alone if it is larger; at least one path is always
+    /// covered. Returns the records and how many paths were covered.
+    pub fn records_within(
+        &self,
+        paths: &[String],
+        max_bytes: usize,
+    ) -> Result<(Vec<(String, Record)>, usize), StoreError> {
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        for (i, p) in paths.iter().enumerate() {
+            if let Some(r) = self.get(p)? {
+                let len = crate::wire::encoded_len(p, &r);
+                if !out.is_empty() && bytes.saturating_add(len) > max_bytes {
+                    return Ok((out, i));
+                }
+                bytes = bytes.saturating_add(len);
+                out.push((p.clone(), r));
+            }
+        }
+        Ok((out, paths.len()))
+    }
+
+    /// The records of `paths` that exist, in order.
     pub fn records(&self, paths: &[String]) -> Result<Vec<(String, Record)>, StoreError> {
         let mut out = Vec::with_capacity(paths.len());
         for p in paths {

@@ -28,7 +28,7 @@ use crate::antientropy::{self, FANOUT, LEAVES, Version};
 use crate::clock::now_ms;
 use crate::cluster::Cluster;
 use crate::hlc;
-use crate::protocol::{LogThrottle, PeerError, routes};
+use crate::protocol::{self, LogThrottle, PeerError, routes};
 use crate::purge;
 use crate::record::Record;
 use crate::resolve::Resolver;
@@ -328,26 +328,50 @@ impl Replication {
         }
     }
 
-    /// Fetches records and stores them; returns how many the peer sent.
-    async fn fetch_and_store(&self, peer: &str, paths: &[String]) -> Result<usize, SyncError> {
-        let body = Bytes::from(serde_json::to_vec(paths).map_err(protocol)?);
-        self.stats.sync_bytes.add(body.len() as u64);
-        let lc = self.cluster.last_contact();
-        let (answer, theirs) =
-            self.cluster.client().exchange(Method::POST, peer, routes::FETCH, body, DATA_TIMEOUT, lc).await?;
-        self.stats.sync_bytes.add(answer.len() as u64);
-        let (_, decoded) = self.take_batch(peer, answer, theirs).await?;
-        Ok(decoded.framed)
+    /// Fetches records and stores them; returns how many the peer sent. The peer
+    /// answers at most [`protocol::MAX_BATCH_BYTES`] at a time and says how many of
+    /// the paths it covered; the rest are asked for again.
+    async fn fetch_and_store(&self, peer: &str, mut paths: &[String]) -> Result<usize, SyncError> {
+        let mut total = 0;
+        while !paths.is_empty() {
+            let body = Bytes::from(serde_json::to_vec(paths).map_err(protocol)?);
+            self.stats.sync_bytes.add(body.len() as u64);
+            let lc = self.cluster.last_contact();
+            let answer =
+                self.cluster.client().exchange(Method::POST, peer, routes::FETCH, body, DATA_TIMEOUT, lc).await?;
+            self.stats.sync_bytes.add(answer.body.len() as u64);
+            // A peer that does not say (an earlier build) answered every path.
+            let covered = answer.covered.unwrap_or(paths.len());
+            if covered == 0 || covered > paths.len() {
+                return Err(protocol(format!("fetch answer covers {covered} of {} paths", paths.len())));
+            }
+            let (_, decoded) = self.take_batch(peer, answer.body, answer.last_contact).await?;
+            total += decoded.framed;
+            paths = &paths[covered..];
+        }
+        Ok(total)
     }
 
+    /// Sends the records of `paths` to `peer` as pushes of at most
+    /// [`protocol::MAX_BATCH_BYTES`] each, read from storage one batch at a time.
     async fn send_records(&self, peer: &str, paths: Vec<String>) -> Result<usize, SyncError> {
-        let store = self.store.clone();
-        let records = blocking(move || store.records(&paths)).await?;
-        let body = wire::encode(records.iter().map(|(p, r)| (p.as_str(), r)));
-        self.stats.sync_bytes.add(body.len() as u64);
-        let lc = self.cluster.last_contact();
-        self.cluster.client().exchange(Method::POST, peer, routes::PUSH, body, DATA_TIMEOUT, lc).await?;
-        Ok(records.len())
+        let (mut sent, mut from) = (0, 0);
+        let paths = Arc::new(paths);
+        while from < paths.len() {
+            let (store, all) = (self.store.clone(), paths.clone());
+            let (records, covered) =
+                blocking(move || store.records_within(&all[from..], protocol::MAX_BATCH_BYTES)).await?;
+            from += covered.max(1);
+            if records.is_empty() {
+                continue;
+            }
+            let body = wire::encode(records.iter().map(|(p, r)| (p.as_str(), r)));
+            self.stats.sync_bytes.add(body.len() as u64);
+            let lc = self.cluster.last_contact();
+            self.cluster.client().exchange(Method::POST, peer, routes::PUSH, body, DATA_TIMEOUT, lc).await?;
+            sent += records.len();
+        }
+        Ok(sent)
     }
 
     /// One regular sync round with `peer`; returns (fetched, sent).
@@ -462,16 +486,18 @@ impl Replication {
                 crate::path::percent_encode(&cursor.1)
             );
             let lc = self.cluster.last_contact();
-            let (answer, theirs) =
-                self.cluster.client().exchange(Method::GET, peer, &q, Bytes::new(), DATA_TIMEOUT, lc).await?;
-            let (_, decoded) = self.take_batch(peer, answer, theirs).await?;
+            let answer = self.cluster.client().exchange(Method::GET, peer, &q, Bytes::new(), DATA_TIMEOUT, lc).await?;
+            let more = answer.more;
+            let (_, decoded) = self.take_batch(peer, answer.body, answer.last_contact).await?;
             let n = decoded.framed;
             if let Some(last) = decoded.last {
                 cursor = last;
             }
             total += n;
             self.stats.catchup_records.add(n as u64);
-            if n < PAGE || shutdown.is_triggered() {
+            // A page cut short by bytes says so; a peer that does not say (an earlier
+            // build) has more only after a full page.
+            if n == 0 || !more.unwrap_or(n >= PAGE) || shutdown.is_triggered() {
                 return Ok(total);
             }
         }

@@ -21,6 +21,11 @@ use uuid::Uuid;
 /// Content type of a record batch.
 pub const CONTENT_TYPE: &str = "application/x-kvs-records";
 
+/// Bytes one record takes in a batch.
+pub fn encoded_len(path: &str, r: &Record) -> usize {
+    2 + path.len() + 8 + 16 + 1 + 4 + r.data.as_ref().map_or(0, |d| d.len())
+}
+
 /// Appends one record to a batch.
 pub fn put(buf: &mut BytesMut, path: &str, r: &Record) {
     let data = r.data.as_deref().unwrap_or_default();

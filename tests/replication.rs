@@ -563,3 +563,38 @@ fn nodes_with_different_max_value_bytes_skip_only_what_they_refuse() {
     n1.put("/kv/mixed/big", "\"small now\"");
     wait_value(&n2, "/kv/mixed/big", Some("\"small now\""));
 }
+
+#[test]
+fn large_values_move_in_batches_bounded_by_bytes() {
+    let d = Dirs::new();
+    let n1 = d.start("n1", &[], "durability: buffer");
+    // 200 values of 100 KB: 20 MB, more than two batches of MAX_BATCH_BYTES (8 MiB).
+    let value = format!("\"{}\"", "v".repeat(100_000));
+    let paths: Vec<String> = (0..200).map(|i| format!("big/{i:03}")).collect();
+    for p in &paths {
+        assert_eq!(n1.put(&format!("/kv/{p}"), &value).status, 200);
+    }
+    let bound = kvs::protocol::MAX_BATCH_BYTES;
+    // A catch-up page and a fetch each stop at the byte bound and say so.
+    let page = peer_get(&n1.addr, &format!("{}?after_ts=0&after_path=&limit=5000", kvs::protocol::routes::SINCE));
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert!(page.body.len() <= bound && page.body.len() > bound / 2, "{} bytes", page.body.len());
+    assert_eq!(page.header(kvs::protocol::MORE_HEADER), Some("1"));
+    let fetch = peer_post(&n1.addr, kvs::protocol::routes::FETCH, serde_json::to_string(&paths).unwrap().as_bytes());
+    assert!(fetch.body.len() <= bound, "{} bytes", fetch.body.len());
+    let covered: usize = fetch.header(kvs::protocol::COVERED_HEADER).unwrap().parse().unwrap();
+    assert!((1..200).contains(&covered), "{covered}");
+    // Bootstrap (listing, then fetches) brings everything, batch by batch...
+    let mut n2 = d.start("n2", &[&n1.addr], "durability: buffer");
+    wait_normal(&n2);
+    wait_for(DEADLINE, "n2 holds every value", || (n2.health()["keys"] == 200).then_some(()));
+    assert_eq!(n2.get("/kv/big/199").text(), value);
+    // ...and so does catch-up after a restart, page by page.
+    assert!(n2.terminate().success());
+    for i in 200..400 {
+        assert_eq!(n1.put(&format!("/kv/big/{i:03}"), &value).status, 200);
+    }
+    n2.restart();
+    wait_for(DEADLINE, "n2 caught up", || (n2.health()["keys"] == 400).then_some(()));
+    assert!(n2.health()["replication"]["catchup_records"].as_u64().unwrap() >= 200);
+}

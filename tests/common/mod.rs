@@ -268,6 +268,15 @@ pub fn peer_post(addr: &str, route: &str, body: &[u8]) -> Resp {
     raw(addr, &req, false)
 }
 
+/// GETs a node-to-node route the way a peer of this protocol version does.
+pub fn peer_get(addr: &str, route: &str) -> Resp {
+    let req = format!(
+        "GET {route} HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: {}\r\nConnection: close\r\n\r\n",
+        kvs::protocol::WIRE_VERSION
+    );
+    raw(addr, req.as_bytes(), false)
+}
+
 /// Sends raw request bytes and reads the response until the server closes.
 pub fn raw(addr: &str, request: &[u8], head: bool) -> Resp {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
