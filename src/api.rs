@@ -62,6 +62,8 @@ pub enum ApiError {
     Syncing,
     /// The node is busy (a memory budget is full); retry shortly (503).
     Busy(&'static str),
+    /// Storage has not finished a write for this long (503).
+    Stalled(Duration),
     /// The node's clock is off the cluster's, or not yet compared (503).
     Clock(ClockRefusal, u64),
     /// Storage failed (500) or is shutting down (503).
@@ -80,9 +82,11 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Storage(StoreError::NoNewerTimestamp(_)) => StatusCode::CONFLICT,
-            ApiError::Storage(StoreError::Closed) | ApiError::Syncing | ApiError::Clock(..) | ApiError::Busy(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Storage(StoreError::Closed)
+            | ApiError::Syncing
+            | ApiError::Clock(..)
+            | ApiError::Busy(_)
+            | ApiError::Stalled(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -98,6 +102,7 @@ impl ApiError {
             ApiError::HeadersTooLarge => format!("request headers larger than {MAX_HEADER_BYTES} bytes"),
             ApiError::Syncing => "this node is syncing its data; retry later or use another node".into(),
             ApiError::Busy(what) => format!("this node is busy ({what}); retry shortly"),
+            ApiError::Stalled(s) => crate::node::stall_message(*s),
             ApiError::Clock(ClockRefusal::Unchecked, _) => {
                 "this node has not yet compared its clock with the cluster's; retry shortly".into()
             }
@@ -121,7 +126,11 @@ impl ApiError {
         }
         if matches!(
             self,
-            ApiError::Storage(StoreError::Closed) | ApiError::Syncing | ApiError::Clock(..) | ApiError::Busy(_)
+            ApiError::Storage(StoreError::Closed)
+                | ApiError::Syncing
+                | ApiError::Clock(..)
+                | ApiError::Busy(_)
+                | ApiError::Stalled(_)
         ) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -339,6 +348,9 @@ fn check_writable(app: &App) -> Result<(), ApiError> {
     }
     if let Some(refusal) = app.cluster.clock_refusal() {
         return Err(ApiError::Clock(refusal, app.config.max_clock_offset_ms));
+    }
+    if let Some(stalled) = app.store.stalled(app.config.storage_stall_timeout) {
+        return Err(ApiError::Stalled(stalled));
     }
     Ok(())
 }

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 /// Largest value a client may store, whatever `max_value_bytes` says: bounds memory per request.
 pub const MAX_VALUE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
+/// A storage stall this many times `storage_stall_timeout` long stops the node.
+pub const STALL_EXIT_FACTOR: u32 = 6;
 /// Default `max_clock_offset_ms` (CockroachDB's default maximum offset is 500 ms too).
 pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 500;
 /// `tombstone_grace_hours` is at least this many `sync_interval`s...
@@ -117,6 +119,7 @@ struct RawConfig {
     removal_timeout: f64,
     tombstone_grace_hours: f64,
     max_clock_offset_ms: u64,
+    storage_stall_timeout: f64,
     trusted_proxies: Vec<String>,
 }
 
@@ -144,6 +147,7 @@ impl Default for RawConfig {
             removal_timeout: 600.0,
             tombstone_grace_hours: 168.0,
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
+            storage_stall_timeout: 10.0,
             trusted_proxies: Vec::new(),
         }
     }
@@ -196,6 +200,10 @@ pub struct Config {
     /// Largest clock offset tolerated, in ms: the HLC's adoption bound and the skew
     /// beyond which client writes are refused.
     pub max_clock_offset_ms: u64,
+    /// A storage commit running longer than this means storage is stuck: `/health`
+    /// says `error`, writes get 503, the watchdog is not fed; after
+    /// [`STALL_EXIT_FACTOR`] times this the node exits 1.
+    pub storage_stall_timeout: Duration,
     /// Proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` headers are believed.
     pub trusted_proxies: Vec<IpAddr>,
 }
@@ -454,6 +462,13 @@ impl RawConfig {
             );
         }
         let sync_interval = seconds("sync_interval", self.sync_interval)?;
+        let storage_stall_timeout = seconds("storage_stall_timeout", self.storage_stall_timeout)?;
+        if storage_stall_timeout > Duration::from_secs(600) || storage_stall_timeout < Duration::from_millis(100) {
+            return field_err(
+                "storage_stall_timeout",
+                format!("must be between 0.1 and 600 seconds, got {}", self.storage_stall_timeout),
+            );
+        }
         let tombstone_grace = Duration::from_secs_f64(grace * 3600.0);
         // A tombstone must outlive several sync rounds (or a delete that one round
         // missed is purged before the next finds it), and a member's silence long
@@ -491,6 +506,7 @@ impl RawConfig {
             removal_timeout,
             tombstone_grace,
             max_clock_offset_ms: self.max_clock_offset_ms,
+            storage_stall_timeout,
             trusted_proxies,
         })
     }
@@ -552,6 +568,10 @@ durability: sync
 # whose clock is further than this from its alive peers' median refuses client writes
 # (503) until it is right. Keep the nodes' clocks in sync (NTP) well within it.
 max_clock_offset_ms: 500
+# Seconds a storage write may take before the node reports storage stuck (a full or
+# hung disk): /health says "error", client writes get 503 at once and the systemd
+# watchdog is no longer fed. After 6 times this the node exits with status 1.
+storage_stall_timeout: 10
 # IP addresses of reverse proxies whose X-Forwarded-For/-Proto headers are believed.
 trusted_proxies: []
 "#;

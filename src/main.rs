@@ -69,7 +69,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(kvs::node::run(config, path, set_level)) {
+    let result = runtime.block_on(kvs::node::run(config, path, set_level));
+    // A blocking task stuck on a hung disk must not keep the process from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "kvs stopped");

@@ -8,7 +8,7 @@
 
 use crate::clock::now_ms;
 use crate::cluster::{Cluster, DataFacts};
-use crate::config::{Config, LogLevel};
+use crate::config::{Config, LogLevel, STALL_EXIT_FACTOR};
 use crate::hlc;
 use crate::membership::{MemberInfo, Timeouts};
 use crate::metrics::{Metrics, NodeCollector};
@@ -67,8 +67,9 @@ impl App {
         } else {
             "normal"
         };
+        let stalled = self.store.stalled(self.config.storage_stall_timeout);
         let mut health = json!({
-            "status": "ok",
+            "status": if stalled.is_some() { "error" } else { "ok" },
             "mode": mode,
             "member_count": self.cluster.alive_count(),
             "gossip_rounds": self.cluster.gossip_rounds(),
@@ -87,7 +88,65 @@ impl App {
         if mode == "syncing" {
             health["bootstrap"] = self.replication.bootstrap_progress();
         }
+        if let Some(s) = stalled {
+            health["error"] = json!(stall_message(s));
+        }
         health
+    }
+}
+
+/// How often the disk size shown in `/metrics` is measured.
+const DISK_MEASURE_EVERY: Duration = Duration::from_secs(5);
+
+/// Longest a stopping node waits for storage to finish and close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What `/health` and a refused write say about a storage stall.
+pub fn stall_message(stalled: Duration) -> String {
+    format!(
+        "storage has not finished a write for {} s (disk full, failing or hung?); writes are refused",
+        stalled.as_secs()
+    )
+}
+
+/// Watches the storage writer: logs when a commit stalls past `storage_stall_timeout`
+/// and fails the store (the node exits 1) once it stalls [`STALL_EXIT_FACTOR`] times
+/// that long. Also measures the disk size for `/metrics`.
+async fn stall_watch(store: Store, timeout: Duration, mut shutdown: Shutdown) {
+    let mut reported = false;
+    // The disk size for /metrics is measured here, on the blocking pool, one at a time:
+    // it waits for fjall's journal lock, which a stuck commit holds.
+    let measuring = Arc::new(AtomicBool::new(false));
+    let mut measured = Instant::now() - DISK_MEASURE_EVERY;
+    loop {
+        if measured.elapsed() >= DISK_MEASURE_EVERY && !measuring.swap(true, Ordering::Relaxed) {
+            measured = Instant::now();
+            let (store, measuring) = (store.clone(), measuring.clone());
+            tokio::task::spawn_blocking(move || {
+                store.refresh_disk_bytes();
+                measuring.store(false, Ordering::Relaxed);
+            });
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(timeout.min(Duration::from_secs(1)) / 2) => {}
+            _ = shutdown.wait() => return,
+        }
+        match store.stalled(timeout) {
+            None if reported => {
+                tracing::info!("storage writes complete again");
+                reported = false;
+            }
+            None => {}
+            Some(s) if s > timeout * STALL_EXIT_FACTOR => {
+                store.fail_with(format!("storage has not finished a write for {} s; stopping", s.as_secs()));
+                return;
+            }
+            Some(s) if !reported => {
+                tracing::error!(stalled_s = s.as_secs(), "{}", stall_message(s));
+                reported = true;
+            }
+            Some(_) => {}
+        }
     }
 }
 
@@ -166,10 +225,11 @@ pub async fn run(config: Config, config_path: PathBuf, set_log_level: SetLogLeve
     let (store, writer) = blocking(move || Store::open(&dir, durability, max_offset)).await?;
     let notifier = Arc::new(Notifier::from_env());
     let result = serve(config, store.clone(), writer.clone(), notifier.clone(), (config_path, set_log_level)).await;
-    // Whatever happened, finish queued writes and fsync before exiting.
-    let closed = blocking(move || writer.close(&store)).await;
+    // Whatever happened, finish queued writes and fsync before exiting; but a writer
+    // stuck on a hung disk must not keep a failed node from exiting.
+    let closed = tokio::time::timeout(CLOSE_TIMEOUT, blocking(move || writer.close(&store))).await;
     result?;
-    closed?;
+    closed.map_err(|_| StoreError::Io("storage did not close in time".into()))??;
     tracing::info!("stopped");
     Ok(())
 }
@@ -301,7 +361,10 @@ async fn serve(
     notifier.send("READY=1\nSTATUS=serving");
     // The watchdog pings from its first poll: started after READY=1, so READY=1 is
     // always the first message systemd sees (it was a race on a busy machine).
-    tasks.spawn(notifier.clone().watchdog_loop(shutdown.clone()));
+    let fed = store.clone();
+    let stall = app.config.storage_stall_timeout;
+    tasks.spawn(notifier.clone().watchdog_loop(shutdown.clone(), move || fed.stalled(stall).is_none()));
+    tasks.spawn(stall_watch(store.clone(), stall, shutdown.clone()));
     let join_shutdown = shutdown.clone();
     let join_cluster = cluster.clone();
     tasks.spawn(async move {

@@ -55,11 +55,14 @@ impl Notifier {
         }
     }
 
-    /// Pings the watchdog until shutdown, if systemd asked for it.
-    pub async fn watchdog_loop(self: std::sync::Arc<Self>, mut shutdown: Shutdown) {
+    /// Pings the watchdog until shutdown, if systemd asked for it, while `healthy`
+    /// says so: a node whose storage is stuck stops feeding it, so systemd restarts it.
+    pub async fn watchdog_loop(self: std::sync::Arc<Self>, mut shutdown: Shutdown, healthy: impl Fn() -> bool) {
         let Some(every) = self.watchdog else { return };
         loop {
-            self.send("WATCHDOG=1");
+            if healthy() {
+                self.send("WATCHDOG=1");
+            }
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.wait() => return,

@@ -183,6 +183,13 @@ struct Inner {
     gc_horizon: u64,
     failed: watch::Sender<Option<String>>,
     failed_flag: AtomicBool,
+    /// When the writer started the commit it is in, in ms since `epoch` plus one (0:
+    /// idle): a commit that does not finish (fjall stalled behind a flush that keeps
+    /// failing, a disk that hangs) shows as [`Store::stalled`].
+    busy_since: AtomicU64,
+    epoch: std::time::Instant,
+    /// Bytes on disk as last measured ([`Store::refresh_disk_bytes`]).
+    disk_bytes: AtomicU64,
 }
 
 /// Runs a storage call on the blocking pool, off the async workers (fjall may block).
@@ -454,6 +461,9 @@ impl Store {
                 gc_horizon,
                 failed: watch::channel(None).0,
                 failed_flag: AtomicBool::new(false),
+                busy_since: AtomicU64::new(0),
+                disk_bytes: AtomicU64::new(0),
+                epoch: std::time::Instant::now(),
             }),
         };
         // The last process's clock is taken like any other observed timestamp: a data
@@ -461,6 +471,7 @@ impl Store {
         let mut clock = Hlc::new(max_clock_offset_ms);
         clock.observe(last_timestamp, now_ms());
         let writer = Writer::start(store.clone(), durability, clock)?;
+        store.refresh_disk_bytes();
         Ok((store, writer))
     }
 
@@ -474,6 +485,21 @@ impl Store {
             self.inner.failed.send_replace(Some(e.to_string()));
         }
         e
+    }
+
+    /// How long the writer has been in a commit that has not finished, once that is
+    /// longer than `after` (`storage_stall_timeout`: a group commit takes milliseconds;
+    /// seconds mean the disk or fjall is stuck).
+    pub fn stalled(&self, after: std::time::Duration) -> Option<std::time::Duration> {
+        let since = self.inner.busy_since.load(Ordering::Relaxed);
+        let now = self.inner.epoch.elapsed().as_millis() as u64 + 1;
+        let busy = std::time::Duration::from_millis(now.saturating_sub(since));
+        (since != 0 && busy > after).then_some(busy)
+    }
+
+    /// Marks storage failed with `reason` (the node stops), as an I/O error does.
+    pub fn fail_with(&self, reason: String) {
+        self.fail(StoreError::Io(reason));
     }
 
     /// Resolves once storage has failed, with the reason.
@@ -752,7 +778,16 @@ impl Store {
 
     /// Bytes the database takes on disk.
     pub fn disk_bytes(&self) -> u64 {
-        self.inner.db.disk_space().unwrap_or(0)
+        self.inner.disk_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Measures [`Self::disk_bytes`] again. Blocking (fjall takes its journal lock,
+    /// which a commit holds across fsync): call it off the async workers, never from a
+    /// request.
+    pub fn refresh_disk_bytes(&self) {
+        if let Ok(n) = self.inner.db.disk_space() {
+            self.inner.disk_bytes.store(n, Ordering::Relaxed);
+        }
     }
 }
 
@@ -969,7 +1004,10 @@ impl WriterState {
                 }
             }
             let closing = group.iter().any(|r| matches!(r.op, Op::Close));
+            let inner = self.store.inner.clone();
+            inner.busy_since.store(inner.epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
             self.commit_group(&mut group);
+            inner.busy_since.store(0, Ordering::Relaxed);
             if closing {
                 break;
             }
