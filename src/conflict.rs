@@ -10,6 +10,15 @@
 //!    smallest uuid wins. Every node computes the same.
 //!
 //! The outcome depends only on the set of votes, never on their order.
+//!
+//! **Once per collision.** A node that settled a collision (a path at one timestamp)
+//! does not vote on it again for [`VOTE_COOLDOWN`] ([`Settled`]). Under an asymmetric
+//! partition the two sides see different voters and can decide differently; each
+//! pushes its winner to the other, which found a collision again and voted again,
+//! every round, flipping nodes between the versions and flooding the links. With the
+//! cooldown each node votes on a collision, and adopts a result, at most once per
+//! cooldown; after the heal, the next vote (within a cooldown and a sync interval)
+//! sees every member and settles it for all.
 
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -87,9 +96,58 @@ pub fn tally(candidates: &[Uuid], votes: &[Vote]) -> Outcome {
     Outcome { winner, rule, counts }
 }
 
+/// How long a node does not vote again on a collision it settled.
+pub const VOTE_COOLDOWN_MS: u64 = 30_000;
+/// Most settled collisions remembered (the oldest are forgotten first).
+pub const SETTLED_CAP: usize = 10_000;
+
+/// The collisions this node settled recently: `(path, timestamp)` → when (ms on the
+/// caller's clock). No I/O; the clock is passed in.
+#[derive(Debug, Default)]
+pub struct Settled {
+    at: std::collections::HashMap<(String, u64), u64>,
+}
+
+impl Settled {
+    /// Whether a collision of `path` at `timestamp` may be voted on at `now`.
+    pub fn may_vote(&self, path: &str, timestamp: u64, now: u64) -> bool {
+        self.at.get(&(path.to_string(), timestamp)).is_none_or(|&when| now.saturating_sub(when) >= VOTE_COOLDOWN_MS)
+    }
+
+    /// Notes that the collision was settled at `now`.
+    pub fn note(&mut self, path: &str, timestamp: u64, now: u64) {
+        if self.at.len() >= SETTLED_CAP {
+            self.at.retain(|_, when| now.saturating_sub(*when) < VOTE_COOLDOWN_MS);
+        }
+        if self.at.len() >= SETTLED_CAP {
+            // Still full of fresh entries: forget the oldest.
+            if let Some(oldest) = self.at.iter().min_by_key(|(_, w)| **w).map(|(k, _)| k.clone()) {
+                self.at.remove(&oldest);
+            }
+        }
+        self.at.insert((path.to_string(), timestamp), now);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_settled_collision_is_not_voted_on_again_within_the_cooldown() {
+        let mut s = Settled::default();
+        assert!(s.may_vote("k", 5, 0));
+        s.note("k", 5, 1_000);
+        assert!(!s.may_vote("k", 5, 1_000 + VOTE_COOLDOWN_MS - 1));
+        assert!(s.may_vote("k", 5, 1_000 + VOTE_COOLDOWN_MS), "after the cooldown: a heal is settled");
+        assert!(s.may_vote("k", 6, 1_000), "another timestamp is another collision");
+        assert!(s.may_vote("j", 5, 1_000));
+        for i in 0..SETTLED_CAP as u64 + 5 {
+            s.note(&format!("p{i}"), 1, 2_000 + i);
+        }
+        assert!(s.at.len() <= SETTLED_CAP, "bounded");
+        assert!(!s.may_vote(&format!("p{}", SETTLED_CAP + 4), 1, 2_000 + SETTLED_CAP as u64 + 4));
+    }
 
     const A: Uuid = Uuid::from_u128(0xA);
     const B: Uuid = Uuid::from_u128(0xB);

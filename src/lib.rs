@@ -53,6 +53,9 @@
 //! missed are found by the next regular sync ([`sync::Replication::sync_with`]), which
 //! compares summaries and moves only what differs.
 #![forbid(unsafe_code)]
+// hyper's server future is deep: newer compilers need more than the default 128 to
+// prove it Send (rust-lang/rust#159228).
+#![recursion_limit = "256"]
 #![deny(missing_docs)]
 
 pub mod antientropy;

@@ -12,7 +12,7 @@
 //! worked through without starving client traffic or sync.
 
 use crate::cluster::Cluster;
-use crate::conflict::{Vote, tally};
+use crate::conflict::{Settled, Vote, tally};
 use crate::protocol::routes;
 use crate::push::Pusher;
 use crate::record::Record;
@@ -71,22 +71,43 @@ pub struct VoteAnswer {
 pub struct Resolver {
     queue: mpsc::Sender<Collision>,
     queued: Mutex<HashSet<String>>,
+    /// Collisions settled recently: not voted on again within the cooldown.
+    settled: Mutex<Settled>,
+    epoch: std::time::Instant,
 }
 
 impl Resolver {
     /// A resolver and the receiving end for [`run`].
     pub fn new() -> (Arc<Resolver>, mpsc::Receiver<Collision>) {
         let (queue, rx) = mpsc::channel(QUEUE_BOUND);
-        (Arc::new(Resolver { queue, queued: Mutex::new(HashSet::new()) }), rx)
+        let resolver = Resolver {
+            queue,
+            queued: Mutex::new(HashSet::new()),
+            settled: Mutex::new(Settled::default()),
+            epoch: std::time::Instant::now(),
+        };
+        (Arc::new(resolver), rx)
     }
 
     fn queued(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.queued.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues collisions for a vote; a path already waiting is not queued twice.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn settled(&self) -> std::sync::MutexGuard<'_, Settled> {
+        self.settled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues collisions for a vote; a path already waiting is not queued twice, and a
+    /// collision settled within [`crate::conflict::VOTE_COOLDOWN_MS`] not at all.
     pub fn report(&self, collisions: Vec<(String, Record, Record)>) {
         for (path, local, incoming) in collisions {
+            if !self.settled().may_vote(&path, local.timestamp, self.now()) {
+                continue;
+            }
             if !self.queued().insert(path.clone()) {
                 continue;
             }
@@ -221,6 +242,7 @@ impl Voting {
         };
         let changed = mine.is_some_and(|m| m.timestamp == ts && m.uuid != winner.uuid)
             && self.writer.replace(c.path.clone(), winner.clone(), Some(ts)).await?;
+        self.resolver.settled().note(&c.path, ts, self.resolver.now());
         match outcome.rule {
             crate::conflict::Rule::Majority => self.stats.resolved_majority.add(1),
             crate::conflict::Rule::OldestNode => self.stats.resolved_oldest.add(1),
