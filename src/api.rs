@@ -126,7 +126,7 @@ impl ApiError {
         }
         if matches!(
             self,
-            ApiError::Storage(StoreError::Closed)
+            ApiError::Storage(StoreError::Closed | StoreError::ClockStepped(_))
                 | ApiError::Syncing
                 | ApiError::Clock(..)
                 | ApiError::Busy(_)

@@ -169,6 +169,61 @@ pub fn lead(mono_ms: u64, wall_ms: u64) -> i64 {
     step((0, 0), (mono_ms, wall_ms))
 }
 
+/// The step check shared by the clock watch task, the write gate and the storage
+/// writer: the wall clock's [`lead`] over the monotonic clock at the watch task's last
+/// look, and whether a step it found is still being judged. The writer checks it
+/// right before it stamps a client write, so no write is stamped across a step, however
+/// long the request took to arrive (ARCHITECTURE.md, clock rule 6a).
+#[derive(Debug)]
+pub struct StepGuard {
+    epoch: std::time::Instant,
+    tolerance_ms: u64,
+    /// `i64::MIN`: no look yet.
+    lead: std::sync::atomic::AtomicI64,
+    judging: std::sync::atomic::AtomicBool,
+}
+
+impl StepGuard {
+    /// A guard that tolerates `tolerance_ms` of drift between looks.
+    pub fn new(tolerance_ms: u64) -> StepGuard {
+        StepGuard {
+            epoch: std::time::Instant::now(),
+            tolerance_ms,
+            lead: std::sync::atomic::AtomicI64::new(i64::MIN),
+            judging: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn read(&self) -> (u64, u64) {
+        (self.epoch.elapsed().as_millis() as u64, now_ms())
+    }
+
+    /// The watch task's look: returns the clocks' readings (monotonic ms, wall ms) and
+    /// makes them the new baseline.
+    pub fn look(&self) -> (u64, u64) {
+        let (mono, wall) = self.read();
+        self.lead.store(lead(mono, wall), std::sync::atomic::Ordering::Relaxed);
+        (mono, wall)
+    }
+
+    /// The wall clock stepped since the last look (by more than the tolerance), or a
+    /// step found earlier is still being judged: writes must not be stamped now.
+    pub fn stepped(&self) -> Option<i64> {
+        let then = self.lead.load(std::sync::atomic::Ordering::Relaxed);
+        let (mono, wall) = self.read();
+        let step = lead(mono, wall).saturating_sub(then);
+        if then != i64::MIN && step.unsigned_abs() > self.tolerance_ms {
+            return Some(step);
+        }
+        self.judging.load(std::sync::atomic::Ordering::Relaxed).then_some(0)
+    }
+
+    /// Marks a step found (`true`) or judged (`false`).
+    pub fn set_judging(&self, judging: bool) {
+        self.judging.store(judging, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Notices a step of the wall clock (an operator or NTP setting it, a VM resumed):
 /// the wall clock moving more than `tolerance_ms` away from the monotonic clock
 /// between two looks. Pure: both clocks are passed in.

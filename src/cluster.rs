@@ -14,7 +14,7 @@
 //! ([`crate::clock::ClockOffsets`]): a node whose clock is found more than
 //! `max_clock_offset_ms` off the cluster's refuses client writes until it is right.
 
-use crate::clock::{ClockOffsets, ClockSample, StepDetector, now_ms};
+use crate::clock::{ClockOffsets, ClockSample, StepDetector, StepGuard, now_ms};
 use crate::membership::{self, Changes, JoinOutcome, MemberInfo, MemberView, Membership, Timeouts};
 use crate::protocol::{LogThrottle, PeerClient, PeerError, routes};
 use crate::shutdown::Shutdown;
@@ -63,6 +63,16 @@ pub struct ClockStatus {
     pub checked: bool,
 }
 
+/// Why this node refused a join.
+#[derive(Debug)]
+pub enum JoinError {
+    /// Another live node uses the joiner's `node_id` (the joiner must not retry).
+    Duplicate(String),
+    /// This node keeps [`membership::MAX_MEMBERS`] members already (the joiner may
+    /// retry later).
+    Full,
+}
+
 /// Why this node's clock keeps it from taking client writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClockRefusal {
@@ -89,8 +99,8 @@ struct ClockGate {
     checked: AtomicBool,
     /// When the last "clock off" line was logged (at most one a minute).
     logged: Mutex<Option<Instant>>,
-    /// [`crate::clock::lead`] at the watch task's last look (`i64::MIN`: none yet).
-    lead: AtomicI64,
+    /// The step check, shared with the storage writer.
+    steps: Arc<StepGuard>,
 }
 
 /// The node's cluster state and the means to talk to peers.
@@ -147,7 +157,7 @@ impl Cluster {
         seeds: Vec<String>,
         gossip: (Duration, Duration),
         last_contact: u64,
-        max_clock_offset_ms: u64,
+        (max_clock_offset_ms, steps): (u64, Arc<StepGuard>),
         data_facts: Box<dyn Fn() -> DataFacts + Send + Sync>,
     ) -> Cluster {
         let seeds: Vec<String> = seeds.into_iter().filter(|s| *s != me.address).collect();
@@ -158,7 +168,7 @@ impl Cluster {
             ok: AtomicBool::new(true),
             checked: AtomicBool::new(seeds.is_empty()),
             logged: Mutex::new(None),
-            lead: AtomicI64::new(i64::MIN),
+            steps,
         };
         Cluster {
             membership: Mutex::new(Membership::new(me, timeouts)),
@@ -238,12 +248,7 @@ impl Cluster {
             return Some(ClockRefusal::Off(self.clock.offset.load(Ordering::Relaxed)));
         }
         // A step since the watch task last looked: no write is stamped across it.
-        let then = self.clock.lead.load(Ordering::Relaxed);
-        let step = crate::clock::lead(self.now(), now_ms()).saturating_sub(then);
-        if then != i64::MIN && step.unsigned_abs() > self.clock.max_offset_ms / 2 {
-            return Some(ClockRefusal::Stepped(step));
-        }
-        None
+        self.clock.steps.stepped().map(ClockRefusal::Stepped)
     }
 
     /// Milliseconds on the local monotonic clock, the `now` of every membership rule.
@@ -439,7 +444,7 @@ impl Cluster {
     }
 
     /// Handles `POST /internal/v2/join`.
-    pub fn handle_join(&self, info: MemberInfo) -> Result<GossipMessage, String> {
+    pub fn handle_join(&self, info: MemberInfo) -> Result<GossipMessage, JoinError> {
         let now = self.now();
         let id = info.id.clone();
         let mut m = self.lock();
@@ -452,12 +457,12 @@ impl Cluster {
             }
             JoinOutcome::DuplicateId { holder } => {
                 tracing::warn!(member = %id, holder = %holder, "join refused: duplicate node_id");
-                Err(format!("node_id {id:?} is already used by the node at {holder}"))
+                Err(JoinError::Duplicate(format!("node_id {id:?} is already used by the node at {holder}")))
             }
             JoinOutcome::Full => {
                 self.refused_members.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(member = %id, "join refused: this node keeps at most {} members", membership::MAX_MEMBERS);
-                Err(format!("the cluster already has {} members, the most a node keeps", membership::MAX_MEMBERS))
+                Err(JoinError::Full)
             }
         }
     }
@@ -572,16 +577,17 @@ impl Cluster {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.wait() => return,
             }
-            let (mono, wall) = (self.now(), now_ms());
-            let stepped = detector.look(mono, wall);
-            self.clock.lead.store(crate::clock::lead(mono, wall), Ordering::Relaxed);
-            let Some(step) = stepped else { continue };
+            let (mono, wall) = self.clock.steps.look();
+            let Some(step) = detector.look(mono, wall) else { continue };
+            // The writer refuses client writes from now until the clock is judged.
+            self.clock.steps.set_judging(true);
             tracing::warn!(step_ms = step, "the wall clock stepped: judging it against the peers again");
             self.clock.offsets.lock().unwrap_or_else(|p| p.into_inner()).reset();
             self.clock.checked.store(false, Ordering::Relaxed);
             self.clock.ok.store(true, Ordering::Relaxed);
             self.clock.offset.store(i64::MIN, Ordering::Relaxed);
             self.clock_round().await;
+            self.clock.steps.set_judging(false);
         }
     }
 

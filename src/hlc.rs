@@ -42,6 +42,10 @@ pub fn counter(ts: u64) -> u64 {
     ts & ((1 << COUNTER_BITS) - 1)
 }
 
+/// How far ahead of a node's wall clock a peer's timestamp may be before it is held
+/// back, in tenths of `max_clock_offset_ms`: 2.5 bounds (see [`Hlc::ceiling`]).
+pub const HOLD_BACK_FACTOR_TENTHS: u64 = 25;
+
 /// Whether a timestamp observed from elsewhere was taken by the clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Observed {
@@ -75,15 +79,28 @@ impl Hlc {
         ms(ts) > wall_ms.saturating_add(self.max_offset_ms)
     }
 
-    /// The newest timestamp that is not from the future at `wall_ms`.
+    /// The newest timestamp a node takes from a peer at `wall_ms`; later ones are held
+    /// back (ARCHITECTURE.md, clock rule 3a). It is 2.5 times the ([`HOLD_BACK_FACTOR_TENTHS`])
+    /// bound ahead, not the bound: the clock check keeps every node within the bound of
+    /// the cluster's median, so two nodes that both pass it can be twice the bound
+    /// apart, plus the quarter bound a reading may be off; their writes must never be
+    /// held back by each other.
     pub fn ceiling(&self, wall_ms: u64) -> u64 {
-        let ms = wall_ms.saturating_add(self.max_offset_ms);
+        let ahead = self.max_offset_ms.saturating_mul(HOLD_BACK_FACTOR_TENTHS) / 10;
+        let ms = wall_ms.saturating_add(ahead);
         if ms >= MAX_MS { u64::MAX } else { from_ms(ms) | ((1 << COUNTER_BITS) - 1) }
     }
 
     /// The next timestamp at wall time `wall_ms`: above everything handed out, and on
     /// the wall clock whenever the wall clock is ahead.
     pub fn now(&mut self, wall_ms: u64) -> u64 {
+        // Further ahead than observing allows: the wall clock stepped back. The clock
+        // goes back to it rather than stamp every write from the future (peers would
+        // hold them all back); the order of each key's versions is kept by
+        // `stamp_over`, which never depends on this.
+        if self.is_future(self.last, wall_ms) {
+            self.last = 0;
+        }
         self.last = from_ms(wall_ms).max(self.last.saturating_add(1));
         self.last
     }
@@ -169,8 +186,22 @@ mod tests {
         let other = c.stamp_over(None, WALL + 1).unwrap();
         assert_eq!(ms(other), WALL + 1, "writes to other keys stay on real time");
         assert_eq!(c.stamp_over(Some(u64::MAX), WALL), None, "nothing is newer: refused, never overflows");
-        assert_eq!(c.ceiling(WALL), from_ms(WALL + 501) - 1);
+        assert_eq!(c.ceiling(WALL), from_ms(WALL + 1_251) - 1, "2.5 bounds ahead");
         assert_eq!(c.ceiling(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_back_far_takes_the_clock_back_with_it() {
+        let mut c = Hlc::new(500);
+        let ahead = c.now(WALL + 3_600_000);
+        let back = c.now(WALL);
+        assert_eq!(back, from_ms(WALL), "not an hour ahead: peers would hold every write back");
+        assert!(ms(ahead) > ms(back));
+        // Within the bound the clock stays monotonic.
+        let near = c.now(WALL + 400);
+        assert!(c.now(WALL + 100) > near);
+        // And a key's next version still supersedes the one written an hour ahead.
+        assert!(c.stamp_over(Some(ahead), WALL).unwrap() > ahead);
     }
 
     #[test]

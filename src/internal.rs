@@ -8,7 +8,7 @@
 
 use crate::antientropy::FANOUT;
 use crate::api::{ApiError, GET_METHOD, HttpResponse, POST_METHOD, json_response, parse_query, read_body_within};
-use crate::cluster::GossipMessage;
+use crate::cluster::{GossipMessage, JoinError};
 use crate::membership::MemberInfo;
 use crate::node::App;
 use crate::path::validate_key;
@@ -42,7 +42,8 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRespons
             check_member(&info)?;
             match app.cluster.handle_join(info) {
                 Ok(answer) => Ok(json_response(StatusCode::OK, &json!(answer))),
-                Err(reason) => Err(ApiError::Conflict(reason)),
+                Err(JoinError::Duplicate(reason)) => Err(ApiError::Conflict(reason)),
+                Err(JoinError::Full) => Err(ApiError::Busy("this node keeps at most 1,024 members")),
             }
         }
         routes::LEAVE if post => {
@@ -135,7 +136,19 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
             for (p, _, _) in &tombstones {
                 validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
             }
-            let safe = app.writer.certify(tombstones).await?;
+            // An honest purger asks only about tombstones past the grace period (by its
+            // clock, at most 2.5 bounds ahead of ours). A later timestamp is answered
+            // "not safe" and no certificate is kept: one at the end of time would
+            // freeze the key (ARCHITECTURE.md "Peer input rules").
+            let limit = app.replication.purge_check_limit();
+            let (asked, beyond): (Vec<_>, Vec<_>) =
+                tombstones.into_iter().enumerate().partition(|(_, (_, ts, _))| *ts <= limit);
+            let order: Vec<usize> = asked.iter().map(|(n, _)| *n).collect();
+            let certified = app.writer.certify(asked.into_iter().map(|(_, t)| t).collect()).await?;
+            let mut safe = vec![false; order.len() + beyond.len()];
+            for (n, ok) in order.into_iter().zip(certified) {
+                safe[n] = ok;
+            }
             Ok(json_response(StatusCode::OK, &json!(safe)))
         }
         routes::LEVEL1 if get => Ok(binary_response(encode_hashes(&store.level1()))),
@@ -248,7 +261,9 @@ fn check_member(m: &MemberInfo) -> Result<(), ApiError> {
 /// ([`protocol::INBOUND_BODY_BUDGET`]).
 static BODY_BUDGET: Semaphore = Semaphore::const_new(protocol::INBOUND_BODY_BUDGET / 1024);
 
-/// Reads a node-to-node body of at most [`protocol::MAX_BODY_BYTES`] within
+static CONTROL_BUDGET: Semaphore = Semaphore::const_new(protocol::CONTROL_BODY_BUDGET / 1024);
+
+/// Reads a record batch of at most [`protocol::MAX_BODY_BYTES`] within
 /// [`protocol::INBOUND_BODY_BUDGET`] (see [`read_body_within`]).
 async fn read_peer_body(req: Request<Incoming>) -> Result<(Bytes, SemaphorePermit<'static>), ApiError> {
     read_body_within(req, protocol::MAX_BODY_BYTES, &BODY_BUDGET).await
@@ -256,6 +271,6 @@ async fn read_peer_body(req: Request<Incoming>) -> Result<(Bytes, SemaphorePermi
 
 /// Reads and decodes a node-to-node JSON body.
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let (body, _permit) = read_peer_body(req).await?;
+    let (body, _permit) = read_body_within(req, protocol::MAX_CONTROL_BYTES, &CONTROL_BUDGET).await?;
     serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
 }

@@ -253,7 +253,8 @@ impl Membership {
             // version above ours (a past process with a higher incarnation, or a forged
             // entry) would shadow our heartbeats: refute it by outranking it, as SWIM
             // does.
-            if info.uid == self.me.uid && info.version() > self.me.version() {
+            // Never our own leave echoed back: that is news we sent.
+            if info.uid == self.me.uid && !info.left && info.version() > self.me.version() {
                 self.me.incarnation = info.incarnation.saturating_add(1);
                 self.me.heartbeat = 0;
             }
@@ -464,6 +465,10 @@ mod tests {
         assert_eq!(m.me().version(), (10, 3), "our own version echoed back changes nothing");
         m.merge([info("a", 50, 7)], 0);
         assert!(m.me().version() > (50, 7), "a higher version of us is refuted");
+        let leave = MemberInfo { left: true, ..info("a", 80, 0) };
+        let before = m.me().version();
+        m.merge([leave], 0);
+        assert_eq!(m.me().version(), before, "our own leave echoed back is not refuted");
         let other_uid = MemberInfo { uid: "someone-else".into(), ..info("a", 90, 0) };
         let before = m.me().version();
         m.merge([other_uid], 0);

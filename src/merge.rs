@@ -40,8 +40,9 @@ pub struct Floors {
     /// Records at or below this come from a sender that may have missed a delete this
     /// node has purged (0: no such limit).
     pub absent: u64,
-    /// Records above this are from beyond the clock bound ([`Hlc::ceiling`]): held
-    /// back, whatever is held (`u64::MAX`: no such limit).
+    /// Records above this are further ahead than any node that passes the clock check
+    /// can write ([`Hlc::ceiling`]): held back, whatever is held (`u64::MAX`: no such
+    /// limit).
     pub future: u64,
 }
 
@@ -152,8 +153,9 @@ mod tests {
     fn records_from_beyond_the_clock_bound_are_held_back_whatever_is_held() {
         let clock = Hlc::new(500);
         let floors = Floors { future: clock.ceiling(WALL), ..Floors::default() };
-        let at_bound = rec(from_ms(WALL + 500) + 7, 1, Some("1"));
-        let beyond = rec(from_ms(WALL + 501), 1, Some("1"));
+        // Two nodes that both pass the clock check can be 2.5 bounds apart.
+        let at_bound = rec(from_ms(WALL + 1_250) + 7, 1, Some("1"));
+        let beyond = rec(from_ms(WALL + 1_251), 1, Some("1"));
         assert_eq!(decide_apply(None, None, &at_bound, floors), Decision::Store);
         assert_eq!(decide_apply(None, None, &beyond, floors), Decision::Future);
         assert_eq!(decide_apply(Some(&rec(5, 2, None)), None, &beyond, floors), Decision::Future);

@@ -98,6 +98,9 @@ impl App {
 /// How often the disk size shown in `/metrics` is measured.
 const DISK_MEASURE_EVERY: Duration = Duration::from_secs(5);
 
+/// Longest a stopping node waits for its background tasks.
+const TASKS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Longest a stopping node waits for storage to finish and close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -285,7 +288,7 @@ async fn serve(
         config.seed_nodes.clone(),
         (config.gossip_interval_min, config.gossip_interval_max),
         last_contact,
-        config.max_clock_offset_ms,
+        (config.max_clock_offset_ms, store.step_guard()),
         Box::new(move || DataFacts {
             newest_write: facts_store.newest_timestamp(),
             gc_horizon: facts_store.gc_horizon(),
@@ -391,7 +394,12 @@ async fn serve(
         cluster.announce_leave().await;
     }
     trigger.trigger();
-    while tasks.join_next().await.is_some() {}
+    // Tasks waiting on a stuck writer never see the shutdown: after a while, they go.
+    let joined = tokio::time::timeout(TASKS_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
+    if joined.is_err() {
+        tracing::warn!(left = tasks.len(), "background tasks did not stop in time; cancelling them");
+        tasks.abort_all();
+    }
     failure.map_or(Ok(()), Err)
 }
 

@@ -93,14 +93,20 @@ impl LogThrottle {
 /// one record, so any single record fits. Bounds what one exchange costs in memory on
 /// both sides, with values of any size.
 pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
-/// Largest node-to-node body, request or answer: a full batch plus one record of the
-/// largest value any node may be configured for (nodes may differ in
-/// `max_value_bytes`), plus framing.
-pub const MAX_BODY_BYTES: u64 =
-    MAX_BATCH_BYTES as u64 + crate::config::MAX_VALUE_BYTES_LIMIT + 2 * crate::path::MAX_KEY_BYTES as u64 + 64;
-/// Bytes of node-to-node request bodies a node holds at once, across all connections;
-/// a request waits for its share (up to the body read timeout, then 503).
+/// Largest node-to-node body, request or answer. This build sends at most a full batch
+/// plus one record of the largest value any node may allow (about 72 MiB); earlier
+/// builds of this protocol sent batches bounded by count only, up to this size, and
+/// a rolling upgrade must not fail their syncs.
+pub const MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
+/// Bytes of record batches pushed to a node that it holds at once, across all
+/// connections; a push waits for its share (up to the body read timeout, then 503).
+/// At least [`MAX_BODY_BYTES`], or the largest body could never get its share.
 pub const INBOUND_BODY_BUDGET: usize = 256 * 1024 * 1024;
+/// The same for the JSON bodies of the other internal routes (gossip, votes, purge
+/// checks, path lists), kept apart so they never queue behind large pushes.
+pub const CONTROL_BODY_BUDGET: usize = 64 * 1024 * 1024;
+/// Largest JSON body of an internal route.
+pub const MAX_CONTROL_BYTES: u64 = 32 * 1024 * 1024;
 /// Most paths in one fetch, vote or purge check, and most records in one page.
 pub const MAX_PATHS: usize = 10_000;
 /// Largest answer read from a peer.

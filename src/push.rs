@@ -84,7 +84,9 @@ impl Pusher {
     /// Queues a committed write for every alive peer. Never waits.
     pub fn enqueue(&self, path: String, record: Record) {
         let n = size(&path, &record);
-        if self.queued.fetch_add(n, Ordering::Relaxed) + n > QUEUE_BYTES {
+        // An empty queue takes a record of any size (one value may exceed the budget).
+        let before = self.queued.fetch_add(n, Ordering::Relaxed);
+        if before > 0 && before + n > QUEUE_BYTES {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             self.stats.push_dropped.add(1);
             return;
@@ -283,6 +285,18 @@ async fn send_to_peer(address: String, queue: Arc<PeerQueue>, cluster: Arc<Clust
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_intake_takes_one_record_of_any_size_when_empty() {
+        let stats = Arc::new(Stats::default());
+        let (pusher, _intake) = Pusher::new(stats.clone());
+        let big = Record::value(1, uuid::Uuid::nil(), Bytes::from(vec![b'1'; QUEUE_BYTES + 1]));
+        pusher.enqueue("big".into(), big.clone());
+        assert_eq!((pusher.queue_depth(), stats.push_dropped.get()), (1, 0), "a 64 MiB value still gets pushed");
+        pusher.enqueue("big2".into(), big);
+        assert_eq!((pusher.queue_depth(), stats.push_dropped.get()), (1, 1), "but only alone");
+        assert!(pusher.queued_bytes() > QUEUE_BYTES);
+    }
 
     #[test]
     fn a_full_peer_queue_drops_its_oldest_batches_and_keeps_its_bytes_bound() {

@@ -73,6 +73,9 @@ pub enum StoreError {
     Format(u64),
     /// The writer has shut down.
     Closed,
+    /// The wall clock stepped (by this many ms; 0: a step is being judged) and no
+    /// client write is stamped until the clock is judged again.
+    ClockStepped(i64),
     /// A client write to this path cannot be ordered after the version it holds (that
     /// version's timestamp is the last there is); refused, never acknowledged and lost.
     NoNewerTimestamp(String),
@@ -89,6 +92,11 @@ impl std::fmt::Display for StoreError {
                 "the data dir has format version {v}, newer than this kvs understands ({FORMAT_VERSION}): run a newer kvs"
             ),
             StoreError::Closed => write!(f, "storage is shutting down"),
+            StoreError::ClockStepped(step) => write!(
+                f,
+                "this node's wall clock just stepped ({step} ms); it compares its clock with the cluster's \
+                 again before it takes writes; retry shortly"
+            ),
             StoreError::NoNewerTimestamp(path) => {
                 write!(f, "key {path:?} holds a version at the end of the timestamp range; no write can supersede it")
             }
@@ -190,6 +198,8 @@ struct Inner {
     epoch: std::time::Instant,
     /// Bytes on disk as last measured ([`Store::refresh_disk_bytes`]).
     disk_bytes: AtomicU64,
+    /// The wall-clock step check; the writer stamps no client write while it fails.
+    steps: Arc<crate::clock::StepGuard>,
 }
 
 /// Runs a storage call on the blocking pool, off the async workers (fjall may block).
@@ -463,6 +473,7 @@ impl Store {
                 failed_flag: AtomicBool::new(false),
                 busy_since: AtomicU64::new(0),
                 disk_bytes: AtomicU64::new(0),
+                steps: Arc::new(crate::clock::StepGuard::new(max_clock_offset_ms / 2)),
                 epoch: std::time::Instant::now(),
             }),
         };
@@ -779,6 +790,11 @@ impl Store {
     /// Bytes the database takes on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.inner.disk_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The wall-clock step check the writer obeys; the clock watch task drives it.
+    pub fn step_guard(&self) -> Arc<crate::clock::StepGuard> {
+        self.inner.steps.clone()
     }
 
     /// Measures [`Self::disk_bytes`] again. Blocking (fjall takes its journal lock,
@@ -1102,6 +1118,11 @@ impl WriterState {
         // Over a purged delete, the write is ordered after it, as over the tombstone.
         let cert = if current.is_none() { self.current_cert(path)? } else { None };
         let held = current.clone().or_else(|| cert.map(|c| c.tombstone()));
+        // Checked here, at stamping time, not only when the request arrived: the body
+        // and the queue may have taken long enough for the clock to step meanwhile.
+        if let Some(step) = self.store.inner.steps.stepped() {
+            return Err(StoreError::ClockStepped(step));
+        }
         let record = merge::client_version(&mut self.clock, held.as_ref(), now_ms(), Uuid::new_v4(), data)
             .ok_or_else(|| StoreError::NoNewerTimestamp(path.to_string()))?;
         if cert.is_some() {

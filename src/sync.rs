@@ -242,6 +242,13 @@ impl Replication {
         hlc::Hlc::new(self.config.max_clock_offset_ms).ceiling(now_ms())
     }
 
+    /// The newest tombstone a peer may ask about in a purge check: past the grace
+    /// period by a clock up to 2.5 bounds ahead of ours.
+    pub fn purge_check_limit(&self) -> u64 {
+        let grace = self.config.tombstone_grace.as_millis() as u64;
+        hlc::Hlc::new(self.config.max_clock_offset_ms).ceiling(now_ms().saturating_sub(grace))
+    }
+
     /// Tombstones older than this (a timestamp) are purged (and not taken from peers).
     pub fn tombstone_floor(&self) -> u64 {
         hlc::from_ms(now_ms().saturating_sub(self.config.tombstone_grace.as_millis() as u64))

@@ -598,3 +598,20 @@ fn large_values_move_in_batches_bounded_by_bytes() {
     wait_for(DEADLINE, "n2 caught up", || (n2.health()["keys"] == 400).then_some(()));
     assert!(n2.health()["replication"]["catchup_records"].as_u64().unwrap() >= 200);
 }
+
+#[test]
+fn a_purge_check_for_a_tombstone_from_the_future_leaves_no_certificate() {
+    let d = Dirs::new();
+    let (n1, _n2) = two(&d, "");
+    // A buggy or hostile peer asks about a delete at the end of time of a key n1 does
+    // not hold: a certificate of it would refuse every later write (409 forever) and
+    // bring the "delete" back over any replicated value.
+    let ask =
+        serde_json::json!([["frozen/key", u64::MAX, uuid::Uuid::new_v4()], ["other/key", 1u64, uuid::Uuid::new_v4()]]);
+    let r = peer_post(&n1.addr, kvs::protocol::routes::PURGE_CHECK, ask.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!([false, true]), "not safe; an old one is answered as before");
+    let w = n1.put("/kv/frozen/key", "1");
+    assert_eq!(w.status, 200, "{}", w.text());
+    assert_eq!(n1.get("/kv/frozen/key").text(), "1");
+}
