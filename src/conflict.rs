@@ -12,7 +12,7 @@
 //! The outcome depends only on the set of votes, never on their order.
 //!
 //! **Once per collision.** A node that settled a collision (a path at one timestamp)
-//! does not vote on it again for [`VOTE_COOLDOWN`] ([`Settled`]). Under an asymmetric
+//! does not vote on it again for [`VOTE_COOLDOWN_MS`] ([`Settled`]). Under an asymmetric
 //! partition the two sides see different voters and can decide differently; each
 //! pushes its winner to the other, which found a collision again and voted again,
 //! every round, flipping nodes between the versions and flooding the links. With the

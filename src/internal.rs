@@ -2,7 +2,7 @@
 //! under `/internal/v2/`, and the old paths of protocol 1, which are refused.
 //!
 //! Everything a peer sends is checked like client input before it is acted on: member
-//! entries ([`check_member`]), record batches ([`crate::wire::decode`]), path lists and
+//! entries ([`crate::membership::check_info`]), record batches ([`crate::wire::decode`]), path lists and
 //! their lengths, query numbers. Each body is bounded by [`protocol::MAX_BODY_BYTES`],
 //! and all of them together by [`protocol::INBOUND_BODY_BUDGET`].
 

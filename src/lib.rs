@@ -46,8 +46,11 @@
 //!
 //! # A replicated write
 //! After the commit, the handler gives the record to [`push::Pusher`], which batches it
-//! to every alive peer's `POST /internal/v2/push`. The peer decodes and checks the batch
-//! ([`wire::decode`]) and hands it to its writer as an `apply`: the newer version wins
+//! to every alive peer's `POST /internal/v2/push` ([`internal`]). The peer decodes and
+//! checks the batch on the blocking pool ([`wire::decode`]: a record that fails is
+//! skipped and counted, the rest taken) and hands it to its writer as an `apply`: a
+//! record from further ahead than any checked clock is held back, otherwise the newer
+//! version wins
 //! ([`merge::decide_apply`]), the node's clock follows it unless it is beyond the
 //! bound ([`hlc::Hlc::observe`]); its summary leaf changes in the same batch. Records a push
 //! missed are found by the next regular sync ([`sync::Replication::sync_with`]), which
