@@ -203,10 +203,18 @@ async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRes
                     .await?;
             Ok(json_response(StatusCode::OK, &json!(versions)))
         }
+        routes::CERTIFICATES if get => {
+            let q = Query::parse(req.uri().query())?;
+            let (after, limit) = (q.text("after"), q.limit()?);
+            let certs = blocking(move || store.certificates_after(&after, limit)).await?;
+            Ok(json_response(StatusCode::OK, &json!(certs)))
+        }
         routes::PUSH | routes::VOTE | routes::LEAVES | routes::VERSIONS | routes::FETCH | routes::PURGE_CHECK => {
             Err(ApiError::MethodNotAllowed(POST_METHOD))
         }
-        routes::LEVEL1 | routes::SINCE | routes::NEWEST => Err(ApiError::MethodNotAllowed(GET_METHOD)),
+        routes::LEVEL1 | routes::SINCE | routes::NEWEST | routes::CERTIFICATES => {
+            Err(ApiError::MethodNotAllowed(GET_METHOD))
+        }
         _ => Err(ApiError::NotFound("route")),
     }
 }

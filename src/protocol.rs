@@ -48,6 +48,8 @@ pub mod routes {
     pub const NEWEST: &str = "/internal/v2/newest";
     /// `POST`: whether the node holds an older version of tombstones a peer would purge.
     pub const PURGE_CHECK: &str = "/internal/v2/purge/check";
+    /// `GET`: certificates of purged deletes, by path (bootstrap copies them).
+    pub const CERTIFICATES: &str = "/internal/v2/certificates";
 }
 
 /// Header carrying the node-to-node protocol version, on every internal request and

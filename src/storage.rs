@@ -643,6 +643,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Certificates of purged deletes kept here, by path after `after`, at most
+    /// `limit`, as `(path, timestamp, uuid)`: what a bootstrapping node copies, so it
+    /// refuses the deleted values as the others do.
+    pub fn certificates_after(&self, after: &str, limit: usize) -> Result<Vec<(String, u64, Uuid)>, StoreError> {
+        let lo = std::ops::Bound::Excluded(after.as_bytes().to_vec());
+        let mut out = Vec::new();
+        for guard in self.inner.dormant.range::<Vec<u8>, _>((lo, std::ops::Bound::Unbounded)).take(limit) {
+            let (k, v) = guard.into_inner().map_err(|e| self.fail(io(e)))?;
+            let path = String::from_utf8(k.to_vec())
+                .map_err(|_| self.fail(StoreError::Corrupt("certificate path is not UTF-8".into())))?;
+            let c = Cert::decode(&v).map_err(|e| self.fail(e))?;
+            out.push((path, c.timestamp, c.uuid));
+        }
+        Ok(out)
+    }
+
     /// The timestamp of the certificate of a purged delete of `path`, if one is kept.
     pub fn certificate(&self, path: &str) -> Result<Option<u64>, StoreError> {
         match self.inner.dormant.get(path).map_err(|e| self.fail(io(e)))? {
@@ -651,7 +667,6 @@ impl Store {
         }
     }
 
-    /// The current records of `paths` (absent paths are left out).
     /// The records of a prefix of `paths` that fit in `max_bytes` (as a [`crate::wire`]
     /// batch), or the first record alone if it is larger; at least one path is always
     /// covered. Returns the records and how many paths were covered.

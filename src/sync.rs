@@ -635,6 +635,9 @@ impl Replication {
                 return Ok(());
             }
         }
+        if !self.copy_certificates(shutdown).await? {
+            return Ok(());
+        }
         self.writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
         self.cluster.note_synced(hlc::from_ms(started.saturating_sub(self.contact_margin())));
         self.syncing.store(false, Ordering::Relaxed);
@@ -644,6 +647,57 @@ impl Replication {
             "bootstrap: done; mode normal"
         );
         Ok(())
+    }
+
+    /// Copies a serving peer's certificates of purged deletes, page by page, moving on
+    /// to another serving peer when one fails: a node that bootstraps after a purge
+    /// must refuse the deleted value, as every member that certified it does, or a node
+    /// returning with that value could bring the delete back through it. Returns false
+    /// on shutdown.
+    async fn copy_certificates(&self, shutdown: &mut Shutdown) -> Result<bool, StoreError> {
+        let mut after = String::new();
+        let mut copied = 0usize;
+        loop {
+            let serving: Vec<_> = self.cluster.alive_peers().into_iter().filter(|p| !p.syncing).collect();
+            // None (this node founds the cluster): there is nothing to copy.
+            let Some(peer) = serving.choose(&mut rand::rng()).cloned() else { return Ok(true) };
+            let q = format!("{}?after={}&limit={PAGE}", routes::CERTIFICATES, crate::path::percent_encode(&after));
+            let page =
+                match self.cluster.client().fetch(Method::GET, &peer.address, &q, Bytes::new(), DATA_TIMEOUT).await {
+                    Ok(body) => serde_json::from_slice::<Vec<(String, u64, uuid::Uuid)>>(&body).map_err(protocol),
+                    Err(e) => Err(SyncError::Peer(e)),
+                };
+            let page = match page {
+                Ok(page) => page,
+                Err(SyncError::Peer(PeerError::Status(hyper::StatusCode::NOT_FOUND, _))) => {
+                    // An earlier build, without the route: it keeps no certificates to copy.
+                    tracing::warn!(peer = %peer.id, "bootstrap: the peer cannot list certificates (an earlier kvs)");
+                    return Ok(true);
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %peer.id, error = %e, "bootstrap: copying certificates failed; retrying with any serving peer");
+                    if !pause(Duration::from_millis(200), shutdown).await {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+            };
+            let last = page.len() < PAGE;
+            if let Some((p, _, _)) = page.last() {
+                after = p.clone();
+            }
+            // Only deletes past the grace period are purged; anything later is not a
+            // certificate an honest peer keeps (one at the end of time would freeze the key).
+            let limit = self.purge_check_limit();
+            let take: Vec<_> =
+                page.into_iter().filter(|(p, ts, _)| *ts <= limit && crate::path::validate_key(p).is_ok()).collect();
+            copied += take.len();
+            self.writer.certify(take).await?;
+            if last {
+                tracing::info!(copied, "bootstrap: certificates of purged deletes copied");
+                return Ok(true);
+            }
+        }
     }
 
     /// Lists one page of a peer's versions below `cursor`: the paths this node lacks,

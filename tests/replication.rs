@@ -615,3 +615,43 @@ fn a_purge_check_for_a_tombstone_from_the_future_leaves_no_certificate() {
     assert_eq!(w.status, 200, "{}", w.text());
     assert_eq!(n1.get("/kv/frozen/key").text(), "1");
 }
+
+#[test]
+fn a_node_bootstrapped_after_a_purge_refuses_the_deleted_value() {
+    let d = Dirs::new();
+    let extra = "tombstone_grace_hours: 0.0014";
+    let (mut n1, mut n2, mut n3) = three(&d, extra);
+    assert_eq!(n1.put("/kv/gone", "\"old\"").status, 200);
+    assert_eq!(n1.put("/kv/kept", "\"kept\"").status, 200);
+    wait_keys(&n3, 2);
+    // n3 goes away holding the value; the others delete it and, once n3 is removed
+    // and the grace period is over, purge the delete (keeping certificates).
+    n3.kill9();
+    let deleted = std::time::Instant::now();
+    assert_eq!(n1.delete("/kv/gone").status, 204);
+    wait_value(&n2, "/kv/gone", None);
+    wait_past(deleted, 5_500);
+    for n in [&n1, &n2] {
+        wait_for(DEADLINE, "the delete purged", || (n.health()["tombstones"] == 0).then_some(()));
+    }
+    // A new node bootstraps now: it copies the certificates with the data.
+    let n4 = d.start("n4", &[&n1.addr], extra);
+    wait_normal(&n4);
+    wait_keys(&n4, 1);
+    // Only n4 is left when n3 returns with the deleted value.
+    assert!(n1.terminate().success() && n2.terminate().success());
+    let config = std::fs::read_to_string(&n3.config).unwrap();
+    let seeds = config.lines().find(|l| l.starts_with("seed_nodes:")).unwrap().to_string();
+    std::fs::write(&n3.config, config.replace(&seeds, &format!("seed_nodes: [\"{}\"]", n4.addr))).unwrap();
+    n3.restart();
+    wait_members_alive(&n4, &["n3", "n4"]);
+    for n in [&n3, &n4] {
+        wait_sync_rounds(n, 3);
+    }
+    // n4 refused the value (without the certificate it took it and served it) and
+    // sent the delete back to n3.
+    n4.get("/kv/gone").assert_error(404);
+    wait_value(&n3, "/kv/gone", None);
+    assert_eq!(n4.get("/kv/kept").text(), "\"kept\"");
+    assert!(stat(&n4, "reawakened") >= 1);
+}
