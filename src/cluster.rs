@@ -15,6 +15,7 @@
 //! `max_clock_offset_ms` off the cluster's refuses client writes until it is right.
 
 use crate::clock::{ClockOffsets, ClockSample, StepDetector, StepGuard, now_ms};
+use crate::freshness::Freshness;
 use crate::membership::{self, Changes, JoinOutcome, MemberInfo, MemberView, Membership, Timeouts};
 use crate::protocol::{LogThrottle, PeerClient, PeerError, routes};
 use crate::shutdown::Shutdown;
@@ -113,22 +114,13 @@ pub struct Cluster {
     gossip_min: Duration,
     gossip_max: Duration,
     rounds: AtomicU64,
-    /// The timestamp (HLC) at which this node last had the cluster's data: the start of its
-    /// last completed sync, catch-up or bootstrap (0: never). Talking is not enough: a
-    /// node that just returned has news of its peers but not yet their deletes. See
-    /// [`crate::antientropy::stale_below`].
-    last_contact: AtomicU64,
-    /// Set when a peer has purged tombstones past our last contact: records up to
-    /// this timestamp must be discarded and fetched again.
-    stale_below: AtomicU64,
+    /// Freshness and mode ([`Freshness`]): every transition goes through it.
+    freshness: Mutex<Freshness>,
     /// Member entries from peers that failed [`membership::check_info`] or exceeded
     /// [`membership::MAX_MEMBERS`].
     refused_members: AtomicU64,
     /// One warning a minute per kind of refused news.
     refusals: LogThrottle,
-    /// False from the start of a node that was in a cluster before until news from a
-    /// peer shows it is not stale: until then it must not hand out its records.
-    verified: AtomicBool,
     /// Reads this node's newest write and purge horizon for gossip.
     data_facts: Box<dyn Fn() -> DataFacts + Send + Sync>,
     clock: ClockGate,
@@ -141,8 +133,6 @@ pub struct DataFacts {
     pub newest_write: u64,
     /// Purge horizon.
     pub gc_horizon: u64,
-    /// Bootstrapping.
-    pub syncing: bool,
 }
 
 /// The join was refused for good.
@@ -156,7 +146,7 @@ impl Cluster {
         timeouts: Timeouts,
         seeds: Vec<String>,
         gossip: (Duration, Duration),
-        last_contact: u64,
+        freshness: Freshness,
         (max_clock_offset_ms, steps): (u64, Arc<StepGuard>),
         data_facts: Box<dyn Fn() -> DataFacts + Send + Sync>,
     ) -> Cluster {
@@ -178,11 +168,9 @@ impl Cluster {
             gossip_min: gossip.0,
             gossip_max: gossip.1,
             rounds: AtomicU64::new(0),
-            last_contact: AtomicU64::new(last_contact),
-            stale_below: AtomicU64::new(0),
+            freshness: Mutex::new(freshness),
             refused_members: AtomicU64::new(0),
             refusals: LogThrottle::default(),
-            verified: AtomicBool::new(last_contact == 0),
             data_facts,
             clock,
         }
@@ -311,65 +299,80 @@ impl Cluster {
         m.me().clone()
     }
 
+    fn fresh(&self) -> MutexGuard<'_, Freshness> {
+        self.freshness.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The timestamp (HLC) at which this node last had the cluster's data (0: never).
     pub fn last_contact(&self) -> u64 {
-        self.last_contact.load(Ordering::Relaxed)
+        self.fresh().last_contact()
     }
 
     /// A sync, catch-up or bootstrap that started at `started` (an HLC) completed:
     /// this node had every delete its peer had then.
     pub fn note_synced(&self, started: u64) {
-        if self.stale_below().is_none() {
-            self.last_contact.fetch_max(started, Ordering::Relaxed);
-        }
+        self.fresh().note_synced(started);
     }
 
     /// The horizon up to which this node must discard its records (see
     /// [`crate::antientropy::stale_below`]), if a peer found it stale.
     pub fn stale_below(&self) -> Option<u64> {
-        Some(self.stale_below.load(Ordering::Relaxed)).filter(|&h| h > 0)
+        self.fresh().stale_below()
     }
 
     /// Called once the records up to `horizon` were discarded: nothing this node
     /// holds can have missed a delete purged up to there.
     pub fn clear_stale(&self, horizon: u64) {
-        self.last_contact.fetch_max(horizon, Ordering::Relaxed);
-        self.stale_below.store(0, Ordering::Relaxed);
-        self.verified.store(true, Ordering::Relaxed);
+        self.fresh().clear_stale(horizon);
     }
 
     /// True once this node is known not to hold records that missed a purged delete:
     /// only then may it hand its records to peers.
     pub fn verified(&self) -> bool {
-        self.verified.load(Ordering::Relaxed) && self.stale_below().is_none()
+        self.fresh().verified()
+    }
+
+    /// Bootstrapping (mode `syncing`): client writes are refused.
+    pub fn is_syncing(&self) -> bool {
+        self.fresh().syncing()
+    }
+
+    /// May hand out records and start syncs: not bootstrapping, and verified.
+    pub fn serving(&self) -> bool {
+        self.fresh().serving()
+    }
+
+    /// A bootstrap (or re-bootstrap) starts.
+    pub fn start_bootstrap(&self) {
+        self.fresh().start_bootstrap();
+    }
+
+    /// A bootstrap that started at `started` (an HLC) completed: mode `normal`.
+    pub fn finish_bootstrap(&self, started: u64) {
+        self.fresh().finish_bootstrap(started);
     }
 
     /// After news from peers: a peer that has purged tombstones past our last contact
     /// makes us stale; otherwise we know we are not (verified).
     fn note_contact(&self, m: &Membership) {
-        if self.stale_below().is_some() {
-            return;
-        }
-        let last = self.last_contact();
         let ceiling = crate::hlc::from_ms(now_ms().saturating_add(self.clock.max_offset_ms));
-        match crate::antientropy::stale_below(last, m.max_peer_gc_horizon(ceiling)) {
-            Some(h) => {
-                tracing::warn!(
-                    last_contact = last,
-                    peer_gc_horizon = h,
-                    "a peer purged deletes (format 1, without certificates) past this node's last contact: \
-                     discarding what it had synced and fetching everything again"
-                );
-                self.stale_below.store(h, Ordering::Relaxed);
-            }
-            None => self.verified.store(true, Ordering::Relaxed),
+        let horizon = m.max_peer_gc_horizon(ceiling);
+        let mut f = self.fresh();
+        let last = f.last_contact();
+        if let Some(h) = f.note_peer_horizon(horizon) {
+            tracing::warn!(
+                last_contact = last,
+                peer_gc_horizon = h,
+                "a peer purged deletes (format 1, without certificates) past this node's last contact: \
+                 discarding what it had synced and fetching everything again"
+            );
         }
     }
 
     /// Puts this node's current newest write and purge horizon in its own entry.
     fn refresh_facts(&self, m: &mut Membership) {
         let f = (self.data_facts)();
-        m.set_data_facts(f.newest_write, f.gc_horizon, f.syncing);
+        m.set_data_facts(f.newest_write, f.gc_horizon, self.is_syncing());
     }
 
     /// Merges what a peer told us, checks whether it makes us stale, logs the changes.

@@ -13,6 +13,8 @@
 //! - [`storage`]: fjall keyspaces (records, timestamp index, meta), the data dir
 //!   format and its upgrade, and the single writer thread that group-commits every
 //!   change.
+//! - [`freshness`]: whether this node's data can be served: last contact, staleness,
+//!   verified, bootstrapping; one plain type, no I/O.
 //! - [`membership`]: the membership rules (merge, status, removal, peer choice), no I/O.
 //! - [`cluster`]: the membership tasks around them: join, gossip, leave.
 //! - [`protocol`]: the node-to-node protocol: its routes, headers, limits, and the
@@ -67,6 +69,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conflict;
+pub mod freshness;
 pub mod hlc;
 pub mod internal;
 pub mod membership;

@@ -9,6 +9,7 @@
 use crate::clock::now_ms;
 use crate::cluster::{Cluster, DataFacts};
 use crate::config::{Config, LogLevel, STALL_EXIT_FACTOR};
+use crate::freshness::Freshness;
 use crate::hlc;
 use crate::membership::{MemberInfo, Timeouts};
 use crate::metrics::{Metrics, NodeCollector};
@@ -280,19 +281,16 @@ async fn serve(
             .await?
     };
     let facts_store = store.clone();
-    let syncing = Arc::new(AtomicBool::new(needs_bootstrap));
-    let facts_syncing = syncing.clone();
     let cluster = Arc::new(Cluster::new(
         me,
         timeouts,
         config.seed_nodes.clone(),
         (config.gossip_interval_min, config.gossip_interval_max),
-        last_contact,
+        Freshness::new(last_contact, needs_bootstrap),
         (config.max_clock_offset_ms, store.step_guard()),
         Box::new(move || DataFacts {
             newest_write: facts_store.newest_timestamp(),
             gc_horizon: facts_store.gc_horizon(),
-            syncing: facts_syncing.load(Ordering::Relaxed),
         }),
     ));
     let stats = Arc::new(Stats::default());
@@ -316,7 +314,6 @@ async fn serve(
         cluster.clone(),
         stats.clone(),
         sync_config,
-        syncing,
         resolver.clone(),
     ));
     let voting = Voting {

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use hyper::Method;
 use rand::seq::IndexedRandom;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A peer whose newest write is this far ahead of ours triggers a catch-up.
@@ -98,8 +98,6 @@ pub struct Replication {
     cluster: Arc<Cluster>,
     stats: Arc<Stats>,
     config: SyncConfig,
-    /// Bootstrapping; shared with the gossip facts.
-    syncing: Arc<AtomicBool>,
     /// Newest timestamp held when this process started: the first catch-up pulls
     /// everything after it.
     newest_at_start: u64,
@@ -167,14 +165,14 @@ async fn pause(d: Duration, shutdown: &mut Shutdown) -> bool {
 }
 
 impl Replication {
-    /// Replication for a node. `syncing` set means it must bootstrap first.
+    /// Replication for a node; the cluster's freshness says whether it must bootstrap
+    /// first.
     pub fn new(
         store: Store,
         writer: Writer,
         cluster: Arc<Cluster>,
         stats: Arc<Stats>,
         config: SyncConfig,
-        syncing: Arc<AtomicBool>,
         resolver: Arc<Resolver>,
     ) -> Replication {
         let newest_at_start = store.newest_timestamp();
@@ -185,7 +183,6 @@ impl Replication {
             cluster,
             stats,
             config,
-            syncing,
             newest_at_start,
             last_persisted_contact: AtomicU64::new(last),
             resolver,
@@ -212,7 +209,7 @@ impl Replication {
 
     /// True while bootstrapping: client writes are refused with 503.
     pub fn is_syncing(&self) -> bool {
-        self.syncing.load(Ordering::Relaxed)
+        self.cluster.is_syncing()
     }
 
     /// The replication counters.
@@ -438,7 +435,7 @@ impl Replication {
     /// Can this node hand out its records (serve sync, start sync)? Not while
     /// bootstrapping, and not before it knows it is not stale.
     pub fn ready(&self) -> bool {
-        !self.is_syncing() && self.cluster.verified()
+        self.cluster.serving()
     }
 
     /// Regular anti-entropy sync with one random alive peer every `sync_interval`.
@@ -560,7 +557,7 @@ impl Replication {
     /// re-bootstrap after a stale discard must fetch again everything it discarded,
     /// however old.
     async fn bootstrap_back_to(&self, shutdown: &mut Shutdown, reach_back: u64) -> Result<(), StoreError> {
-        self.syncing.store(true, Ordering::Relaxed);
+        self.cluster.start_bootstrap();
         let started = now_ms();
         let min_ts =
             hlc::from_ms(started.saturating_sub(self.config.bootstrap_max_age.as_millis() as u64)).min(reach_back);
@@ -639,8 +636,7 @@ impl Replication {
             return Ok(());
         }
         self.writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
-        self.cluster.note_synced(hlc::from_ms(started.saturating_sub(self.contact_margin())));
-        self.syncing.store(false, Ordering::Relaxed);
+        self.cluster.finish_bootstrap(hlc::from_ms(started.saturating_sub(self.contact_margin())));
         tracing::info!(
             fetched = self.stats.bootstrap_fetched.get(),
             reached_back_to = self.stats.bootstrap_reached.load(Ordering::Relaxed),
@@ -770,7 +766,7 @@ impl Replication {
 
     async fn maintain(&self, shutdown: &mut Shutdown) -> Result<(), StoreError> {
         if let Some(horizon) = self.cluster.stale_below() {
-            self.syncing.store(true, Ordering::Relaxed);
+            self.cluster.start_bootstrap();
             // Persisted first: a node killed while discarding or re-bootstrapping
             // starts again in mode `syncing`, never `normal` with holes.
             self.writer.set_meta(META_BOOTSTRAPPED, Bytes::from_static(b"0")).await?;
