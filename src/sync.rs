@@ -654,9 +654,19 @@ impl Replication {
         let mut after = String::new();
         let mut copied = 0usize;
         loop {
-            let serving: Vec<_> = self.cluster.alive_peers().into_iter().filter(|p| !p.syncing).collect();
-            // None (this node founds the cluster): there is nothing to copy.
-            let Some(peer) = serving.choose(&mut rand::rng()).cloned() else { return Ok(true) };
+            let alive = self.cluster.alive_peers();
+            let serving: Vec<_> = alive.iter().filter(|p| !p.syncing).collect();
+            let Some(peer) = serving.choose(&mut rand::rng()).map(|p| (*p).clone()) else {
+                // This node founds the cluster: nobody purged anything yet.
+                if crate::membership::should_found(&self.cluster.me(), &alive) {
+                    return Ok(true);
+                }
+                // Every serving peer is gone for now: wait for one, as the fetches do.
+                if !pause(Duration::from_millis(200), shutdown).await {
+                    return Ok(false);
+                }
+                continue;
+            };
             let q = format!("{}?after={}&limit={PAGE}", routes::CERTIFICATES, crate::path::percent_encode(&after));
             let page =
                 match self.cluster.client().fetch(Method::GET, &peer.address, &q, Bytes::new(), DATA_TIMEOUT).await {
