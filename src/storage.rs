@@ -202,6 +202,10 @@ struct Inner {
     steps: Arc<crate::clock::StepGuard>,
 }
 
+/// The most bytes fjall may hold in memtables (active and waiting to be flushed)
+/// before the writer waits for flushes ([`Inner::wait_for_flushes`]).
+pub const WRITE_BUFFER_BYTES: u64 = 128 * 1024 * 1024;
+
 /// Runs a storage call on the blocking pool, off the async workers (fjall may block).
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -1008,6 +1012,24 @@ struct Change {
     after: Option<Record>,
 }
 
+impl Inner {
+    /// Backpressure: fjall flushes memtables in the background and, by default, lets
+    /// them pile up in memory while writes outrun the disk (several hundred MiB under
+    /// large-value writes). The writer waits here, before a commit, until fjall's
+    /// write buffer is back under [`WRITE_BUFFER_BYTES`], for at most a second per
+    /// commit.
+    fn wait_for_flushes(&self) {
+        // At most a second per commit: memtables that are not yet full are not flushed,
+        // so a buffer over the limit without a flush coming must not stop the writer.
+        for _ in 0..500 {
+            if self.db.write_buffer_size() <= WRITE_BUFFER_BYTES || self.failed_flag.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+}
+
 impl WriterState {
     fn run(&mut self, mut rx: mpsc::Receiver<Request>) {
         let mut group = Vec::with_capacity(64);
@@ -1037,6 +1059,7 @@ impl WriterState {
             let closing = group.iter().any(|r| matches!(r.op, Op::Close));
             let inner = self.store.inner.clone();
             inner.busy_since.store(inner.epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+            inner.wait_for_flushes();
             self.commit_group(&mut group);
             inner.busy_since.store(0, Ordering::Relaxed);
             if closing {
