@@ -693,17 +693,6 @@ impl Store {
         Ok((out, paths.len()))
     }
 
-    /// The records of `paths` that exist, in order.
-    pub fn records(&self, paths: &[String]) -> Result<Vec<(String, Record)>, StoreError> {
-        let mut out = Vec::with_capacity(paths.len());
-        for p in paths {
-            if let Some(r) = self.get(p)? {
-                out.push((p.clone(), r));
-            }
-        }
-        Ok(out)
-    }
-
     /// The 256 level-1 hashes of the summary.
     pub fn level1(&self) -> Vec<u64> {
         crate::antientropy::level1(&self.inner.leaves.lock().unwrap_or_else(|p| p.into_inner()))
