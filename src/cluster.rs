@@ -15,9 +15,9 @@
 //! `max_clock_offset_ms` off the cluster's refuses client writes until it is right.
 
 use crate::clock::{ClockOffsets, ClockSample, StepDetector, StepGuard, now_ms};
-use crate::freshness::Freshness;
 use crate::membership::{self, Changes, JoinOutcome, MemberInfo, MemberView, Membership, Timeouts};
 use crate::protocol::{LogThrottle, PeerClient, PeerError, routes};
+use crate::replication::freshness::Freshness;
 use crate::shutdown::Shutdown;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};

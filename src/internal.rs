@@ -14,9 +14,9 @@ use crate::node::App;
 use crate::path::validate_key;
 use crate::protocol::{self, LAST_CONTACT_HEADER, LogThrottle, WIRE_VERSION, routes, wire_version};
 use crate::record::Record;
+use crate::replication::encode_hashes;
 use crate::resolve::{VoteAnswer, VoteRequest, held};
 use crate::storage::blocking;
-use crate::sync::encode_hashes;
 use crate::wire;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -86,7 +86,7 @@ fn check_wire_version(req: &Request<Incoming>) -> Result<(), ApiError> {
     Err(ApiError::BadRequest(msg))
 }
 
-/// The replication endpoints (see [`crate::sync`]).
+/// The replication endpoints (see [`crate::replication`]).
 async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let path = req.uri().path().to_string();
     let (get, post) = (req.method() == Method::GET, req.method() == Method::POST);

@@ -13,8 +13,6 @@
 //! - [`storage`]: fjall keyspaces (records, timestamp index, meta), the data dir
 //!   format and its upgrade, and the single writer thread that group-commits every
 //!   change.
-//! - [`freshness`]: whether this node's data can be served: last contact, staleness,
-//!   verified, bootstrapping; one plain type, no I/O.
 //! - [`membership`]: the membership rules (merge, status, removal, peer choice), no I/O.
 //! - [`cluster`]: the membership tasks around them: join, gossip, leave.
 //! - [`protocol`]: the node-to-node protocol: its routes, headers, limits, and the
@@ -22,8 +20,11 @@
 //! - [`antientropy`]: the replication rules (hash summary, diff plan, stale rule), no I/O.
 //! - [`wire`]: the binary record batches nodes exchange.
 //! - [`purge`]: when a tombstone may be purged (every member confirmed), no I/O.
-//! - [`push`], [`sync`]: replication tasks: push of fresh writes; regular sync,
-//!   catch-up, bootstrap and tombstone purge. [`stats`]: their counters.
+//! - [`push`]: push of fresh writes to every alive peer. [`replication`]: the pull
+//!   side, one file per job: the inbound door, regular sync rounds, catch-up,
+//!   bootstrap, maintenance (purge, stale rule), and [`replication::freshness`]
+//!   (whether this node's data can be served: last contact, staleness, verified,
+//!   bootstrapping; one plain type, no I/O). [`stats`]: their counters.
 //! - [`conflict`]: the vote rules for timestamp collisions (majority, oldest node,
 //!   fallback), no I/O; [`resolve`]: the task that runs the votes.
 //! - [`api`]: the client HTTP API: routing, handlers, JSON errors.
@@ -50,12 +51,13 @@
 //! After the commit, the handler gives the record to [`push::Pusher`], which batches it
 //! to every alive peer's `POST /internal/v2/push` ([`internal`]). The peer decodes and
 //! checks the batch on the blocking pool ([`wire::decode`]: a record that fails is
-//! skipped and counted, the rest taken) and hands it to its writer as an `apply`: a
+//! skipped and counted, the rest taken) and hands it through the inbound door ([`replication::Replication::take_batch`]) to
+//! its writer as an `apply`: a
 //! record from further ahead than any checked clock is held back, otherwise the newer
 //! version wins
 //! ([`merge::decide_apply`]), the node's clock follows it unless it is beyond the
 //! bound ([`hlc::Hlc::observe`]); its summary leaf changes in the same batch. Records a push
-//! missed are found by the next regular sync ([`sync::Replication::sync_with`]), which
+//! missed are found by the next regular sync ([`replication::Replication::sync_with`]), which
 //! compares summaries and moves only what differs.
 #![forbid(unsafe_code)]
 // hyper's server future is deep: newer compilers need more than the default 128 to
@@ -69,7 +71,6 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conflict;
-pub mod freshness;
 pub mod hlc;
 pub mod internal;
 pub mod membership;
@@ -82,10 +83,10 @@ pub mod protocol;
 pub mod purge;
 pub mod push;
 pub mod record;
+pub mod replication;
 pub mod resolve;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
 pub mod storage;
-pub mod sync;
 pub mod wire;

@@ -1,5 +1,5 @@
 //! Purging deletes: when a tombstone may go.
-//! No I/O: the maintenance task in [`crate::sync`] asks the peers and calls these.
+//! No I/O: the maintenance task in [`crate::replication`] asks the peers and calls these.
 //!
 //! A tombstone older than `tombstone_grace_hours` is purged only once **every member**
 //! (alive or down, until it is removed) has said it holds no older version of the path

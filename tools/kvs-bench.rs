@@ -336,7 +336,7 @@ async fn build_dataset(dir: &Path, keys: usize, base: u64, modified: &[usize]) -
     }
     writer.apply(batch, 0, 0).await?;
     // A member's data dir, not a new node's: no bootstrap on start.
-    writer.set_meta(kvs::sync::META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
+    writer.set_meta(kvs::replication::META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
     tokio::task::spawn_blocking(move || writer.close(&store)).await??;
     Ok(())
 }

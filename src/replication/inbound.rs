@@ -1,0 +1,115 @@
+//! The one door every replicated record passes, whatever brought it (push, sync,
+//! catch-up, bootstrap, purge repair): decode and check the batch off the async
+//! workers ([`crate::wire::decode`]: a record that fails is skipped and counted, never
+//! the batch), then hand the rest to the writer with the floors that keep a purged
+//! delete from coming back and the ceiling that holds back records from beyond the
+//! clock bound ([`crate::merge::decide_apply`]). Collisions go to the vote task.
+
+use super::*;
+
+impl Replication {
+    /// Applies records received from a peer whose `last_contact` is `sender_contact`
+    /// (`None`: unknown), and counts them. A sender that is stale relative to our purge
+    /// horizon may hold records whose deletes we purged: its records at or below the
+    /// horizon are not taken for paths we do not hold.
+    pub async fn apply(
+        &self,
+        records: Vec<(String, Record)>,
+        sender_contact: Option<u64>,
+    ) -> Result<ApplyReport, StoreError> {
+        let n = records.len() as u64;
+        let absent_floor =
+            sender_contact.and_then(|lc| antientropy::stale_below(lc, self.store.gc_horizon())).unwrap_or(0);
+        if absent_floor > 0 {
+            tracing::debug!(
+                sender_contact,
+                absent_floor,
+                "records from a stale node: old records for unknown paths refused"
+            );
+        }
+        let mut report = self.writer.apply(records, self.tombstone_floor(), absent_floor).await?;
+        self.stats.received.add(n);
+        self.stats.applied.add(report.applied as u64);
+        self.stats.skipped.add(report.skipped as u64);
+        if report.reawakened > 0 {
+            self.stats.reawakened.add(report.reawakened as u64);
+            tracing::info!(
+                records = report.reawakened,
+                "refused records whose deletes were purged here; the deletes are live again"
+            );
+        }
+        if report.future > 0 {
+            self.stats.future_records.add(report.future as u64);
+        }
+        if report.future > 0 && self.throttle.allow("future") {
+            tracing::warn!(
+                records = report.future,
+                furthest_ahead_ms = hlc::ms(report.future_max).saturating_sub(now_ms()),
+                "held back records from more than max_clock_offset_ms in the future: not stored until this node's clock reaches them"
+            );
+        }
+        if !report.collisions.is_empty() {
+            self.stats.collisions.add(report.collisions.len() as u64);
+            self.resolver.report(std::mem::take(&mut report.collisions));
+        }
+        Ok(report)
+    }
+
+    /// Decodes a record batch from `peer` (off the async workers) and applies what
+    /// passes the checks; records that fail are skipped, counted and logged (one line
+    /// a minute per peer), and never stop the rest. `Err` only for a batch whose
+    /// framing is broken, or for storage trouble.
+    pub async fn take_batch(
+        &self,
+        peer: &str,
+        batch: Bytes,
+        sender_contact: Option<u64>,
+    ) -> Result<(ApplyReport, wire::Decoded), SyncError> {
+        let mut decoded = wire::decode_off_thread(batch, self.config.max_value_bytes).await.map_err(protocol)?;
+        self.note_refused(peer, &decoded.refused);
+        let report = self.apply(std::mem::take(&mut decoded.records), sender_contact).await?;
+        Ok((report, decoded))
+    }
+
+    /// Counts and logs records refused from `peer`.
+    pub fn note_refused(&self, peer: &str, refused: &[(String, String)]) {
+        if refused.is_empty() {
+            return;
+        }
+        self.stats.refused_records.add(refused.len() as u64);
+        if self.throttle.allow(&format!("refused {peer}")) {
+            let (path, reason) = &refused[0];
+            tracing::warn!(
+                peer,
+                refused = refused.len(),
+                first_path = %path,
+                first_reason = %reason,
+                "skipped records from a peer that fail this node's checks (the rest of the batch is taken)"
+            );
+        }
+    }
+
+    /// Fetches records and stores them; returns how many the peer sent. The peer
+    /// answers at most [`protocol::MAX_BATCH_BYTES`] at a time and says how many of
+    /// the paths it covered; the rest are asked for again.
+    pub(super) async fn fetch_and_store(&self, peer: &str, mut paths: &[String]) -> Result<usize, SyncError> {
+        let mut total = 0;
+        while !paths.is_empty() {
+            let body = Bytes::from(serde_json::to_vec(paths).map_err(protocol)?);
+            self.stats.sync_bytes.add(body.len() as u64);
+            let lc = self.cluster.last_contact();
+            let answer =
+                self.cluster.client().exchange(Method::POST, peer, routes::FETCH, body, DATA_TIMEOUT, lc).await?;
+            self.stats.sync_bytes.add(answer.body.len() as u64);
+            // A peer that does not say (an earlier build) answered every path.
+            let covered = answer.covered.unwrap_or(paths.len());
+            if covered == 0 || covered > paths.len() {
+                return Err(protocol(format!("fetch answer covers {covered} of {} paths", paths.len())));
+            }
+            let (_, decoded) = self.take_batch(peer, answer.body, answer.last_contact).await?;
+            total += decoded.framed;
+            paths = &paths[covered..];
+        }
+        Ok(total)
+    }
+}
