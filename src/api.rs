@@ -274,8 +274,20 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, A
     }
 }
 
+/// A request body kvs reads: hyper's [`Incoming`] from a socket, or a whole body
+/// handed over by the in-process network of scenario tests ([`crate::localnet`]).
+pub trait ReadBody:
+    Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + Unpin + 'static
+{
+}
+
+impl<B> ReadBody for B where
+    B: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + Unpin + 'static
+{
+}
+
 /// Reads a whole body of at most `max` bytes within [`BODY_READ_TIMEOUT`].
-pub(crate) async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body<B: ReadBody>(req: Request<B>, max: u64) -> Result<Bytes, ApiError> {
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
         return Err(ApiError::TooLarge(max));
@@ -300,8 +312,8 @@ static CLIENT_BUDGET: Semaphore = Semaphore::const_new(CLIENT_BODY_BUDGET / 1024
 /// permit is dropped, after the body has been acted on: however many requests arrive
 /// at once, their bodies together stay within the budget. A request that cannot get
 /// its share within [`BODY_READ_TIMEOUT`] gets 503.
-pub(crate) async fn read_body_within(
-    req: Request<Incoming>,
+pub(crate) async fn read_body_within<B: ReadBody>(
+    req: Request<B>,
     max: u64,
     budget: &'static Semaphore,
 ) -> Result<(Bytes, SemaphorePermit<'static>), ApiError> {

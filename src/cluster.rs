@@ -176,6 +176,13 @@ impl Cluster {
         }
     }
 
+    /// The same cluster state, calling its peers through `client` (an in-process
+    /// network in scenario tests, [`crate::localnet`]).
+    pub fn with_client(mut self, client: PeerClient) -> Cluster {
+        self.client = client;
+        self
+    }
+
     /// Takes a reading of the clock of the peer at `address`.
     fn note_clock(&self, address: &str, sent_ms: u64, peer_wall_ms: u64) {
         if peer_wall_ms == 0 {

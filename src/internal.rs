@@ -7,7 +7,9 @@
 //! and all of them together by [`protocol::INBOUND_BODY_BUDGET`].
 
 use crate::antientropy::FANOUT;
-use crate::api::{ApiError, GET_METHOD, HttpResponse, POST_METHOD, json_response, parse_query, read_body_within};
+use crate::api::{
+    ApiError, GET_METHOD, HttpResponse, POST_METHOD, ReadBody, json_response, parse_query, read_body_within,
+};
 use crate::cluster::{GossipMessage, JoinError};
 use crate::membership::MemberInfo;
 use crate::node::App;
@@ -20,7 +22,6 @@ use crate::storage::blocking;
 use crate::wire;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
@@ -33,7 +34,7 @@ pub fn is_internal(path: &str) -> bool {
 }
 
 /// Serves one node-to-node request.
-pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+pub async fn route<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<HttpResponse, ApiError> {
     check_wire_version(&req)?;
     let post = req.method() == Method::POST;
     match req.uri().path() {
@@ -68,7 +69,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpRespons
 /// Refuses a node-to-node request from a peer of another protocol version: a path of
 /// protocol 1 (no version in it), or a header that does not say this version. 400, not
 /// 409: kvs before the HLC took a 409 to its join for a duplicate `node_id` and exited.
-fn check_wire_version(req: &Request<Incoming>) -> Result<(), ApiError> {
+fn check_wire_version<B>(req: &Request<B>) -> Result<(), ApiError> {
     static REFUSALS: std::sync::OnceLock<LogThrottle> = std::sync::OnceLock::new();
     let versioned = req.uri().path().starts_with(routes::PREFIX);
     let theirs = if versioned { wire_version(req.headers()) } else { Some(1) };
@@ -87,7 +88,7 @@ fn check_wire_version(req: &Request<Incoming>) -> Result<(), ApiError> {
 }
 
 /// The replication endpoints (see [`crate::replication`]).
-async fn internal_data(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+async fn internal_data<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<HttpResponse, ApiError> {
     let path = req.uri().path().to_string();
     let (get, post) = (req.method() == Method::GET, req.method() == Method::POST);
     let store = app.store.clone();
@@ -273,12 +274,12 @@ static CONTROL_BUDGET: Semaphore = Semaphore::const_new(protocol::CONTROL_BODY_B
 
 /// Reads a record batch of at most [`protocol::MAX_BODY_BYTES`] within
 /// [`protocol::INBOUND_BODY_BUDGET`] (see [`read_body_within`]).
-async fn read_peer_body(req: Request<Incoming>) -> Result<(Bytes, SemaphorePermit<'static>), ApiError> {
+async fn read_peer_body<B: ReadBody>(req: Request<B>) -> Result<(Bytes, SemaphorePermit<'static>), ApiError> {
     read_body_within(req, protocol::MAX_BODY_BYTES, &BODY_BUDGET).await
 }
 
 /// Reads and decodes a node-to-node JSON body.
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+async fn read_json<T: serde::de::DeserializeOwned, B: ReadBody>(req: Request<B>) -> Result<T, ApiError> {
     let (body, _permit) = read_body_within(req, protocol::MAX_CONTROL_BYTES, &CONTROL_BUDGET).await?;
     serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
 }

@@ -16,7 +16,8 @@
 //! - [`membership`]: the membership rules (merge, status, removal, peer choice), no I/O.
 //! - [`cluster`]: the membership tasks around them: join, gossip, leave.
 //! - [`protocol`]: the node-to-node protocol: its routes, headers, limits, and the
-//!   pooled HTTP client for node-to-node calls, a timeout on each.
+//!   client for node-to-node calls (a timeout on each) over a `PeerTransport`: pooled
+//!   HTTP in a running node.
 //! - [`antientropy`]: the replication rules (hash summary, diff plan, stale rule), no I/O.
 //! - [`wire`]: the binary record batches nodes exchange.
 //! - [`purge`]: when a tombstone may be purged (every member confirmed), no I/O.
@@ -31,6 +32,8 @@
 //!   [`internal`]: the server half of the node-to-node protocol.
 //! - [`server`]: the accept loop: connection cap, timeouts, graceful drain.
 //! - [`node`]: wires one node together and runs it until a signal.
+//!   [`localnet`]: an in-process network for scenario tests (several nodes in one
+//!   process, single links cut and healed).
 //! - [`metrics`]: Prometheus metrics for `GET /metrics`; [`notify`]: systemd readiness
 //!   and watchdog notifications.
 //! - [`shutdown`]: the stop signal every task watches. [`clock`]: Unix-millisecond
@@ -73,6 +76,7 @@ pub mod config;
 pub mod conflict;
 pub mod hlc;
 pub mod internal;
+pub mod localnet;
 pub mod membership;
 pub mod merge;
 pub mod metrics;

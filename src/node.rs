@@ -13,6 +13,7 @@ use crate::hlc;
 use crate::membership::{MemberInfo, Timeouts};
 use crate::metrics::{Metrics, NodeCollector};
 use crate::notify::Notifier;
+use crate::protocol::{BoxFuture, PeerClient, PeerTransport};
 use crate::push::{self, Pusher};
 use crate::replication::freshness::Freshness;
 use crate::replication::{Replication, SyncConfig};
@@ -224,11 +225,36 @@ pub type SetLogLevel = Box<dyn Fn(LogLevel) + Send + Sync>;
 /// Runs the node until a signal or a fatal error. `Ok` means a clean stop.
 /// `config_path` is re-read on SIGHUP for `log_level`.
 pub async fn run(config: Config, config_path: PathBuf, set_log_level: SetLogLevel) -> Result<(), NodeError> {
+    run_embedded(config, Embedding { reload: Some((config_path, set_log_level)), ..Embedding::default() }).await
+}
+
+/// Makes a node's transport from its advertised address.
+pub type MakeTransport = Box<dyn FnOnce(&str) -> Arc<dyn PeerTransport> + Send>;
+
+/// What a node runs with besides its config. The `kvs` binary takes the defaults
+/// except `reload`: node-to-node calls over HTTP, stop on SIGINT/SIGTERM. Scenario
+/// tests run several nodes in one process over an in-process network whose links
+/// they cut and heal ([`crate::localnet`]).
+#[derive(Default)]
+pub struct Embedding {
+    /// Re-read this config file and apply its `log_level` on SIGHUP.
+    pub reload: Option<(PathBuf, SetLogLevel)>,
+    /// Makes the transport for node-to-node calls from this node's advertised
+    /// address; `None`: HTTP ([`crate::protocol::HttpTransport`]).
+    pub transport: Option<MakeTransport>,
+    /// Called with the node once it serves (an in-process network routes to it).
+    pub on_serving: Option<Box<dyn FnOnce(Arc<App>) + Send>>,
+    /// Resolves when the node should stop gracefully; `None`: SIGINT or SIGTERM.
+    pub stop: Option<BoxFuture<'static, ()>>,
+}
+
+/// [`run`] with what [`Embedding`] says instead of the binary's defaults.
+pub async fn run_embedded(config: Config, embedding: Embedding) -> Result<(), NodeError> {
     let dir = config.data_dir.clone();
     let (durability, max_offset) = (config.durability, config.max_clock_offset_ms);
     let (store, writer) = blocking(move || Store::open(&dir, durability, max_offset)).await?;
     let notifier = Arc::new(Notifier::from_env());
-    let result = serve(config, store.clone(), writer.clone(), notifier.clone(), (config_path, set_log_level)).await;
+    let result = serve(config, store.clone(), writer.clone(), notifier.clone(), embedding).await;
     // Whatever happened, finish queued writes and fsync before exiting; but a writer
     // stuck on a hung disk must not keep a failed node from exiting.
     let closed = tokio::time::timeout(CLOSE_TIMEOUT, blocking(move || writer.close(&store))).await;
@@ -243,7 +269,7 @@ async fn serve(
     store: Store,
     writer: Writer,
     notifier: Arc<Notifier>,
-    reload: (PathBuf, SetLogLevel),
+    embedding: Embedding,
 ) -> Result<(), NodeError> {
     let id = identity(&store, &writer).await?;
     let listener = TcpListener::bind((config.bind_address, config.port))
@@ -258,6 +284,10 @@ async fn serve(
         config = ?config,
         "starting"
     );
+    let client = match embedding.transport {
+        Some(make) => PeerClient::over(make(&advertise)),
+        None => PeerClient::new(),
+    };
     let me = MemberInfo {
         id: config.node_id.clone(),
         uid: id.uid,
@@ -281,18 +311,21 @@ async fn serve(
             .await?
     };
     let facts_store = store.clone();
-    let cluster = Arc::new(Cluster::new(
-        me,
-        timeouts,
-        config.seed_nodes.clone(),
-        (config.gossip_interval_min, config.gossip_interval_max),
-        Freshness::new(last_contact, needs_bootstrap),
-        (config.max_clock_offset_ms, store.step_guard()),
-        Box::new(move || DataFacts {
-            newest_write: facts_store.newest_timestamp(),
-            gc_horizon: facts_store.gc_horizon(),
-        }),
-    ));
+    let cluster = Arc::new(
+        Cluster::new(
+            me,
+            timeouts,
+            config.seed_nodes.clone(),
+            (config.gossip_interval_min, config.gossip_interval_max),
+            Freshness::new(last_contact, needs_bootstrap),
+            (config.max_clock_offset_ms, store.step_guard()),
+            Box::new(move || DataFacts {
+                newest_write: facts_store.newest_timestamp(),
+                gc_horizon: facts_store.gc_horizon(),
+            }),
+        )
+        .with_client(client),
+    );
     let stats = Arc::new(Stats::default());
     let (pusher, push_queue) = Pusher::new(stats.clone());
     let sync_config = SyncConfig {
@@ -356,7 +389,12 @@ async fn serve(
     tasks.spawn(replication.clone().sync_loop(shutdown.clone()));
     tasks.spawn(replication.clone().catchup_loop(shutdown.clone()));
     tasks.spawn(replication.maintenance_loop(shutdown.clone(), maintenance_interval));
-    tasks.spawn(reload_on_hangup(app.clone(), reload, shutdown.clone()));
+    if let Some(reload) = embedding.reload {
+        tasks.spawn(reload_on_hangup(app.clone(), reload, shutdown.clone()));
+    }
+    if let Some(on_serving) = embedding.on_serving {
+        on_serving(app.clone());
+    }
     // Storage is open and the port answers: tell systemd.
     notifier.send("READY=1\nSTATUS=serving");
     // The watchdog pings from its first poll: started after READY=1, so READY=1 is
@@ -373,8 +411,9 @@ async fn serve(
         }
     });
 
+    let stop = embedding.stop.unwrap_or_else(|| Box::pin(signal()));
     let failure = tokio::select! {
-        _ = signal() => None,
+        _ = stop => None,
         reason = store.failed() => Some(NodeError::Storage(StoreError::Io(reason))),
         Some(e) = fatal.recv() => Some(e),
     };

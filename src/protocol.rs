@@ -1,10 +1,12 @@
-//! The HTTP client for node-to-node calls: one pooled hyper client, a timeout on every
-//! call (connect, request and reading the answer together), and a cap on the size of
-//! an answer, so a hung or hostile peer costs one timeout, never a stuck task.
+//! The node-to-node protocol: its routes, headers and limits, and the client for
+//! node-to-node calls: a timeout on every call (connect, request and reading the
+//! answer together) and a cap on the size of an answer, so a hung or hostile peer
+//! costs one timeout, never a stuck task. The client sends through a
+//! [`PeerTransport`]: HTTP in a running node, an in-process network in scenario tests.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -166,10 +168,67 @@ fn success(status: StatusCode, answer: Bytes) -> Result<Bytes, PeerError> {
     }
 }
 
-/// A pooled client for talking to peers. Cheap to clone.
+/// A future that can be held across tasks.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What carries a node-to-node request to the peer named in its URI's authority and
+/// brings the whole answer back. The seam under [`PeerClient`]: [`HttpTransport`] in a
+/// running node, [`crate::localnet`] (in-process, with single links that can be cut
+/// and healed) in scenario tests. Timeouts and the protocol checks stay in
+/// [`PeerClient`], so every transport gets them.
+pub trait PeerTransport: Send + Sync + 'static {
+    /// Sends `req` and returns the answer with its body read (at most
+    /// [`MAX_RESPONSE_BYTES`]).
+    fn send(&self, req: Request<Bytes>) -> BoxFuture<'_, Result<Response<Bytes>, PeerError>>;
+}
+
+/// Node-to-node calls over HTTP: one pooled hyper client with keep-alive, TCP_NODELAY
+/// and a connect timeout.
+pub struct HttpTransport {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl HttpTransport {
+    /// A pooled client.
+    pub fn new() -> HttpTransport {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(8)
+            .build(connector);
+        HttpTransport { client }
+    }
+}
+
+impl Default for HttpTransport {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PeerTransport for HttpTransport {
+    fn send(&self, req: Request<Bytes>) -> BoxFuture<'_, Result<Response<Bytes>, PeerError>> {
+        Box::pin(async move {
+            let resp =
+                self.client.request(req.map(Full::new)).await.map_err(|e| PeerError::Transport(e.to_string()))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| PeerError::Transport(e.to_string()))?
+                .to_bytes();
+            Ok(Response::from_parts(parts, body))
+        })
+    }
+}
+
+/// The client for node-to-node calls: a timeout on every call (sending, and reading
+/// the whole answer), the protocol version checked on every answer. Cheap to clone.
 #[derive(Clone)]
 pub struct PeerClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    transport: std::sync::Arc<dyn PeerTransport>,
     wire_refusals: std::sync::Arc<LogThrottle>,
 }
 
@@ -180,16 +239,14 @@ impl Default for PeerClient {
 }
 
 impl PeerClient {
-    /// A client with keep-alive pooling and TCP_NODELAY.
+    /// A client over HTTP ([`HttpTransport`]).
     pub fn new() -> PeerClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(8)
-            .build(connector);
-        PeerClient { client, wire_refusals: Default::default() }
+        Self::over(std::sync::Arc::new(HttpTransport::new()))
+    }
+
+    /// A client over any transport.
+    pub fn over(transport: std::sync::Arc<dyn PeerTransport>) -> PeerClient {
+        PeerClient { transport, wire_refusals: Default::default() }
     }
 
     /// Sends one request and reads the whole answer, all within `timeout`.
@@ -237,38 +294,29 @@ impl PeerClient {
         if let Some(lc) = last_contact {
             req = req.header(LAST_CONTACT_HEADER, lc);
         }
-        let req = req.body(Full::new(body)).map_err(|e| PeerError::Protocol(e.to_string()))?;
-        let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| PeerError::Transport(e.to_string()))?;
-            let status = resp.status();
-            let wire = wire_version(resp.headers());
-            if wire != Some(WIRE_VERSION) {
-                let theirs = wire.map_or_else(|| "an unreadable".to_string(), |v| v.to_string());
-                let msg = format!(
-                    "the peer at {addr} speaks node-to-node protocol version {theirs}, this node {WIRE_VERSION}: \
-                     refused until both run the same kvs version (README \"Upgrading\")"
-                );
-                if self.wire_refusals.allow(addr) {
-                    tracing::error!("{msg}");
-                }
-                return Err(PeerError::Protocol(msg));
+        let req = req.body(body).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        let resp = tokio::time::timeout(timeout, self.transport.send(req)).await.map_err(|_| PeerError::Timeout)??;
+        let status = resp.status();
+        let wire = wire_version(resp.headers());
+        if wire != Some(WIRE_VERSION) {
+            let theirs = wire.map_or_else(|| "an unreadable".to_string(), |v| v.to_string());
+            let msg = format!(
+                "the peer at {addr} speaks node-to-node protocol version {theirs}, this node {WIRE_VERSION}: \
+                 refused until both run the same kvs version (README \"Upgrading\")"
+            );
+            if self.wire_refusals.allow(addr) {
+                tracing::error!("{msg}");
             }
-            let header =
-                |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-            let answer = Answer {
-                body: Bytes::new(),
-                last_contact: header(LAST_CONTACT_HEADER),
-                covered: header(COVERED_HEADER).map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-                more: header(MORE_HEADER).map(|m| m != 0),
-            };
-            let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|e| PeerError::Transport(e.to_string()))?
-                .to_bytes();
-            Ok((status, answer, body))
+            return Err(PeerError::Protocol(msg));
+        }
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        let answer = Answer {
+            body: Bytes::new(),
+            last_contact: header(LAST_CONTACT_HEADER),
+            covered: header(COVERED_HEADER).map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            more: header(MORE_HEADER).map(|m| m != 0),
         };
-        tokio::time::timeout(timeout, exchange).await.map_err(|_| PeerError::Timeout)?
+        Ok((status, answer, resp.into_body()))
     }
 
     /// Sends a request and returns a 2xx answer's body.
