@@ -655,3 +655,99 @@ fn a_node_bootstrapped_after_a_purge_refuses_the_deleted_value() {
     assert_eq!(n4.get("/kv/kept").text(), "\"kept\"");
     assert!(stat(&n4, "reawakened") >= 1);
 }
+
+#[test]
+fn a_node_killed_during_a_re_bootstrap_resumes_it_and_never_serves_holes() {
+    let d = Dirs::new();
+    // Slow pages, so the resumed re-bootstrap can be watched.
+    let (n1, mut n2) = two(&d, "throttle_delay_ms: 500");
+    for i in 0..300 {
+        assert_eq!(n1.put(&format!("/kv/r/{i:03}"), "1").status, 200);
+    }
+    wait_keys(&n2, 300);
+    n2.pin_port();
+    n2.kill9();
+    // The state a kill leaves right after a stale discard began: the re-bootstrap mark
+    // persisted, then records discarded (here all of them).
+    {
+        let (store, writer) =
+            kvs::storage::Store::open(&n2.dir.join("data"), kvs::config::Durability::Sync, 500).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            writer.set_meta(kvs::replication::META_BOOTSTRAPPED, bytes::Bytes::from_static(b"0")).await.unwrap();
+            while writer.discard(u64::MAX, 10_000).await.unwrap() > 0 {}
+        });
+        writer.close(&store).unwrap();
+    }
+    n2.restart();
+    // It resumes the re-bootstrap: never in mode normal with the records missing.
+    let mut saw_syncing = false;
+    wait_for(DEADLINE, "n2 back in mode normal", || {
+        let h = n2.health();
+        if h["mode"] == "normal" {
+            assert_eq!(h["keys"], 300, "n2 serves in mode normal with records missing: {h}");
+            return Some(());
+        }
+        saw_syncing = true;
+        n2.put("/kv/r/refused", "1").assert_error(503);
+        None
+    });
+    assert!(saw_syncing, "n2 came back in mode normal at once");
+    for i in (0..300).step_by(37) {
+        assert_eq!(n2.get(&format!("/kv/r/{i:03}")).status, 200);
+    }
+}
+
+#[test]
+fn a_bootstrap_under_steady_deletes_and_purges_finishes_and_brings_nothing_back() {
+    let d = Dirs::new();
+    // Tombstones are kept 5 s; the new node's bootstrap pages come 1 s apart.
+    let extra = "tombstone_grace_hours: 0.0014\nthrottle_delay_ms: 1000\ndurability: buffer";
+    let n1 = d.start("n1", &[], extra);
+    const KEYS: usize = 20_000;
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let addr = n1.addr.clone();
+            std::thread::spawn(move || {
+                for i in (w..KEYS).step_by(4) {
+                    assert_eq!(http(&addr, "PUT", &format!("/kv/s/{i:05}"), Some(b"1")).status, 200);
+                }
+            })
+        })
+        .collect();
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    // Deletes all through n2's bootstrap (4 pages: 3 s and more), past the grace
+    // period, so tombstones are purged while it lists and fetches.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deleter = {
+        let (addr, stop) = (n1.addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut deleted = Vec::new();
+            let mut i = 7;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && deleted.len() < KEYS / 2 {
+                let path = format!("/kv/s/{:05}", i % KEYS);
+                if http(&addr, "DELETE", &path, None).status == 204 {
+                    deleted.push(path);
+                }
+                i += 7919;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            deleted
+        })
+    };
+    let n2 = d.start("n2", &[&n1.addr], extra);
+    wait_for(DEADLINE, "n2 to start its bootstrap", || (n2.health()["mode"] == "syncing").then_some(()));
+    wait_normal(&n2);
+    let purged_before_done = stat(&n1, "tombstones_purged");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let deleted = deleter.join().unwrap();
+    assert!(!deleted.is_empty());
+    let kept = (KEYS - deleted.len()) as u64;
+    wait_keys(&n1, kept);
+    wait_keys(&n2, kept);
+    for path in deleted.iter().step_by(13) {
+        n2.get(path).assert_error(404);
+    }
+    assert_eq!(stat(&n2, "stale_discarded"), 0, "n2 discarded nothing");
+    eprintln!("{} deletes, {purged_before_done} tombstones purged on n1 before n2 finished", deleted.len());
+}
