@@ -31,9 +31,10 @@
 //! - [`api`]: the client HTTP API: routing, handlers, JSON errors.
 //!   [`internal`]: the server half of the node-to-node protocol.
 //! - [`server`]: the accept loop: connection cap, timeouts, graceful drain.
-//! - [`node`]: wires one node together and runs it until a signal.
-//!   [`localnet`]: an in-process network for scenario tests (several nodes in one
-//!   process, single links cut and healed).
+//! - [`node`]: wires one node together and runs it until a signal (or, embedded in a
+//!   test, until told to stop).
+//! - [`localnet`]: an in-process network for scenario tests (several nodes in one
+//!   process, single links cut and healed); used by tests only.
 //! - [`metrics`]: Prometheus metrics for `GET /metrics`; [`notify`]: systemd readiness
 //!   and watchdog notifications.
 //! - [`shutdown`]: the stop signal every task watches. [`clock`]: Unix-millisecond

@@ -9,10 +9,22 @@
 //! API (and its internal routes) on a real port, so a test reads and writes as a
 //! client does, whatever links are cut.
 //!
-//! A cut link behaves like packets dropped on the way:
+//! Links are cut per message, in one direction or both:
 //! - `from → to` cut: the request never arrives; the caller sees a transport error.
 //! - `to → from` cut (the way back): the request arrives and is acted on, the answer is
-//!   lost; the caller sees [`PeerError::Timeout`] at once, as it would after its timeout.
+//!   lost; the caller sees [`PeerError::Timeout`].
+//!
+//! What differs from sockets, on purpose: a cut fails at once, where a dropped packet
+//! costs the caller its timeout (2 s to connect, up to 30 s on a pooled connection),
+//! so scenarios show what converges, not how long it takes; and a one-way cut loses
+//! messages in one direction only, where a real one-way packet loss also breaks new
+//! TCP handshakes both ways (only requests on connections opened before the cut have
+//! their answers lost). The request's handler runs on the caller's task, so a caller
+//! that gives up cancels it, as hyper cancels a request whose connection closed. A
+//! stopping node leaves the network when its stop signal fires, as its server stops
+//! accepting. Request bodies take their share of the receiving node's body budget
+//! from `Content-Length`, as on the wire; the budgets are per process, so nodes in one
+//! test share them (they are large enough not to matter at test sizes).
 
 use crate::api::ApiError;
 use crate::node::{App, Embedding};
@@ -55,17 +67,27 @@ impl LocalNet {
         stop: BoxFuture<'static, ()>,
         on_serving: impl FnOnce(Arc<App>) + Send + 'static,
     ) -> Embedding {
-        let (for_transport, for_attach) = (self.clone(), self.clone());
+        let (for_transport, for_attach, for_stop) = (self.clone(), self.clone(), self.clone());
+        let attached: Arc<Mutex<Option<String>>> = Arc::default();
+        let attached_at_stop = attached.clone();
         Embedding {
             reload: None,
             transport: Some(Box::new(move |me: &str| {
                 Arc::new(Link { net: for_transport, from: me.to_string() }) as Arc<dyn PeerTransport>
             })),
             on_serving: Some(Box::new(move |app: Arc<App>| {
-                for_attach.state().nodes.insert(app.cluster.me().address, Arc::downgrade(&app));
+                let address = app.cluster.me().address;
+                for_attach.state().nodes.insert(address.clone(), Arc::downgrade(&app));
+                *attached.lock().unwrap_or_else(|p| p.into_inner()) = Some(address);
                 on_serving(app);
             })),
-            stop: Some(stop),
+            stop: Some(Box::pin(async move {
+                stop.await;
+                // The server stops accepting first (node.rs's stop order): so does the network.
+                if let Some(address) = attached_at_stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    for_stop.state().nodes.remove(&address);
+                }
+            })),
         }
     }
 
@@ -115,18 +137,13 @@ impl PeerTransport for Link {
             let Some(app) = app else {
                 return Err(PeerError::Transport(format!("nothing serves {to}")));
             };
-            // On a task of its own, as a server runs a request it has read: a caller
-            // that gives up does not cut the handler short.
-            let answer = tokio::spawn(async move {
-                let mut resp =
-                    crate::internal::route(&app, req.map(Full::new)).await.unwrap_or_else(ApiError::into_response);
-                resp.headers_mut().insert(WIRE_HEADER, HeaderValue::from(WIRE_VERSION));
-                let (parts, body) = resp.into_parts();
-                let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                Response::from_parts(parts, body)
-            })
-            .await
-            .map_err(|e| PeerError::Transport(format!("the handler at {to} failed: {e}")))?;
+            let mut resp =
+                crate::internal::route(&app, req.map(Full::new)).await.unwrap_or_else(ApiError::into_response);
+            drop(app);
+            resp.headers_mut().insert(WIRE_HEADER, HeaderValue::from(WIRE_VERSION));
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let answer = Response::from_parts(parts, body);
             if self.net.is_cut(&to, &self.from) {
                 return Err(PeerError::Timeout);
             }

@@ -1,5 +1,8 @@
 //! One running node: opens storage, binds the port, starts every task, and stops them
-//! all in order on SIGINT/SIGTERM or a fatal error.
+//! all in order on SIGINT/SIGTERM or a fatal error. [`run`] is what the `kvs` binary
+//! runs; [`run_embedded`] runs a node with another transport for node-to-node calls
+//! and another stop signal ([`Embedding`]), so scenario tests run several nodes in one
+//! process ([`crate::localnet`]).
 //!
 //! Stop order: the HTTP server stops taking requests and finishes those in flight;
 //! the pusher hands every queued write to the alive peers (at most

@@ -174,8 +174,9 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 /// What carries a node-to-node request to the peer named in its URI's authority and
 /// brings the whole answer back. The seam under [`PeerClient`]: [`HttpTransport`] in a
 /// running node, [`crate::localnet`] (in-process, with single links that can be cut
-/// and healed) in scenario tests. Timeouts and the protocol checks stay in
-/// [`PeerClient`], so every transport gets them.
+/// and healed) in scenario tests. The timeout, the size cap on answers and the
+/// protocol version check stay in [`PeerClient`], so every transport gets them (a
+/// transport may stop reading earlier, as [`HttpTransport`] does at the cap).
 pub trait PeerTransport: Send + Sync + 'static {
     /// Sends `req` and returns the answer with its body read (at most
     /// [`MAX_RESPONSE_BYTES`]).
@@ -290,12 +291,16 @@ impl PeerClient {
             .method(method)
             .uri(format!("http://{addr}{path_and_query}"))
             .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::CONTENT_LENGTH, body.len())
             .header(WIRE_HEADER, WIRE_VERSION);
         if let Some(lc) = last_contact {
             req = req.header(LAST_CONTACT_HEADER, lc);
         }
         let req = req.body(body).map_err(|e| PeerError::Protocol(e.to_string()))?;
         let resp = tokio::time::timeout(timeout, self.transport.send(req)).await.map_err(|_| PeerError::Timeout)??;
+        if resp.body().len() > MAX_RESPONSE_BYTES {
+            return Err(PeerError::Protocol(format!("answer over {MAX_RESPONSE_BYTES} bytes")));
+        }
         let status = resp.status();
         let wire = wire_version(resp.headers());
         if wire != Some(WIRE_VERSION) {

@@ -1,5 +1,7 @@
 //! The one door every replicated record passes, whatever brought it (push, sync,
-//! catch-up, bootstrap, purge repair): decode and check the batch off the async
+//! catch-up, bootstrap, purge repair; a vote winner is the exception: the vote task
+//! stores it only over a held version of the same timestamp, `Writer::replace`, so no
+//! floor or ceiling applies): decode and check the batch off the async
 //! workers ([`crate::wire::decode`]: a record that fails is skipped and counted, never
 //! the batch), then hand the rest to the writer with the floors that keep a purged
 //! delete from coming back and the ceiling that holds back records from beyond the

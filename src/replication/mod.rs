@@ -1,10 +1,10 @@
 //! Pull-side replication and the node's freshness, one file per job:
 //!
-//! - [`inbound`]: the one door every replicated record passes (checks, floors, ceiling).
-//! - [`round`]: regular anti-entropy sync with one random peer every `sync_interval`.
-//! - [`catchup`]: pull the writes since our newest from the peer that is ahead.
-//! - [`bootstrap`]: fill a new (or re-bootstrapping) node from any serving peer.
-//! - [`maintenance`]: tombstone purge by confirmation, last contact, the stale rule.
+//! - `inbound`: the one door every replicated record passes (checks, floors, ceiling).
+//! - `round`: regular anti-entropy sync with one random peer every `sync_interval`.
+//! - `catchup`: pull the writes since our newest from the peer that is ahead.
+//! - `bootstrap`: fill a new (or re-bootstrapping) node from any serving peer.
+//! - `maintenance`: tombstone purge by confirmation, last contact, the stale rule.
 //! - [`freshness`]: whether this node's data can be served; a plain type, no I/O.
 //!
 //! Push of fresh writes is [`crate::push`]; the server half of every route is
