@@ -203,8 +203,16 @@ struct Inner {
 }
 
 /// The most bytes fjall may hold in memtables (active and waiting to be flushed)
-/// before the writer waits for flushes ([`Inner::wait_for_flushes`]).
+/// before the writer waits for flushes ([`Inner::wait_for_flushes`]). Memtables that
+/// are flushed stay in memory until fjall's next memtable rotation (its version
+/// history is trimmed only then), so fjall holds at most about twice this in
+/// memtables (heaptrack: 265 MiB of memtable values at the peak of 1.6 GiB of 1 MiB
+/// writes). Smaller memtables would lower that but cost a third of the PUT throughput
+/// with 10 KB values (BENCHMARKS.md "Memory").
 pub const WRITE_BUFFER_BYTES: u64 = 128 * 1024 * 1024;
+/// fjall's block cache (its default, set explicitly so the memory bound is written
+/// down in one place).
+pub const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Runs a storage call on the blocking pool, off the async workers (fjall may block).
 pub async fn blocking<T: Send + 'static>(
@@ -418,7 +426,7 @@ impl Store {
             // either marker is known not to be an interrupted creation.
             durable_marker(&creating)?;
         }
-        let db = Database::builder(&db_dir).open().map_err(|e| match io(e) {
+        let db = Database::builder(&db_dir).cache_size(CACHE_BYTES).open().map_err(|e| match io(e) {
             StoreError::Locked(_) => StoreError::Locked(dir.display().to_string()),
             other => other,
         })?;
