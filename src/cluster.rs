@@ -16,12 +16,12 @@
 
 use crate::clock::{ClockOffsets, ClockSample, StepDetector, StepGuard, now_ms};
 use crate::membership::{self, Changes, JoinOutcome, MemberInfo, MemberView, Membership, Timeouts};
-use crate::protocol::{LogThrottle, PeerClient, PeerError, routes};
+use crate::protocol::{LogThrottle, PeerClient, PeerError};
 use crate::replication::freshness::Freshness;
 use crate::shutdown::Shutdown;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -32,22 +32,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest pause between two join attempts.
 const MAX_JOIN_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Body of a gossip exchange, both ways, and of a join's answer.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct GossipMessage {
-    /// Everything the sender knows.
-    pub members: Vec<MemberInfo>,
-    /// The sender's wall clock (Unix ms) when it wrote the message (0: not given).
-    #[serde(default)]
-    pub wall_ms: u64,
-}
-
-impl GossipMessage {
-    /// A message stamped with this node's wall clock.
-    pub fn now(members: Vec<MemberInfo>) -> GossipMessage {
-        GossipMessage { members, wall_ms: now_ms() }
-    }
-}
+pub use crate::protocol::GossipMessage;
 
 /// What `/health` says about this node's clock.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -516,7 +501,7 @@ impl Cluster {
                     m.me().clone()
                 };
                 let sent = now_ms();
-                match self.client.post_json::<_, GossipMessage>(seed, routes::JOIN, &me, CALL_TIMEOUT).await {
+                match self.client.join(seed, &me, CALL_TIMEOUT).await {
                     Ok(answer) => {
                         let members = answer.members.len();
                         self.take_news(answer.members, "join");
@@ -605,7 +590,7 @@ impl Cluster {
     /// news and its clock reading.
     async fn exchange(&self, target: &str, msg: &GossipMessage) {
         let sent = now_ms();
-        match self.client.post_json::<_, GossipMessage>(target, routes::GOSSIP, msg, CALL_TIMEOUT).await {
+        match self.client.gossip(target, msg, CALL_TIMEOUT).await {
             Ok(answer) => {
                 self.take_news(answer.members, "gossip");
                 self.note_clock(target, sent, answer.wall_ms);
@@ -665,8 +650,7 @@ impl Cluster {
             let client = self.client.clone();
             let bye = bye.clone();
             calls.spawn(async move {
-                let r =
-                    client.post_json::<_, serde_json::Value>(&peer.address, routes::LEAVE, &bye, CALL_TIMEOUT).await;
+                let r = client.leave(&peer.address, &bye, CALL_TIMEOUT).await;
                 if let Err(e) = r {
                     tracing::debug!(peer = %peer.id, error = %e, "leave announcement failed");
                 }

@@ -10,14 +10,16 @@ use crate::antientropy::FANOUT;
 use crate::api::{
     ApiError, GET_METHOD, HttpResponse, POST_METHOD, ReadBody, json_response, parse_query, read_body_within,
 };
-use crate::cluster::{GossipMessage, JoinError};
+use crate::cluster::JoinError;
 use crate::membership::MemberInfo;
 use crate::node::App;
 use crate::path::validate_key;
+use crate::protocol::GossipMessage;
+use crate::protocol::encode_hashes;
 use crate::protocol::{self, LAST_CONTACT_HEADER, LogThrottle, WIRE_VERSION, routes, wire_version};
+use crate::protocol::{VoteAnswer, VoteRequest};
 use crate::record::Record;
-use crate::replication::encode_hashes;
-use crate::resolve::{VoteAnswer, VoteRequest, held};
+use crate::resolve::held;
 use crate::storage::blocking;
 use crate::wire;
 use bytes::Bytes;
@@ -127,7 +129,7 @@ async fn internal_data<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<H
             Ok(json_response(StatusCode::OK, &json!(VoteAnswer { held })))
         }
         routes::PURGE_CHECK if post => {
-            let tombstones: Vec<(String, u64, uuid::Uuid)> = read_json(req).await?;
+            let tombstones: Vec<protocol::Tombstone> = read_json(req).await?;
             if tombstones.len() > protocol::MAX_PATHS {
                 return Err(ApiError::BadRequest(format!(
                     "at most {} tombstones per purge check",
@@ -179,8 +181,7 @@ async fn internal_data<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<H
             Ok(resp)
         }
         routes::SINCE if get => {
-            let q = Query::parse(req.uri().query())?;
-            let (after_ts, after_path, limit) = (q.u64("after_ts")?, q.text("after_path"), q.limit()?);
+            let protocol::SinceQuery { after_ts, after_path, limit } = params(&req, protocol::SinceQuery::from_params)?;
             let (records, more) = blocking(move || {
                 let paths: Vec<String> =
                     store.versions_since(Some((after_ts, &after_path)), limit)?.into_iter().map(|v| v.path).collect();
@@ -193,20 +194,14 @@ async fn internal_data<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<H
             Ok(resp)
         }
         routes::NEWEST if get => {
-            let q = Query::parse(req.uri().query())?;
-            let (min_ts, limit) = (q.u64("min_ts")?, q.limit()?);
-            let before = match q.get("before_ts") {
-                Some(_) => Some((q.u64("before_ts")?, q.text("before_path"))),
-                None => None,
-            };
+            let protocol::NewestQuery { min_ts, before, limit } = params(&req, protocol::NewestQuery::from_params)?;
             let versions =
                 blocking(move || store.newest_versions(before.as_ref().map(|(t, p)| (*t, p.as_str())), min_ts, limit))
                     .await?;
             Ok(json_response(StatusCode::OK, &json!(versions)))
         }
         routes::CERTIFICATES if get => {
-            let q = Query::parse(req.uri().query())?;
-            let (after, limit) = (q.text("after"), q.limit()?);
+            let protocol::CertificatesQuery { after, limit } = params(&req, protocol::CertificatesQuery::from_params)?;
             let certs = blocking(move || store.certificates_after(&after, limit)).await?;
             Ok(json_response(StatusCode::OK, &json!(certs)))
         }
@@ -220,32 +215,10 @@ async fn internal_data<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<H
     }
 }
 
-/// Decoded query parameters of an internal request.
-struct Query(Vec<(String, String)>);
-
-impl Query {
-    fn parse(q: Option<&str>) -> Result<Query, ApiError> {
-        parse_query(q).map(Query)
-    }
-    fn get(&self, k: &str) -> Option<&str> {
-        self.0.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
-    }
-    fn text(&self, k: &str) -> String {
-        self.get(k).unwrap_or_default().to_string()
-    }
-    fn u64(&self, k: &str) -> Result<u64, ApiError> {
-        match self.get(k) {
-            None => Ok(0),
-            Some(v) => v.parse().map_err(|_| ApiError::BadRequest(format!("{k} must be a whole number"))),
-        }
-    }
-    fn limit(&self) -> Result<usize, ApiError> {
-        let n = self.u64("limit")? as usize;
-        if n == 0 || n > protocol::MAX_PATHS {
-            return Err(ApiError::BadRequest(format!("limit must be 1 to {}", protocol::MAX_PATHS)));
-        }
-        Ok(n)
-    }
+/// Reads a route's query with its parser from [`protocol`] (the one the client half
+/// writes it with).
+fn params<B, Q>(req: &Request<B>, read: fn(&protocol::Params) -> Result<Q, String>) -> Result<Q, ApiError> {
+    read(&parse_query(req.uri().query())?).map_err(ApiError::BadRequest)
 }
 
 /// A record batch, with this node's `last_contact` for the receiver's stale check.

@@ -10,9 +10,13 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use uuid::Uuid;
+
+use crate::antientropy::Version;
+use crate::membership::MemberInfo;
 
 /// Header carrying a node's `last_contact` (see [`crate::antientropy::stale_below`])
 /// on every exchange of records, both ways.
@@ -231,6 +235,8 @@ impl PeerTransport for HttpTransport {
 pub struct PeerClient {
     transport: std::sync::Arc<dyn PeerTransport>,
     wire_refusals: std::sync::Arc<LogThrottle>,
+    /// Told the body bytes of each call, both ways (see [`PeerClient::metered`]).
+    meter: Option<std::sync::Arc<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl Default for PeerClient {
@@ -247,7 +253,13 @@ impl PeerClient {
 
     /// A client over any transport.
     pub fn over(transport: std::sync::Arc<dyn PeerTransport>) -> PeerClient {
-        PeerClient { transport, wire_refusals: Default::default() }
+        PeerClient { transport, wire_refusals: Default::default(), meter: None }
+    }
+
+    /// The same client, telling `meter` the body bytes (request and answer) of every
+    /// call it completes: how sync counts its traffic.
+    pub fn metered(&self, meter: impl Fn(u64) + Send + Sync + 'static) -> PeerClient {
+        PeerClient { meter: Some(std::sync::Arc::new(meter)), ..self.clone() }
     }
 
     /// Sends one request and reads the whole answer, all within `timeout`.
@@ -264,7 +276,7 @@ impl PeerClient {
 
     /// Exchanges records: sends our `last_contact` and returns a 2xx answer's body with
     /// the headers that describe it.
-    pub async fn exchange(
+    async fn exchange(
         &self,
         method: Method,
         addr: &str,
@@ -296,10 +308,14 @@ impl PeerClient {
         if let Some(lc) = last_contact {
             req = req.header(LAST_CONTACT_HEADER, lc);
         }
+        let sent = body.len() as u64;
         let req = req.body(body).map_err(|e| PeerError::Protocol(e.to_string()))?;
         let resp = tokio::time::timeout(timeout, self.transport.send(req)).await.map_err(|_| PeerError::Timeout)??;
         if resp.body().len() > MAX_RESPONSE_BYTES {
             return Err(PeerError::Protocol(format!("answer over {MAX_RESPONSE_BYTES} bytes")));
+        }
+        if let Some(meter) = &self.meter {
+            meter(sent + resp.body().len() as u64);
         }
         let status = resp.status();
         let wire = wire_version(resp.headers());
@@ -325,7 +341,7 @@ impl PeerClient {
     }
 
     /// Sends a request and returns a 2xx answer's body.
-    pub async fn fetch(
+    async fn fetch(
         &self,
         method: Method,
         addr: &str,
@@ -337,21 +353,329 @@ impl PeerClient {
         success(status, answer)
     }
 
-    /// POSTs raw bytes and returns a 2xx answer's body.
-    pub async fn post_bytes(&self, addr: &str, path: &str, body: Bytes, timeout: Duration) -> Result<Bytes, PeerError> {
-        self.fetch(Method::POST, addr, path, body, timeout).await
-    }
-
     /// POSTs `body` as JSON and decodes a 2xx JSON answer.
-    pub async fn post_json<T: Serialize, R: DeserializeOwned>(
+    async fn post_json<T: Serialize + ?Sized, R: DeserializeOwned>(
         &self,
         addr: &str,
         path: &str,
         body: &T,
         timeout: Duration,
     ) -> Result<R, PeerError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| PeerError::Protocol(e.to_string()))?;
-        let answer = self.post_bytes(addr, path, Bytes::from(bytes), timeout).await?;
-        serde_json::from_slice(&answer).map_err(|e| PeerError::Protocol(e.to_string()))
+        let answer = self.fetch(Method::POST, addr, path, json_body(body)?, timeout).await?;
+        serde_json::from_slice(&answer).map_err(bad_answer)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Messages: the body and query of every route, shared by the client half (the typed
+// calls below) and the server half (`crate::internal`), so the two cannot drift.
+// ---------------------------------------------------------------------------------
+
+/// Body of a gossip exchange, both ways, and of a join's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GossipMessage {
+    /// Everything the sender knows.
+    pub members: Vec<MemberInfo>,
+    /// The sender's wall clock (Unix ms) when it wrote the message (0: not given).
+    #[serde(default)]
+    pub wall_ms: u64,
+}
+
+impl GossipMessage {
+    /// A message stamped with this node's wall clock.
+    pub fn now(members: Vec<MemberInfo>) -> GossipMessage {
+        GossipMessage { members, wall_ms: crate::clock::now_ms() }
+    }
+}
+
+/// Body of `POST /internal/v2/vote`: the paths whose versions the voter asks about.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VoteRequest {
+    /// The paths to vote on (at most [`MAX_PATHS`]).
+    pub paths: Vec<String>,
+}
+
+/// What a member holds for one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// Timestamp of the version held.
+    pub timestamp: u64,
+    /// Its uuid.
+    pub uuid: Uuid,
+}
+
+/// Answer of `POST /internal/v2/vote`: one entry per path, `null` when nothing is held.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VoteAnswer {
+    /// In the order of the request's paths.
+    pub held: Vec<Option<Held>>,
+}
+
+/// A tombstone a purge check asks about, and a certificate of a purged delete:
+/// `(path, timestamp, uuid)`.
+pub type Tombstone = (String, u64, Uuid);
+
+/// Query of `GET /internal/v2/since`: writes after a cursor, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinceQuery {
+    /// The cursor: writes after `(after_ts, after_path)`.
+    pub after_ts: u64,
+    /// See `after_ts`.
+    pub after_path: String,
+    /// Most records (1 to [`MAX_PATHS`]).
+    pub limit: usize,
+}
+
+/// Query of `GET /internal/v2/newest`: versions newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewestQuery {
+    /// Oldest timestamp listed.
+    pub min_ts: u64,
+    /// The cursor: versions before `(timestamp, path)`; `None`: from the newest.
+    pub before: Option<(u64, String)>,
+    /// Most versions (1 to [`MAX_PATHS`]).
+    pub limit: usize,
+}
+
+/// Query of `GET /internal/v2/certificates`: certificates by path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificatesQuery {
+    /// Paths after this one ("" from the first).
+    pub after: String,
+    /// Most certificates (1 to [`MAX_PATHS`]).
+    pub limit: usize,
+}
+
+/// Decoded query parameters: `(name, value)`, each percent-decoded once.
+pub type Params = [(String, String)];
+
+fn param<'a>(q: &'a Params, k: &str) -> Option<&'a str> {
+    q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+}
+
+fn number(q: &Params, k: &str) -> Result<u64, String> {
+    param(q, k).map_or(Ok(0), |v| v.parse().map_err(|_| format!("{k} must be a whole number")))
+}
+
+fn limit(q: &Params) -> Result<usize, String> {
+    let n = number(q, "limit")?;
+    usize::try_from(n)
+        .ok()
+        .filter(|n| (1..=MAX_PATHS).contains(n))
+        .ok_or_else(|| format!("limit must be 1 to {MAX_PATHS}"))
+}
+
+fn text(q: &Params, k: &str) -> String {
+    param(q, k).unwrap_or_default().to_string()
+}
+
+impl SinceQuery {
+    /// The query string, path encoded.
+    pub fn to_query(&self) -> String {
+        format!(
+            "after_ts={}&after_path={}&limit={}",
+            self.after_ts,
+            crate::path::percent_encode(&self.after_path),
+            self.limit
+        )
+    }
+
+    /// Reads the query a peer sent.
+    pub fn from_params(q: &Params) -> Result<SinceQuery, String> {
+        Ok(SinceQuery { after_ts: number(q, "after_ts")?, after_path: text(q, "after_path"), limit: limit(q)? })
+    }
+}
+
+impl NewestQuery {
+    /// The query string, path encoded.
+    pub fn to_query(&self) -> String {
+        let mut q = format!("min_ts={}&limit={}", self.min_ts, self.limit);
+        if let Some((ts, p)) = &self.before {
+            q.push_str(&format!("&before_ts={ts}&before_path={}", crate::path::percent_encode(p)));
+        }
+        q
+    }
+
+    /// Reads the query a peer sent.
+    pub fn from_params(q: &Params) -> Result<NewestQuery, String> {
+        let before = match param(q, "before_ts") {
+            Some(_) => Some((number(q, "before_ts")?, text(q, "before_path"))),
+            None => None,
+        };
+        Ok(NewestQuery { min_ts: number(q, "min_ts")?, before, limit: limit(q)? })
+    }
+}
+
+impl CertificatesQuery {
+    /// The query string, path encoded.
+    pub fn to_query(&self) -> String {
+        format!("after={}&limit={}", crate::path::percent_encode(&self.after), self.limit)
+    }
+
+    /// Reads the query a peer sent.
+    pub fn from_params(q: &Params) -> Result<CertificatesQuery, String> {
+        Ok(CertificatesQuery { after: text(q, "after"), limit: limit(q)? })
+    }
+}
+
+/// Decodes a body of big-endian u64 hashes (summary levels).
+pub fn decode_hashes(b: &[u8]) -> Result<Vec<u64>, String> {
+    if !b.len().is_multiple_of(8) {
+        return Err("hash list length is not a multiple of 8".into());
+    }
+    Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect())
+}
+
+/// Encodes hashes as big-endian u64s.
+pub fn encode_hashes(h: &[u64]) -> Bytes {
+    Bytes::from(h.iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>())
+}
+
+// ---------------------------------------------------------------------------------
+// Typed calls: one per route. The rest of kvs calls peers only through these, so a
+// route's method, body and answer are written in one place.
+// ---------------------------------------------------------------------------------
+
+fn bad_answer(e: impl std::fmt::Display) -> PeerError {
+    PeerError::Protocol(e.to_string())
+}
+
+fn json_body<T: Serialize + ?Sized>(body: &T) -> Result<Bytes, PeerError> {
+    serde_json::to_vec(body).map(Bytes::from).map_err(bad_answer)
+}
+
+impl PeerClient {
+    /// `POST JOIN`: asks to join; the answer is the member list and a clock reading.
+    pub async fn join(&self, addr: &str, me: &MemberInfo, timeout: Duration) -> Result<GossipMessage, PeerError> {
+        self.post_json(addr, routes::JOIN, me, timeout).await
+    }
+
+    /// `POST LEAVE`: says goodbye.
+    pub async fn leave(&self, addr: &str, me: &MemberInfo, timeout: Duration) -> Result<(), PeerError> {
+        self.post_json::<_, serde_json::Value>(addr, routes::LEAVE, me, timeout).await.map(|_| ())
+    }
+
+    /// `POST GOSSIP`: one exchange of member lists.
+    pub async fn gossip(&self, addr: &str, msg: &GossipMessage, timeout: Duration) -> Result<GossipMessage, PeerError> {
+        self.post_json(addr, routes::GOSSIP, msg, timeout).await
+    }
+
+    /// `POST PUSH`: a record batch ([`crate::wire`]) to apply.
+    pub async fn push(
+        &self,
+        addr: &str,
+        batch: Bytes,
+        timeout: Duration,
+        last_contact: u64,
+    ) -> Result<Answer, PeerError> {
+        self.exchange(Method::POST, addr, routes::PUSH, batch, timeout, last_contact).await
+    }
+
+    /// `POST VOTE`: which versions the peer holds for some paths.
+    pub async fn vote(&self, addr: &str, req: &VoteRequest, timeout: Duration) -> Result<VoteAnswer, PeerError> {
+        self.post_json(addr, routes::VOTE, req, timeout).await
+    }
+
+    /// `GET LEVEL1`: the 256 level-1 summary hashes.
+    pub async fn level1(&self, addr: &str, timeout: Duration) -> Result<Vec<u64>, PeerError> {
+        let body = self.fetch(Method::GET, addr, routes::LEVEL1, Bytes::new(), timeout).await?;
+        decode_hashes(&body).map_err(bad_answer)
+    }
+
+    /// `POST LEAVES`: the leaf hashes under some level-1 indices.
+    pub async fn leaves(&self, addr: &str, tops: &[usize], timeout: Duration) -> Result<Vec<u64>, PeerError> {
+        let body = self.fetch(Method::POST, addr, routes::LEAVES, json_body(tops)?, timeout).await?;
+        decode_hashes(&body).map_err(bad_answer)
+    }
+
+    /// `POST VERSIONS`: the versions held in some leaves.
+    pub async fn versions(&self, addr: &str, leaves: &[u16], timeout: Duration) -> Result<Vec<Version>, PeerError> {
+        let body = self.fetch(Method::POST, addr, routes::VERSIONS, json_body(leaves)?, timeout).await?;
+        serde_json::from_slice(&body).map_err(bad_answer)
+    }
+
+    /// `POST FETCH`: the records of some paths, as a batch covering the first
+    /// [`Answer::covered`] of them.
+    pub async fn fetch_records(
+        &self,
+        addr: &str,
+        paths: &[String],
+        timeout: Duration,
+        last_contact: u64,
+    ) -> Result<Answer, PeerError> {
+        self.exchange(Method::POST, addr, routes::FETCH, json_body(paths)?, timeout, last_contact).await
+    }
+
+    /// `GET SINCE`: a page of writes after a cursor, oldest first.
+    pub async fn since(
+        &self,
+        addr: &str,
+        q: &SinceQuery,
+        timeout: Duration,
+        last_contact: u64,
+    ) -> Result<Answer, PeerError> {
+        let path = format!("{}?{}", routes::SINCE, q.to_query());
+        self.exchange(Method::GET, addr, &path, Bytes::new(), timeout, last_contact).await
+    }
+
+    /// `GET NEWEST`: a page of versions, newest first.
+    pub async fn newest(&self, addr: &str, q: &NewestQuery, timeout: Duration) -> Result<Vec<Version>, PeerError> {
+        let path = format!("{}?{}", routes::NEWEST, q.to_query());
+        let body = self.fetch(Method::GET, addr, &path, Bytes::new(), timeout).await?;
+        serde_json::from_slice(&body).map_err(bad_answer)
+    }
+
+    /// `POST PURGE_CHECK`: per tombstone, whether the peer holds nothing older (it
+    /// keeps a certificate then).
+    pub async fn purge_check(
+        &self,
+        addr: &str,
+        tombstones: &[Tombstone],
+        timeout: Duration,
+    ) -> Result<Vec<bool>, PeerError> {
+        self.post_json(addr, routes::PURGE_CHECK, tombstones, timeout).await
+    }
+
+    /// `GET CERTIFICATES`: a page of certificates of purged deletes, by path.
+    pub async fn certificates(
+        &self,
+        addr: &str,
+        q: &CertificatesQuery,
+        timeout: Duration,
+    ) -> Result<Vec<Tombstone>, PeerError> {
+        let path = format!("{}?{}", routes::CERTIFICATES, q.to_query());
+        let body = self.fetch(Method::GET, addr, &path, Bytes::new(), timeout).await?;
+        serde_json::from_slice(&body).map_err(bad_answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(q: &str) -> Vec<(String, String)> {
+        crate::api::parse_query(Some(q)).unwrap()
+    }
+
+    #[test]
+    fn every_query_reads_back_what_the_client_wrote() {
+        let since = SinceQuery { after_ts: 42, after_path: "a b/ü?&=%".into(), limit: 7 };
+        assert_eq!(SinceQuery::from_params(&params(&since.to_query())).unwrap(), since);
+        for before in [None, Some((9, "x/y z".to_string()))] {
+            let newest = NewestQuery { min_ts: 3, before, limit: MAX_PATHS };
+            assert_eq!(NewestQuery::from_params(&params(&newest.to_query())).unwrap(), newest);
+        }
+        let certs = CertificatesQuery { after: "k&l".into(), limit: 1 };
+        assert_eq!(CertificatesQuery::from_params(&params(&certs.to_query())).unwrap(), certs);
+    }
+
+    #[test]
+    fn a_peer_query_out_of_range_is_refused_with_the_reason() {
+        assert!(SinceQuery::from_params(&params("after_ts=1&limit=0")).unwrap_err().contains("limit"));
+        assert!(SinceQuery::from_params(&params("limit=10001")).unwrap_err().contains("limit"));
+        assert!(NewestQuery::from_params(&params("min_ts=-1&limit=5")).unwrap_err().contains("min_ts"));
+        assert!(CertificatesQuery::from_params(&params("after=a")).unwrap_err().contains("limit"));
+        assert_eq!(decode_hashes(&encode_hashes(&[1, u64::MAX])).unwrap(), vec![1, u64::MAX]);
+        assert!(decode_hashes(&[0; 9]).is_err());
     }
 }

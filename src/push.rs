@@ -10,13 +10,12 @@
 //! costs more memory than that.
 
 use crate::cluster::Cluster;
-use crate::protocol::{self, routes};
+use crate::protocol;
 use crate::record::Record;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::wire;
 use bytes::{Bytes, BytesMut};
-use hyper::Method;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -272,7 +271,7 @@ async fn send_to_peer(address: String, queue: Arc<PeerQueue>, cluster: Arc<Clust
             body.freeze()
         };
         let lc = cluster.last_contact();
-        match cluster.client().exchange(Method::POST, &address, routes::PUSH, body, PUSH_TIMEOUT, lc).await {
+        match cluster.client().push(&address, body, PUSH_TIMEOUT, lc).await {
             Ok(_) => stats.pushed.add(records as u64),
             Err(e) => {
                 stats.push_failed.add(1);

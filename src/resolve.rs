@@ -13,13 +13,11 @@
 
 use crate::cluster::Cluster;
 use crate::conflict::{Settled, Vote, tally};
-use crate::protocol::routes;
 use crate::push::Pusher;
 use crate::record::Record;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::storage::{Store, Writer};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,28 +42,7 @@ pub struct Collision {
     incoming: Record,
 }
 
-/// Body of `POST /internal/v2/vote`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VoteRequest {
-    /// The paths to vote on.
-    pub paths: Vec<String>,
-}
-
-/// What a member holds for one path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Held {
-    /// Timestamp of the version held.
-    pub timestamp: u64,
-    /// Its uuid.
-    pub uuid: Uuid,
-}
-
-/// Answer of `POST /internal/v2/vote`: one entry per path, `null` when nothing is held.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VoteAnswer {
-    /// In the order of the request's paths.
-    pub held: Vec<Option<Held>>,
-}
+pub use crate::protocol::{Held, VoteAnswer, VoteRequest};
 
 /// The queue of collisions waiting for a vote.
 pub struct Resolver {
@@ -176,8 +153,7 @@ impl Voting {
             let client = self.cluster.client().clone();
             let request = request.clone();
             calls.spawn(async move {
-                let answer =
-                    client.post_json::<_, VoteAnswer>(&peer.address, routes::VOTE, &*request, VOTE_TIMEOUT).await;
+                let answer = client.vote(&peer.address, &request, VOTE_TIMEOUT).await;
                 (peer, answer)
             });
         }
@@ -281,12 +257,13 @@ impl Voting {
             .map(|(id, _, _)| id.clone())
             .collect();
         for peer in self.cluster.alive_peers().into_iter().filter(|p| holders.contains(&p.id)) {
-            let body = bytes::Bytes::from(serde_json::to_vec(&[path]).ok()?);
-            let Ok(answer) = self.cluster.client().post_bytes(&peer.address, routes::FETCH, body, VOTE_TIMEOUT).await
+            let lc = self.cluster.last_contact();
+            let Ok(answer) =
+                self.cluster.client().fetch_records(&peer.address, &[path.to_string()], VOTE_TIMEOUT, lc).await
             else {
                 continue;
             };
-            let found = crate::wire::decode(answer, u64::MAX)
+            let found = crate::wire::decode(answer.body, u64::MAX)
                 .ok()?
                 .records
                 .into_iter()

@@ -130,15 +130,10 @@ impl Replication {
                 }
                 continue;
             };
-            let q = format!("{}?after={}&limit={PAGE}", routes::CERTIFICATES, crate::path::percent_encode(&after));
-            let page =
-                match self.cluster.client().fetch(Method::GET, &peer.address, &q, Bytes::new(), DATA_TIMEOUT).await {
-                    Ok(body) => serde_json::from_slice::<Vec<(String, u64, uuid::Uuid)>>(&body).map_err(protocol),
-                    Err(e) => Err(SyncError::Peer(e)),
-                };
-            let page = match page {
+            let q = protocol::CertificatesQuery { after: after.clone(), limit: PAGE };
+            let page = match self.cluster.client().certificates(&peer.address, &q, DATA_TIMEOUT).await {
                 Ok(page) => page,
-                Err(SyncError::Peer(PeerError::Status(hyper::StatusCode::NOT_FOUND, _))) => {
+                Err(PeerError::Status(hyper::StatusCode::NOT_FOUND, _)) => {
                     // An earlier build, without the route: it keeps no certificates to copy.
                     tracing::warn!(peer = %peer.id, "bootstrap: the peer cannot list certificates (an earlier kvs)");
                     return Ok(true);
@@ -177,12 +172,8 @@ impl Replication {
         cursor: Option<&(u64, String)>,
         min_ts: u64,
     ) -> Result<(Vec<String>, Option<(u64, String)>, bool), SyncError> {
-        let mut q = format!("{}?min_ts={min_ts}&limit={PAGE}", routes::NEWEST);
-        if let Some((ts, p)) = cursor {
-            q.push_str(&format!("&before_ts={ts}&before_path={}", crate::path::percent_encode(p)));
-        }
-        let answer = self.cluster.client().fetch(Method::GET, peer, &q, Bytes::new(), DATA_TIMEOUT).await?;
-        let page: Vec<Version> = serde_json::from_slice(&answer).map_err(protocol)?;
+        let q = protocol::NewestQuery { min_ts, before: cursor.cloned(), limit: PAGE };
+        let page = self.cluster.client().newest(peer, &q, DATA_TIMEOUT).await?;
         let next = page.last().map(|v| (v.timestamp, v.path.clone()));
         if let Some((ts, _)) = &next {
             self.stats.bootstrap_reached.store(*ts, Ordering::Relaxed);

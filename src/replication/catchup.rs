@@ -16,14 +16,9 @@ impl Replication {
         let mut cursor = (since.saturating_add(1), String::new());
         let mut total = 0;
         loop {
-            let q = format!(
-                "{}?after_ts={}&after_path={}&limit={PAGE}",
-                routes::SINCE,
-                cursor.0,
-                crate::path::percent_encode(&cursor.1)
-            );
+            let q = protocol::SinceQuery { after_ts: cursor.0, after_path: cursor.1.clone(), limit: PAGE };
             let lc = self.cluster.last_contact();
-            let answer = self.cluster.client().exchange(Method::GET, peer, &q, Bytes::new(), DATA_TIMEOUT, lc).await?;
+            let answer = self.cluster.client().since(peer, &q, DATA_TIMEOUT, lc).await?;
             let more = answer.more;
             let (_, decoded) = self.take_batch(peer, answer.body, answer.last_contact).await?;
             let n = decoded.framed;

@@ -97,12 +97,8 @@ impl Replication {
     pub(super) async fn fetch_and_store(&self, peer: &str, mut paths: &[String]) -> Result<usize, SyncError> {
         let mut total = 0;
         while !paths.is_empty() {
-            let body = Bytes::from(serde_json::to_vec(paths).map_err(protocol)?);
-            self.stats.sync_bytes.add(body.len() as u64);
             let lc = self.cluster.last_contact();
-            let answer =
-                self.cluster.client().exchange(Method::POST, peer, routes::FETCH, body, DATA_TIMEOUT, lc).await?;
-            self.stats.sync_bytes.add(answer.body.len() as u64);
+            let answer = self.sync_client.fetch_records(peer, paths, DATA_TIMEOUT, lc).await?;
             // A peer that does not say (an earlier build) answered every path.
             let covered = answer.covered.unwrap_or(paths.len());
             if covered == 0 || covered > paths.len() {

@@ -97,19 +97,14 @@ impl Replication {
             }
             purge::Round::Ask(addresses) => addresses,
         };
-        let body = Bytes::from(serde_json::to_vec(&candidates).unwrap_or_default());
+        let asked = Arc::new(candidates.clone());
         // Every member at once, each bounded by PURGE_CHECK_TIMEOUT.
         let mut checks = tokio::task::JoinSet::new();
         for (i, address) in addresses.iter().enumerate() {
-            let (client, address, body) = (self.cluster.client().clone(), address.clone(), body.clone());
+            let (client, address, asked) = (self.cluster.client().clone(), address.clone(), asked.clone());
             checks.spawn(async move {
-                let answer = client.post_bytes(&address, routes::PURGE_CHECK, body, PURGE_CHECK_TIMEOUT).await;
-                (
-                    i,
-                    answer
-                        .map_err(SyncError::Peer)
-                        .and_then(|b| serde_json::from_slice::<Vec<bool>>(&b).map_err(protocol)),
-                )
+                let answer = client.purge_check(&address, &asked, PURGE_CHECK_TIMEOUT).await;
+                (i, answer.map_err(SyncError::Peer))
             });
         }
         let mut answers = vec![Vec::new(); addresses.len()];

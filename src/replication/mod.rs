@@ -19,11 +19,11 @@ mod round;
 
 pub use catchup::CATCHUP_LAG_MS;
 
-use crate::antientropy::{self, FANOUT, LEAVES, Version};
+use crate::antientropy::{self, FANOUT, LEAVES};
 use crate::clock::now_ms;
 use crate::cluster::Cluster;
 use crate::hlc;
-use crate::protocol::{self, LogThrottle, PeerError, routes};
+use crate::protocol::{self, LogThrottle, PeerError};
 use crate::purge;
 use crate::record::Record;
 use crate::resolve::Resolver;
@@ -32,7 +32,6 @@ use crate::stats::Stats;
 use crate::storage::{ApplyReport, Store, StoreError, Writer, blocking};
 use crate::wire;
 use bytes::Bytes;
-use hyper::Method;
 use rand::seq::IndexedRandom;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,6 +89,9 @@ pub struct Replication {
     started: std::time::Instant,
     /// Repeated warnings about peers' records, at most one a minute per kind.
     throttle: LogThrottle,
+    /// The peer client that counts its bytes into `sync_bytes` (sync rounds, fetches,
+    /// sends).
+    sync_client: protocol::PeerClient,
 }
 
 /// Why a sync step failed.
@@ -126,18 +128,7 @@ fn protocol(e: impl std::fmt::Display) -> SyncError {
     SyncError::Peer(PeerError::Protocol(e.to_string()))
 }
 
-/// Decodes a body of big-endian u64 hashes.
-pub fn decode_hashes(b: &[u8]) -> Result<Vec<u64>, String> {
-    if !b.len().is_multiple_of(8) {
-        return Err("hash list length is not a multiple of 8".into());
-    }
-    Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect())
-}
-
-/// Encodes hashes as big-endian u64s.
-pub fn encode_hashes(h: &[u64]) -> Bytes {
-    Bytes::from(h.iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>())
-}
+pub use crate::protocol::{decode_hashes, encode_hashes};
 
 /// Sleeps for `d`, or returns false at once on shutdown.
 async fn pause(d: Duration, shutdown: &mut Shutdown) -> bool {
@@ -159,6 +150,10 @@ impl Replication {
     ) -> Replication {
         let newest_at_start = store.newest_timestamp();
         let last = cluster.last_contact();
+        let sync_client = {
+            let stats = stats.clone();
+            cluster.client().metered(move |n| stats.sync_bytes.add(n))
+        };
         Replication {
             store,
             writer,
@@ -170,6 +165,7 @@ impl Replication {
             resolver,
             started: std::time::Instant::now(),
             throttle: LogThrottle::default(),
+            sync_client,
         }
     }
 

@@ -11,19 +11,14 @@ const LEAF_CHUNK: usize = 1_024;
 impl Replication {
     /// One regular sync round with `peer`; returns (fetched, sent).
     pub async fn sync_with(&self, peer: &str) -> Result<(usize, usize), SyncError> {
-        let client = self.cluster.client();
-        let theirs = client.fetch(Method::GET, peer, routes::LEVEL1, Bytes::new(), DATA_TIMEOUT).await?;
-        self.stats.sync_bytes.add(theirs.len() as u64);
-        let tops = antientropy::differing(&self.store.level1(), &decode_hashes(&theirs).map_err(protocol)?);
+        let client = &self.sync_client;
+        let theirs = client.level1(peer, DATA_TIMEOUT).await?;
+        let tops = antientropy::differing(&self.store.level1(), &theirs);
         if tops.is_empty() {
             return Ok((0, 0));
         }
-        let body = Bytes::from(serde_json::to_vec(&tops).map_err(protocol)?);
-        self.stats.sync_bytes.add(body.len() as u64);
-        let theirs = client.post_bytes(peer, routes::LEAVES, body, DATA_TIMEOUT).await?;
-        self.stats.sync_bytes.add(theirs.len() as u64);
+        let theirs = client.leaves(peer, &tops, DATA_TIMEOUT).await?;
         let per = LEAVES / FANOUT;
-        let theirs = decode_hashes(&theirs).map_err(protocol)?;
         if theirs.len() != tops.len() * per {
             return Err(protocol("wrong number of leaf hashes"));
         }
@@ -34,11 +29,7 @@ impl Replication {
             .collect();
         let (mut fetched, mut sent) = (0, 0);
         for chunk in leaves.chunks(LEAF_CHUNK) {
-            let body = Bytes::from(serde_json::to_vec(chunk).map_err(protocol)?);
-            self.stats.sync_bytes.add(body.len() as u64);
-            let answer = client.post_bytes(peer, routes::VERSIONS, body, DATA_TIMEOUT).await?;
-            self.stats.sync_bytes.add(answer.len() as u64);
-            let theirs: Vec<Version> = serde_json::from_slice(&answer).map_err(protocol)?;
+            let theirs = client.versions(peer, chunk, DATA_TIMEOUT).await?;
             let store = self.store.clone();
             let chunk = chunk.to_vec();
             let mine = blocking(move || store.versions_in_leaves(&chunk)).await?;
@@ -115,9 +106,8 @@ impl Replication {
                 continue;
             }
             let body = wire::encode(records.iter().map(|(p, r)| (p.as_str(), r)));
-            self.stats.sync_bytes.add(body.len() as u64);
             let lc = self.cluster.last_contact();
-            self.cluster.client().exchange(Method::POST, peer, routes::PUSH, body, DATA_TIMEOUT, lc).await?;
+            self.sync_client.push(peer, body, DATA_TIMEOUT, lc).await?;
             sent += records.len();
         }
         Ok(sent)
