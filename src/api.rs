@@ -46,6 +46,8 @@ pub enum ApiError {
     BadRequest(String),
     /// The node refuses writes (403).
     ReadOnly,
+    /// A node-to-node request without a valid cluster key signature (401).
+    Unauthorized(String),
     /// The request conflicts with the cluster's state, e.g. a duplicate `node_id` (409).
     Conflict(String),
     /// No such key or route (404).
@@ -75,6 +77,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ReadOnly => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -93,7 +96,7 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            ApiError::BadRequest(m) | ApiError::Conflict(m) => m.clone(),
+            ApiError::BadRequest(m) | ApiError::Conflict(m) | ApiError::Unauthorized(m) => m.clone(),
             ApiError::ReadOnly => "this node is read-only".into(),
             ApiError::NotFound(what) => format!("{what} not found"),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; allowed: {allow}"),

@@ -104,6 +104,8 @@ pub struct Cluster {
     /// Member entries from peers that failed [`membership::check_info`] or exceeded
     /// [`membership::MAX_MEMBERS`].
     refused_members: AtomicU64,
+    /// Node-to-node requests refused for their cluster key signature.
+    auth_refused: AtomicU64,
     /// One warning a minute per kind of refused news.
     refusals: LogThrottle,
     /// Reads this node's newest write and purge horizon for gossip.
@@ -155,6 +157,7 @@ impl Cluster {
             rounds: AtomicU64::new(0),
             freshness: Mutex::new(freshness),
             refused_members: AtomicU64::new(0),
+            auth_refused: AtomicU64::new(0),
             refusals: LogThrottle::default(),
             data_facts,
             clock,
@@ -403,6 +406,16 @@ impl Cluster {
         self.refused_members.load(Ordering::Relaxed)
     }
 
+    /// Counts a node-to-node request refused for its cluster key signature.
+    pub fn note_auth_refused(&self) {
+        self.auth_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Node-to-node requests refused for their cluster key signature since start.
+    pub fn auth_refused(&self) -> u64 {
+        self.auth_refused.load(Ordering::Relaxed)
+    }
+
     fn take_news(&self, members: Vec<MemberInfo>, via: &str) {
         let members = self.admit(members, via);
         let now = self.now();
@@ -516,6 +529,17 @@ impl Cluster {
                             .and_then(|v| v["error"].as_str().map(str::to_string))
                             .unwrap_or(body);
                         return Err(JoinRefused(reason));
+                    }
+                    Err(PeerError::Status(hyper::StatusCode::UNAUTHORIZED, body)) => {
+                        // A wrong or missing cluster key: said once a minute per seed,
+                        // retried with the usual backoff (a key fixed on either side).
+                        if self.refusals.allow(&format!("join refused {seed}")) {
+                            tracing::error!(
+                                seed = %seed,
+                                answer = %body,
+                                "the seed refused this node's cluster key (cluster_key_file); retrying"
+                            );
+                        }
                     }
                     Err(e) => tracing::warn!(seed = %seed, error = %e, "seed did not answer the join"),
                 }

@@ -121,6 +121,7 @@ struct RawConfig {
     max_clock_offset_ms: u64,
     storage_stall_timeout: f64,
     trusted_proxies: Vec<String>,
+    cluster_key_file: Option<PathBuf>,
 }
 
 impl Default for RawConfig {
@@ -149,6 +150,7 @@ impl Default for RawConfig {
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
             storage_stall_timeout: 10.0,
             trusted_proxies: Vec::new(),
+            cluster_key_file: None,
         }
     }
 }
@@ -206,6 +208,9 @@ pub struct Config {
     pub storage_stall_timeout: Duration,
     /// Proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` headers are believed.
     pub trusted_proxies: Vec<IpAddr>,
+    /// The cluster keys (`cluster_key_file`, read at start): node-to-node requests
+    /// are signed with the first and accepted under any; `None`: unsigned.
+    pub cluster_keys: Option<crate::auth::ClusterKeys>,
 }
 
 /// Why a config could not be used. Displayed as one line naming the key.
@@ -439,6 +444,12 @@ impl RawConfig {
                 ),
             );
         }
+        let cluster_keys = match &self.cluster_key_file {
+            Some(f) => {
+                Some(crate::auth::ClusterKeys::load(&base.join(f)).or_else(|m| field_err("cluster_key_file", m))?)
+            }
+            None => None,
+        };
         let trusted_proxies = self
             .trusted_proxies
             .iter()
@@ -508,6 +519,7 @@ impl RawConfig {
             max_clock_offset_ms: self.max_clock_offset_ms,
             storage_stall_timeout,
             trusted_proxies,
+            cluster_keys,
         })
     }
 }
@@ -574,6 +586,11 @@ max_clock_offset_ms: 500
 storage_stall_timeout: 10
 # IP addresses of reverse proxies whose X-Forwarded-For/-Proto headers are believed.
 trusted_proxies: []
+# File of cluster keys (base64, one a line; make one with `kvs keygen`); a relative
+# path is resolved against this file's directory. When set, every node-to-node
+# request is signed with the first key and accepted only under one of them (others
+# get 401), so only holders of a key can join, gossip or exchange data. null: off.
+cluster_key_file: null
 "#;
 
 #[cfg(test)]

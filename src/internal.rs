@@ -36,8 +36,12 @@ pub fn is_internal(path: &str) -> bool {
 }
 
 /// Serves one node-to-node request.
-pub async fn route<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<HttpResponse, ApiError> {
+pub async fn route<B: ReadBody>(app: &Arc<App>, mut req: Request<B>) -> Result<HttpResponse, ApiError> {
     check_wire_version(&req)?;
+    if let Some(keys) = &app.config.cluster_keys {
+        let digest = check_signature(app, keys, &req)?;
+        req.extensions_mut().insert(SignedDigest(digest));
+    }
     let post = req.method() == Method::POST;
     match req.uri().path() {
         routes::JOIN if post => {
@@ -87,6 +91,38 @@ fn check_wire_version<B>(req: &Request<B>) -> Result<(), ApiError> {
         tracing::error!(route = req.uri().path(), "{msg}");
     }
     Err(ApiError::BadRequest(msg))
+}
+
+/// The body digest a request's verified signature covers: its body must match.
+#[derive(Clone)]
+struct SignedDigest(String);
+
+/// Refuses a node-to-node request without a valid cluster key signature (before its
+/// body is read); returns the body digest the signature covers.
+fn check_signature<B>(app: &App, keys: &crate::auth::ClusterKeys, req: &Request<B>) -> Result<String, ApiError> {
+    static REFUSALS: std::sync::OnceLock<LogThrottle> = std::sync::OnceLock::new();
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let headers =
+        (header(crate::auth::TIME_HEADER), header(crate::auth::DIGEST_HEADER), header(crate::auth::SIGNATURE_HEADER));
+    let path = req.uri().path_and_query().map_or(req.uri().path(), |p| p.as_str());
+    keys.verify(req.method().as_str(), path, headers, crate::clock::now_ms()).map_err(|refusal| {
+        app.cluster.note_auth_refused();
+        if REFUSALS.get_or_init(LogThrottle::default).allow(&format!("{refusal:?}")) {
+            tracing::warn!(route = req.uri().path(), reason = %refusal, "refused a node-to-node request (cluster key)");
+        }
+        ApiError::Unauthorized(refusal.to_string())
+    })
+}
+
+/// Checks a body against the digest its request's signature covers (when the cluster
+/// key is on).
+async fn check_digest(signed: Option<SignedDigest>, body: &Bytes) -> Result<(), ApiError> {
+    match signed {
+        Some(SignedDigest(d)) if crate::auth::digest_off_thread(body.clone()).await != d => {
+            Err(ApiError::BadRequest("the body does not match the digest its signature covers".into()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The replication endpoints (see [`crate::replication`]).
@@ -248,11 +284,16 @@ static CONTROL_BUDGET: Semaphore = Semaphore::const_new(protocol::CONTROL_BODY_B
 /// Reads a record batch of at most [`protocol::MAX_BODY_BYTES`] within
 /// [`protocol::INBOUND_BODY_BUDGET`] (see [`read_body_within`]).
 async fn read_peer_body<B: ReadBody>(req: Request<B>) -> Result<(Bytes, SemaphorePermit<'static>), ApiError> {
-    read_body_within(req, protocol::MAX_BODY_BYTES, &BODY_BUDGET).await
+    let signed = req.extensions().get::<SignedDigest>().cloned();
+    let (body, permit) = read_body_within(req, protocol::MAX_BODY_BYTES, &BODY_BUDGET).await?;
+    check_digest(signed, &body).await?;
+    Ok((body, permit))
 }
 
 /// Reads and decodes a node-to-node JSON body.
 async fn read_json<T: serde::de::DeserializeOwned, B: ReadBody>(req: Request<B>) -> Result<T, ApiError> {
+    let signed = req.extensions().get::<SignedDigest>().cloned();
     let (body, _permit) = read_body_within(req, protocol::MAX_CONTROL_BYTES, &CONTROL_BUDGET).await?;
+    check_digest(signed, &body).await?;
     serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
 }

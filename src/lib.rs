@@ -18,6 +18,8 @@
 //! - [`protocol`]: the node-to-node protocol: its routes, headers, limits, and the
 //!   client for node-to-node calls (a timeout on each) over a `PeerTransport`: pooled
 //!   HTTP in a running node.
+//! - [`auth`]: cluster keys: signing and verifying node-to-node requests
+//!   (HMAC-SHA256), no I/O beyond reading the key file.
 //! - [`antientropy`]: the replication rules (hash summary, diff plan, stale rule), no I/O.
 //! - [`wire`]: the binary record batches nodes exchange.
 //! - [`purge`]: when a tombstone may be purged (every member confirmed), no I/O.
@@ -71,6 +73,7 @@
 
 pub mod antientropy;
 pub mod api;
+pub mod auth;
 pub mod clock;
 pub mod cluster;
 pub mod config;

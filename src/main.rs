@@ -5,7 +5,7 @@ use kvs::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: kvs [CONFIG_PATH]   (default: config.yaml; created with defaults when missing)";
+const USAGE: &str = "usage: kvs [CONFIG_PATH]   (default: config.yaml; created with defaults when missing)\n       kvs keygen        (print a new cluster key for cluster_key_file)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
@@ -13,6 +13,11 @@ fn main() -> ExitCode {
         (None, _) => PathBuf::from("config.yaml"),
         (Some(a), None) if a == "-h" || a == "--help" => {
             println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        (Some(a), None) if a == "keygen" => {
+            // A new cluster key, for cluster_key_file (README "Security").
+            println!("{}", kvs::auth::ClusterKeys::generate());
             return ExitCode::SUCCESS;
         }
         (Some(a), None) if a == "-V" || a == "--version" => {

@@ -170,6 +170,12 @@ impl Collector for NodeCollector {
             "Records from peers skipped because they fail this node's checks (key, max_value_bytes, JSON)",
             s.refused_records.get(),
         )?;
+        counter(
+            &mut e,
+            "cluster_auth_refused",
+            "Node-to-node requests refused for a missing or wrong cluster key signature",
+            self.cluster.auth_refused(),
+        )?;
         let clock = self.cluster.clock_status();
         gauge(
             &mut e,

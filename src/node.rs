@@ -79,6 +79,7 @@ impl App {
             "member_count": self.cluster.alive_count(),
             "gossip_rounds": self.cluster.gossip_rounds(),
             "refused_member_entries": self.cluster.refused_members(),
+            "cluster_auth_refused": self.cluster.auth_refused(),
             "node_id": self.config.node_id,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs(),
@@ -290,7 +291,8 @@ async fn serve(
     let client = match embedding.transport {
         Some(make) => PeerClient::over(make(&advertise)),
         None => PeerClient::new(),
-    };
+    }
+    .signed(config.cluster_keys.clone());
     let me = MemberInfo {
         id: config.node_id.clone(),
         uid: id.uid,

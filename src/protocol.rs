@@ -237,6 +237,8 @@ pub struct PeerClient {
     wire_refusals: std::sync::Arc<LogThrottle>,
     /// Told the body bytes of each call, both ways (see [`PeerClient::metered`]).
     meter: Option<std::sync::Arc<dyn Fn(u64) + Send + Sync>>,
+    /// Signs every request ([`crate::auth`]); `None`: unsigned.
+    keys: Option<std::sync::Arc<crate::auth::ClusterKeys>>,
 }
 
 impl Default for PeerClient {
@@ -253,7 +255,12 @@ impl PeerClient {
 
     /// A client over any transport.
     pub fn over(transport: std::sync::Arc<dyn PeerTransport>) -> PeerClient {
-        PeerClient { transport, wire_refusals: Default::default(), meter: None }
+        PeerClient { transport, wire_refusals: Default::default(), meter: None, keys: None }
+    }
+
+    /// The same client, signing every request with the cluster keys.
+    pub fn signed(self, keys: Option<crate::auth::ClusterKeys>) -> PeerClient {
+        PeerClient { keys: keys.map(std::sync::Arc::new), ..self }
     }
 
     /// The same client, telling `meter` the body bytes (request and answer) of every
@@ -299,6 +306,14 @@ impl PeerClient {
         timeout: Duration,
         last_contact: Option<u64>,
     ) -> Result<(StatusCode, Answer, Bytes), PeerError> {
+        let signature = match &self.keys {
+            Some(keys) => {
+                let digest = crate::auth::digest_off_thread(body.clone()).await;
+                let time = crate::clock::now_ms();
+                Some((time, keys.sign(method.as_str(), path_and_query, time, &digest), digest))
+            }
+            None => None,
+        };
         let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path_and_query}"))
@@ -307,6 +322,12 @@ impl PeerClient {
             .header(WIRE_HEADER, WIRE_VERSION);
         if let Some(lc) = last_contact {
             req = req.header(LAST_CONTACT_HEADER, lc);
+        }
+        if let Some((time, signature, digest)) = signature {
+            req = req
+                .header(crate::auth::TIME_HEADER, time)
+                .header(crate::auth::DIGEST_HEADER, digest)
+                .header(crate::auth::SIGNATURE_HEADER, signature);
         }
         let sent = body.len() as u64;
         let req = req.body(body).map_err(|e| PeerError::Protocol(e.to_string()))?;

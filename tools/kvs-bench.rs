@@ -443,9 +443,20 @@ impl Bench {
         Ok(())
     }
 
+    /// Push lag, without and with a cluster key (every node-to-node request signed
+    /// and verified).
     async fn lag(&mut self) -> Res<()> {
-        let dir = self.tmp.path().join("lag");
-        let cluster = "gossip_interval_min: 0.2\ngossip_interval_max: 0.4\nfailure_timeout: 3\nremoval_timeout: 6\n";
+        self.lag_with("lag 3 nodes", "lag", "").await?;
+        let key = self.tmp.path().join("cluster.key");
+        std::fs::write(&key, kvs::auth::ClusterKeys::generate() + "\n")?;
+        self.lag_with("lag 3 nodes, cluster key", "lag-key", &format!("cluster_key_file: {}\n", key.display())).await
+    }
+
+    async fn lag_with(&mut self, name: &str, sub: &str, extra: &str) -> Res<()> {
+        let dir = self.tmp.path().join(sub);
+        let cluster = format!(
+            "gossip_interval_min: 0.2\ngossip_interval_max: 0.4\nfailure_timeout: 3\nremoval_timeout: 6\n{extra}"
+        );
         let (a, _) = start_kvs(&dir.join("a"), &format!("node_id: a\n{cluster}"))?;
         let (b, _) = start_kvs(&dir.join("b"), &format!("node_id: b\nseed_nodes: [\"{}\"]\n{cluster}", a.addr))?;
         let (c, _) = start_kvs(&dir.join("c"), &format!("node_id: c\nseed_nodes: [\"{}\"]\n{cluster}", a.addr))?;
@@ -485,7 +496,7 @@ impl Bench {
         lags.sort_unstable();
         let l = Load { ops: lags.len() as u64, secs: 1.0, lat_us: lags, errors: 0 };
         self.record(
-            "lag 3 nodes",
+            name,
             json!({"writes": l.ops, "p50_ms": l.pct(0.5), "p99_ms": l.pct(0.99), "max_ms": l.pct(1.0)}),
         );
         Ok(())
