@@ -32,6 +32,8 @@ const DEFAULT_LIST_LIMIT: usize = 1000;
 const MAX_LIST_LIMIT: usize = 10_000;
 /// Header carrying a version's timestamp in Unix ms (the uuid goes in `ETag`).
 pub const TIMESTAMP_HEADER: &str = "x-kvs-timestamp";
+/// Answer header of a listing that left out keys the token cannot read.
+pub const FILTERED_HEADER: &str = "x-kvs-filtered";
 /// Header carrying a version's full HLC timestamp ([`crate::hlc`]), for comparing two
 /// versions exactly.
 pub const VERSION_HEADER: &str = "x-kvs-version";
@@ -48,6 +50,10 @@ pub enum ApiError {
     ReadOnly,
     /// A node-to-node request without a valid cluster key signature (401).
     Unauthorized(String),
+    /// A client request without a valid token (401, `WWW-Authenticate: Bearer`).
+    NoToken(crate::acl::Unauthenticated),
+    /// The token's rules do not allow this (403).
+    Forbidden(String),
     /// The request conflicts with the cluster's state, e.g. a duplicate `node_id` (409).
     Conflict(String),
     /// No such key or route (404).
@@ -77,7 +83,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ReadOnly => StatusCode::FORBIDDEN,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(_) | ApiError::NoToken(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -96,7 +103,10 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            ApiError::BadRequest(m) | ApiError::Conflict(m) | ApiError::Unauthorized(m) => m.clone(),
+            ApiError::BadRequest(m) | ApiError::Conflict(m) | ApiError::Unauthorized(m) | ApiError::Forbidden(m) => {
+                m.clone()
+            }
+            ApiError::NoToken(why) => why.to_string(),
             ApiError::ReadOnly => "this node is read-only".into(),
             ApiError::NotFound(what) => format!("{what} not found"),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; allowed: {allow}"),
@@ -124,6 +134,9 @@ impl ApiError {
     /// The JSON error response.
     pub fn into_response(self) -> HttpResponse {
         let mut resp = json_response(self.status(), &json!({ "error": self.message() }));
+        if let ApiError::NoToken(_) = self {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let ApiError::MethodNotAllowed(allow) = self {
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         }
@@ -248,22 +261,35 @@ fn header_bytes(req: &Request<Incoming>) -> usize {
 
 async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let path = req.uri().path();
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    // Node-to-node routes answer to the cluster key, never to client tokens.
+    if crate::internal::is_internal(path) {
+        return crate::internal::route(app, req).await;
+    }
+    let open = read && (path == "/health" || (path == "/metrics" && app.config.metrics_public));
+    let caller = match &app.acl {
+        Some(acl) if !open => Some(authenticate(acl, &req).await?),
+        _ => None,
+    };
+    let caller = caller.as_ref();
     if let Some(raw_key) = path.strip_prefix("/kv/") {
         let raw_key = raw_key.to_string();
         return match *req.method() {
-            Method::GET | Method::HEAD => get_kv(app, &raw_key, req.uri().query()).await,
-            Method::PUT => put_kv(app, &raw_key, req).await,
-            Method::DELETE => delete_kv(app, &raw_key, req.uri().query()).await,
+            Method::GET | Method::HEAD => get_kv(app, caller, &raw_key, req.uri().query()).await,
+            Method::PUT => put_kv(app, caller, &raw_key, req).await,
+            Method::DELETE => delete_kv(app, caller, &raw_key, req.uri().query()).await,
             _ => Err(ApiError::MethodNotAllowed(KV_METHODS)),
         };
     }
-    let read = matches!(*req.method(), Method::GET | Method::HEAD);
-    if crate::internal::is_internal(path) {
-        return crate::internal::route(app, req).await;
+    if path == "/acl" || path.starts_with("/acl/") {
+        return crate::acl_api::route(app, caller, req).await;
     }
     match path {
         "/health" if read => Ok(json_response(StatusCode::OK, &app.health())),
         "/metrics" if read => {
+            if caller.is_some_and(|c| !c.has_any_rule()) {
+                return Err(ApiError::Forbidden("/metrics needs a token with at least one rule".into()));
+            }
             let mut resp = Response::new(Full::new(Bytes::from(app.metrics.render())));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -289,6 +315,52 @@ impl<B> ReadBody for B where
 {
 }
 
+/// The caller a request's token names (client auth on), the token cache reloaded
+/// first when storage says tokens changed.
+async fn authenticate<B>(acl: &Arc<crate::acl::Acl>, req: &Request<B>) -> Result<crate::acl::Caller, ApiError> {
+    let refuse = |why| {
+        acl.note_refused();
+        ApiError::NoToken(why)
+    };
+    let secret = crate::acl::bearer(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())).map_err(refuse)?;
+    loop {
+        if let Some(caller) = acl.caller(secret, crate::clock::now_ms()) {
+            return caller.map_err(refuse);
+        }
+        // Tokens changed since the cache was loaded: reload (a prefix scan) off the
+        // async workers, then look again.
+        let acl = acl.clone();
+        blocking(move || acl.reload()).await?;
+    }
+}
+
+/// Refuses (403) a caller whose rules give `key` less than `need`; passes everyone
+/// while client auth is off.
+pub(crate) fn allow(
+    app: &App,
+    caller: Option<&crate::acl::Caller>,
+    key: &str,
+    need: crate::acl::Access,
+) -> Result<(), ApiError> {
+    match caller {
+        Some(c) if c.access(key) < need => {
+            if let Some(acl) = &app.acl {
+                acl.note_refused();
+            }
+            Err(ApiError::Forbidden(format!("this token may not {} {key:?}", need_verb(need))))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn need_verb(need: crate::acl::Access) -> &'static str {
+    match need {
+        crate::acl::Access::Read | crate::acl::Access::Deny => "read",
+        crate::acl::Access::Write => "write",
+        crate::acl::Access::Admin => "administer",
+    }
+}
+
 /// Reads a whole body of at most `max` bytes within [`BODY_READ_TIMEOUT`].
 pub(crate) async fn read_body<B: ReadBody>(req: Request<B>, max: u64) -> Result<Bytes, ApiError> {
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -308,7 +380,7 @@ pub(crate) async fn read_body<B: ReadBody>(req: Request<B>, max: u64) -> Result<
 /// connections each sending a value of the largest size, the bodies would otherwise
 /// need tens of GiB.
 pub const CLIENT_BODY_BUDGET: usize = 256 * 1024 * 1024;
-static CLIENT_BUDGET: Semaphore = Semaphore::const_new(CLIENT_BODY_BUDGET / 1024);
+pub(crate) static CLIENT_BUDGET: Semaphore = Semaphore::const_new(CLIENT_BODY_BUDGET / 1024);
 
 /// Reads a body of at most `max` bytes while holding its share of `budget` (KiB
 /// permits; the declared length, or `max` when none is declared) until the returned
@@ -354,7 +426,7 @@ fn refuse_query(query: Option<&str>) -> Result<(), ApiError> {
 }
 
 /// Client writes need a writable node that is not bootstrapping.
-fn check_writable(app: &App) -> Result<(), ApiError> {
+pub(crate) fn check_writable(app: &App) -> Result<(), ApiError> {
     if app.config.read_only {
         return Err(ApiError::ReadOnly);
     }
@@ -380,15 +452,21 @@ fn key(raw: &str) -> Result<String, ApiError> {
     parse_key(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-async fn get_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result<HttpResponse, ApiError> {
+async fn get_kv(
+    app: &Arc<App>,
+    caller: Option<&crate::acl::Caller>,
+    raw_key: &str,
+    query: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
     let params = parse_query(query)?;
     if params.iter().any(|(k, _)| k == "keys") {
-        return list_keys(app, raw_key, params).await;
+        return list_keys(app, caller, raw_key, params).await;
     }
     if let Some((k, _)) = params.first() {
         return Err(ApiError::BadRequest(format!("unexpected query parameter {k:?}")));
     }
     let path = key(raw_key)?;
+    allow(app, caller, &path, crate::acl::Access::Read)?;
     // A point read runs inline: fjall throttles writers, never readers, and a read is
     // one bounded lookup. The handoff to the blocking pool cost more than the read
     // itself (see BENCHMARKS.md). Scans (listing, sync) still run on the blocking pool.
@@ -406,7 +484,12 @@ async fn get_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result<Ht
     Ok(resp)
 }
 
-async fn list_keys(app: &Arc<App>, raw_prefix: &str, params: Vec<(String, String)>) -> Result<HttpResponse, ApiError> {
+async fn list_keys(
+    app: &Arc<App>,
+    caller: Option<&crate::acl::Caller>,
+    raw_prefix: &str,
+    params: Vec<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let prefix = if raw_prefix.is_empty() { None } else { Some(key(raw_prefix)?) };
     let mut limit = DEFAULT_LIST_LIMIT;
     let mut after = None;
@@ -425,13 +508,29 @@ async fn list_keys(app: &Arc<App>, raw_prefix: &str, params: Vec<(String, String
         }
     }
     let store = app.store.clone();
-    let page = blocking(move || store.list_keys(prefix.as_deref(), after.as_deref(), limit)).await?;
-    Ok(json_response(StatusCode::OK, &json!({ "keys": page.keys, "next": page.next })))
+    let mut page = blocking(move || store.list_keys(prefix.as_deref(), after.as_deref(), limit)).await?;
+    // Keys the token cannot read are left out, and the answer says so; `next` still
+    // follows the scan, so paging goes on past them.
+    let listed = page.keys.len();
+    if let Some(c) = caller {
+        page.keys.retain(|k| c.access(k) >= crate::acl::Access::Read);
+    }
+    let mut resp = json_response(StatusCode::OK, &json!({ "keys": page.keys, "next": page.next }));
+    if page.keys.len() < listed {
+        resp.headers_mut().insert(FILTERED_HEADER, HeaderValue::from_static("true"));
+    }
+    Ok(resp)
 }
 
-async fn put_kv(app: &Arc<App>, raw_key: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+async fn put_kv(
+    app: &Arc<App>,
+    caller: Option<&crate::acl::Caller>,
+    raw_key: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     refuse_query(req.uri().query())?;
     let path = key(raw_key)?;
+    allow(app, caller, &path, crate::acl::Access::Write)?;
     check_writable(app)?;
     let (body, _permit) = read_body_within(req, app.config.max_value_bytes, &CLIENT_BUDGET).await?;
     check_json(body.clone()).await?;
@@ -440,9 +539,15 @@ async fn put_kv(app: &Arc<App>, raw_key: &str, req: Request<Incoming>) -> Result
     Ok(json_response(StatusCode::OK, &written_json(&written)))
 }
 
-async fn delete_kv(app: &Arc<App>, raw_key: &str, query: Option<&str>) -> Result<HttpResponse, ApiError> {
+async fn delete_kv(
+    app: &Arc<App>,
+    caller: Option<&crate::acl::Caller>,
+    raw_key: &str,
+    query: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
     refuse_query(query)?;
     let path = key(raw_key)?;
+    allow(app, caller, &path, crate::acl::Access::Write)?;
     check_writable(app)?;
     let written = app.writer.delete(path.clone()).await?;
     app.pusher.enqueue(path, Record::tombstone(written.timestamp, written.uuid));

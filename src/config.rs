@@ -122,6 +122,9 @@ struct RawConfig {
     storage_stall_timeout: f64,
     trusted_proxies: Vec<String>,
     cluster_key_file: Option<PathBuf>,
+    client_auth: bool,
+    management_token_file: Option<PathBuf>,
+    metrics_public: bool,
 }
 
 impl Default for RawConfig {
@@ -151,6 +154,9 @@ impl Default for RawConfig {
             storage_stall_timeout: 10.0,
             trusted_proxies: Vec::new(),
             cluster_key_file: None,
+            client_auth: false,
+            management_token_file: None,
+            metrics_public: false,
         }
     }
 }
@@ -211,6 +217,21 @@ pub struct Config {
     /// The cluster keys (`cluster_key_file`, read at start): node-to-node requests
     /// are signed with the first and accepted under any; `None`: unsigned.
     pub cluster_keys: Option<crate::auth::ClusterKeys>,
+    /// With `client_auth: true`, the management token (`management_token_file`, read
+    /// at start): every client request needs a token then. `None`: client auth off.
+    pub management_token: Option<Secret>,
+    /// Whether `GET /metrics` is open without a token when client auth is on.
+    pub metrics_public: bool,
+}
+
+/// A secret read from a file; its `Debug` hides it (a config is logged at start).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
 }
 
 /// Why a config could not be used. Displayed as one line naming the key.
@@ -450,6 +471,20 @@ impl RawConfig {
             }
             None => None,
         };
+        let management_token = match (self.client_auth, &self.management_token_file) {
+            (false, _) => None,
+            (true, None) => {
+                return field_err("management_token_file", "client_auth: true needs a management token file");
+            }
+            (true, Some(f)) => {
+                let path = base.join(f);
+                let text = std::fs::read_to_string(&path)
+                    .or_else(|e| field_err("management_token_file", format!("cannot read {}: {e}", path.display())))?;
+                let token = crate::acl::management_token(&text)
+                    .or_else(|m| field_err("management_token_file", format!("{}: {m}", path.display())))?;
+                Some(Secret(token))
+            }
+        };
         let trusted_proxies = self
             .trusted_proxies
             .iter()
@@ -520,6 +555,8 @@ impl RawConfig {
             storage_stall_timeout,
             trusted_proxies,
             cluster_keys,
+            management_token,
+            metrics_public: self.metrics_public,
         })
     }
 }
@@ -591,6 +628,15 @@ trusted_proxies: []
 # request is signed with the first key and accepted only under one of them (others
 # get 401), so only holders of a key can join, gossip or exchange data. null: off.
 cluster_key_file: null
+# true: every client request but GET /health needs a token (Authorization: Bearer);
+# tokens are made through /acl/tokens with the management token (README "Security").
+client_auth: false
+# File holding the management token (printable, 32 bytes or more), which can do
+# everything; required with client_auth: true. A relative path is resolved against
+# this file's directory.
+management_token_file: null
+# true: GET /metrics answers without a token even with client_auth: true.
+metrics_public: false
 "#;
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use crate::api::{
 use crate::cluster::JoinError;
 use crate::membership::MemberInfo;
 use crate::node::App;
-use crate::path::validate_key;
+use crate::path::validate_stored_key;
 use crate::protocol::GossipMessage;
 use crate::protocol::encode_hashes;
 use crate::protocol::{self, LAST_CONTACT_HEADER, LogThrottle, WIRE_VERSION, routes, wire_version};
@@ -159,7 +159,7 @@ async fn internal_data<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<H
                 return Err(ApiError::BadRequest(format!("at most {} paths per vote", protocol::MAX_PATHS)));
             }
             for p in &req.paths {
-                validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
+                validate_stored_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
             }
             let held = blocking(move || held(&store, &req.paths)).await?;
             Ok(json_response(StatusCode::OK, &json!(VoteAnswer { held })))
@@ -173,7 +173,7 @@ async fn internal_data<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<H
                 )));
             }
             for (p, _, _) in &tombstones {
-                validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
+                validate_stored_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
             }
             // An honest purger asks only about tombstones past the grace period (by its
             // clock, at most 2.5 bounds ahead of ours). A later timestamp is answered
@@ -209,7 +209,7 @@ async fn internal_data<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<H
                 return Err(ApiError::BadRequest(format!("at most {} paths per fetch", protocol::MAX_PATHS)));
             }
             for p in &paths {
-                validate_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
+                validate_stored_key(p).map_err(|e| ApiError::BadRequest(format!("path {p:?}: {e}")))?;
             }
             let (records, covered) = blocking(move || store.records_within(&paths, protocol::MAX_BATCH_BYTES)).await?;
             let mut resp = records_response(app, &records);

@@ -18,6 +18,8 @@
 //! - [`protocol`]: the node-to-node protocol: its routes, headers, limits, and the
 //!   client for node-to-node calls (a timeout on each) over a `PeerTransport`: pooled
 //!   HTTP in a running node.
+//! - [`acl`]: client tokens: rules (longest prefix), the token cache, tokens as
+//!   replicated records under a reserved prefix.
 //! - [`auth`]: cluster keys: signing and verifying node-to-node requests
 //!   (HMAC-SHA256), no I/O beyond reading the key file.
 //! - [`antientropy`]: the replication rules (hash summary, diff plan, stale rule), no I/O.
@@ -71,6 +73,8 @@
 #![recursion_limit = "256"]
 #![deny(missing_docs)]
 
+pub mod acl;
+pub mod acl_api;
 pub mod antientropy;
 pub mod api;
 pub mod auth;

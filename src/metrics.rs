@@ -93,6 +93,8 @@ pub struct NodeCollector {
     pub stats: Arc<Stats>,
     /// Push queue depth.
     pub pusher: Pusher,
+    /// Client token refusals (client auth on).
+    pub acl: Option<Arc<crate::acl::Acl>>,
 }
 
 impl std::fmt::Debug for NodeCollector {
@@ -175,6 +177,12 @@ impl Collector for NodeCollector {
             "cluster_auth_refused",
             "Node-to-node requests refused for a missing or wrong cluster key signature",
             self.cluster.auth_refused(),
+        )?;
+        counter(
+            &mut e,
+            "client_auth_refused",
+            "Client requests refused for a missing, unknown or expired token (401) or its rules (403)",
+            self.acl.as_ref().map_or(0, |a| a.refused.load(std::sync::atomic::Ordering::Relaxed)),
         )?;
         let clock = self.cluster.clock_status();
         gauge(

@@ -60,6 +60,8 @@ pub struct App {
     pub metrics: Metrics,
     /// When this process started.
     pub started: Instant,
+    /// Client tokens; `None` while `client_auth` is off.
+    pub acl: Option<Arc<crate::acl::Acl>>,
 }
 
 impl App {
@@ -80,6 +82,7 @@ impl App {
             "gossip_rounds": self.cluster.gossip_rounds(),
             "refused_member_entries": self.cluster.refused_members(),
             "cluster_auth_refused": self.cluster.auth_refused(),
+            "client_auth_refused": self.acl.as_ref().map_or(0, |a| a.refused.load(std::sync::atomic::Ordering::Relaxed)),
             "node_id": self.config.node_id,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs(),
@@ -362,11 +365,13 @@ async fn serve(
         pusher: pusher.clone(),
         stats: stats.clone(),
     };
+    let app_acl = config.management_token.as_ref().map(|t| Arc::new(crate::acl::Acl::new(store.clone(), &t.0)));
     let metrics = Metrics::new(NodeCollector {
         store: store.clone(),
         cluster: cluster.clone(),
         stats: stats.clone(),
         pusher: pusher.clone(),
+        acl: app_acl.clone(),
     });
     let app = Arc::new(App {
         config,
@@ -377,6 +382,7 @@ async fn serve(
         replication: replication.clone(),
         metrics,
         started: Instant::now(),
+        acl: app_acl,
     });
     let (trigger, shutdown) = shutdown::channel();
     // The server and the pusher stop first, in that order (see the stop order below).

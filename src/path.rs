@@ -58,6 +58,21 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
+/// Prefix of the keys kvs keeps for itself (tokens, [`crate::acl`]): a `.` segment,
+/// which no client key can have, so `/kv` never reads or writes them.
+pub const RESERVED_PREFIX: &str = "./";
+
+/// Whether a stored key is one of kvs's own.
+pub fn is_reserved(key: &str) -> bool {
+    key.starts_with(RESERVED_PREFIX)
+}
+
+/// Checks a key held in storage or sent by a peer: a client key, or a reserved key
+/// whose rest is one.
+pub fn validate_stored_key(key: &str) -> Result<(), KeyError> {
+    validate_key(key.strip_prefix(RESERVED_PREFIX).unwrap_or(key))
+}
+
 /// Checks a decoded key against the key rules.
 pub fn validate_key(key: &str) -> Result<(), KeyError> {
     if key.is_empty() {

@@ -13,7 +13,7 @@
 //! can be trusted.
 
 use crate::api::validate_json;
-use crate::path::validate_key;
+use crate::path::validate_stored_key;
 use crate::record::Record;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use uuid::Uuid;
@@ -99,7 +99,7 @@ pub fn decode(mut bytes: Bytes, max_value: u64) -> Result<Decoded, String> {
 /// Checks one framed record like client input.
 fn check(raw_path: &[u8], kind: u8, data: Bytes, max_value: u64) -> Result<(String, Option<Bytes>), String> {
     let path = std::str::from_utf8(raw_path).map_err(|_| "path is not UTF-8".to_string())?;
-    validate_key(path).map_err(|e| format!("path: {e}"))?;
+    validate_stored_key(path).map_err(|e| format!("path: {e}"))?;
     let data = match kind {
         1 if data.len() as u64 > max_value => {
             return Err(format!("value of {} bytes is larger than max_value_bytes ({max_value})", data.len()));

@@ -54,7 +54,7 @@ fn parse_opts() -> Res<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,antientropy,bootstrap,restart] [--keys N]"
+                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,antientropy,bootstrap,restart] [--keys N]"
                 );
                 std::process::exit(0);
             }
@@ -181,6 +181,8 @@ fn start_kvs(dir: &Path, extra: &str) -> Res<(Proc, Instant)> {
 struct Conn {
     send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     host: String,
+    /// `Authorization` header value sent with every request, if any.
+    auth: Option<String>,
 }
 
 impl Conn {
@@ -189,11 +191,21 @@ impl Conn {
         stream.set_nodelay(true)?;
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        Ok(Conn { send, host: addr.to_string() })
+        Ok(Conn { send, host: addr.to_string(), auth: None })
+    }
+
+    async fn open_as(addr: &str, token: Option<&str>) -> Res<Conn> {
+        let mut c = Conn::open(addr).await?;
+        c.auth = token.map(|t| format!("Bearer {t}"));
+        Ok(c)
     }
 
     async fn call(&mut self, method: Method, path: &str, body: Bytes) -> Res<(StatusCode, Bytes)> {
-        let req = Request::builder().method(method).uri(path).header("host", &self.host).body(Full::new(body))?;
+        let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
+        if let Some(a) = &self.auth {
+            req = req.header("authorization", a);
+        }
+        let req = req.body(Full::new(body))?;
         // A request sent before the connection is ready again is rejected as canceled.
         self.send.ready().await?;
         let resp = self.send.send_request(req).await?;
@@ -250,14 +262,26 @@ async fn load(
     secs: f64,
     make: impl Fn(&mut StdRng) -> (Method, String, Bytes) + Send + Sync + Clone + 'static,
 ) -> Res<Load> {
+    load_as(addr, None, conns, secs, make).await
+}
+
+/// [`load`] with a token on every request.
+async fn load_as(
+    addr: &str,
+    token: Option<String>,
+    conns: usize,
+    secs: f64,
+    make: impl Fn(&mut StdRng) -> (Method, String, Bytes) + Send + Sync + Clone + 'static,
+) -> Res<Load> {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..conns {
         let addr = addr.to_string();
         let make = make.clone();
+        let token = token.clone();
         tasks.spawn(async move {
             let mut rng = StdRng::seed_from_u64(i as u64);
-            let mut c = Conn::open(&addr).await?;
+            let mut c = Conn::open_as(&addr, token.as_deref()).await?;
             let (mut lat, mut errors) = (Vec::with_capacity(100_000), 0u64);
             while Instant::now() < deadline {
                 let (m, p, b) = make(&mut rng);
@@ -295,11 +319,16 @@ fn value(size: usize) -> Bytes {
 }
 
 async fn preload(addr: &str, keys: usize, size: usize) -> Res<()> {
+    preload_as(addr, None, keys, size).await
+}
+
+async fn preload_as(addr: &str, token: Option<&str>, keys: usize, size: usize) -> Res<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..16 {
         let addr = addr.to_string();
+        let token = token.map(str::to_string);
         tasks.spawn(async move {
-            let mut c = Conn::open(&addr).await?;
+            let mut c = Conn::open_as(&addr, token.as_deref()).await?;
             for i in (w..keys).step_by(16) {
                 let p = format!("/kv/users/u{}/items/i{}", i % 10_000, i);
                 c.call(Method::PUT, &p, value(size)).await?;
@@ -443,6 +472,56 @@ impl Bench {
         Ok(())
     }
 
+    /// GET and PUT (buffer) at 32 connections on a node without client auth and on
+    /// one with it (every request carries a token that is looked up and checked).
+    /// Both nodes run at once and the loads alternate (off, on, three times each), so
+    /// a machine that slows down mid-run slows both alike; medians are reported.
+    async fn auth(&mut self) -> Res<()> {
+        let secs = self.opts.load_secs;
+        let space = if self.opts.quick { 10_000 } else { 100_000 };
+        let management = "bench-management-token-0123456789abcdef";
+        let file = self.tmp.path().join("management.token");
+        std::fs::write(&file, management)?;
+        let (off, _) = start_kvs(&self.tmp.path().join("auth-off"), "durability: buffer\n")?;
+        let (on, _) = start_kvs(
+            &self.tmp.path().join("auth-on"),
+            &format!("durability: buffer\nclient_auth: true\nmanagement_token_file: {}\n", file.display()),
+        )?;
+        let mut c = Conn::open_as(&on.addr, Some(management)).await?;
+        let body = r#"{"name":"bench","rules":[{"prefix":"","access":"write"}]}"#;
+        let (status, answer) = c.call(Method::POST, "/acl/tokens", Bytes::from(body)).await?;
+        if status != StatusCode::CREATED {
+            return Err(format!("token not made: {status}").into());
+        }
+        let v: Value = serde_json::from_slice(&answer)?;
+        let token = v["secret"].as_str().ok_or("no secret")?.to_string();
+        preload(&off.addr, space, 100).await?;
+        preload_as(&on.addr, Some(&token), space, 100).await?;
+        for (op, name) in [(Method::GET, "get c=32"), (Method::PUT, "put buffer c=32")] {
+            let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..3 {
+                for (k, (addr, t)) in [(&off.addr, None), (&on.addr, Some(token.clone()))].into_iter().enumerate() {
+                    let op = op.clone();
+                    let make = move |r: &mut StdRng| {
+                        let body = if op == Method::PUT { value(100) } else { Bytes::new() };
+                        (op.clone(), key_path(r, space), body)
+                    };
+                    runs[k].push(load_as(addr, t, 32, secs, make).await?);
+                }
+            }
+            let median = |v: &mut Vec<Load>| {
+                v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
+                v.swap_remove(1)
+            };
+            let (l_off, l_on) = (median(&mut runs[0]), median(&mut runs[1]));
+            let mut j = l_on.to_json();
+            j["x_no_auth"] = json!((l_on.rps() / l_off.rps() * 100.0).round() / 100.0);
+            self.record(&format!("{name} no auth"), l_off.to_json());
+            self.record(&format!("{name} client_auth"), j);
+        }
+        Ok(())
+    }
+
     /// Push lag, without and with a cluster key (every node-to-node request signed
     /// and verified).
     async fn lag(&mut self) -> Res<()> {
@@ -495,10 +574,7 @@ impl Bench {
         }
         lags.sort_unstable();
         let l = Load { ops: lags.len() as u64, secs: 1.0, lat_us: lags, errors: 0 };
-        self.record(
-            name,
-            json!({"writes": l.ops, "p50_ms": l.pct(0.5), "p99_ms": l.pct(0.99), "max_ms": l.pct(1.0)}),
-        );
+        self.record(name, json!({"writes": l.ops, "p50_ms": l.pct(0.5), "p99_ms": l.pct(0.99), "max_ms": l.pct(1.0)}));
         Ok(())
     }
 
@@ -634,6 +710,9 @@ fn main() -> std::process::ExitCode {
             }
             if bench.wants("lag") {
                 bench.lag().await?;
+            }
+            if bench.wants("auth") {
+                bench.auth().await?;
             }
             if bench.wants("antientropy") {
                 bench.antientropy().await?;

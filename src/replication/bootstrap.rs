@@ -153,8 +153,10 @@ impl Replication {
             // Only deletes past the grace period are purged; anything later is not a
             // certificate an honest peer keeps (one at the end of time would freeze the key).
             let limit = self.purge_check_limit();
-            let take: Vec<_> =
-                page.into_iter().filter(|(p, ts, _)| *ts <= limit && crate::path::validate_key(p).is_ok()).collect();
+            let take: Vec<_> = page
+                .into_iter()
+                .filter(|(p, ts, _)| *ts <= limit && crate::path::validate_stored_key(p).is_ok())
+                .collect();
             copied += take.len();
             self.writer.certify(take).await?;
             if last {

@@ -1,0 +1,159 @@
+//! Client tokens with real processes (README "Security", ARCHITECTURE.md "Client
+//! tokens"): the 401/403 matrix per route, tokens replicated between nodes, revocation.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+const MANAGEMENT: &str = "management-token-0123456789abcdef0123456789";
+
+/// Config lines turning client auth on with the management token in `dir`.
+fn auth_on(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let file = dir.join("management.token");
+    std::fs::write(&file, format!("{MANAGEMENT}\n")).unwrap();
+    format!("client_auth: true\nmanagement_token_file: {}", file.display())
+}
+
+/// One request with `Authorization: Bearer <token>` (no header for `None`).
+fn call(addr: &str, token: Option<&str>, method: &str, path: &str, body: Option<&str>) -> Resp {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body.unwrap_or_default());
+    raw(addr, req.as_bytes(), method == "HEAD")
+}
+
+/// Makes a token with `rules` (JSON) through `addr`; returns (id, secret).
+fn make(addr: &str, rules: &str, extra: &str) -> (String, String) {
+    let r =
+        call(addr, Some(MANAGEMENT), "POST", "/acl/tokens", Some(&format!(r#"{{"name":"t","rules":{rules}{extra}}}"#)));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    (v["id"].as_str().unwrap().to_string(), v["secret"].as_str().unwrap().to_string())
+}
+
+fn assert_401(r: &Resp) {
+    r.assert_error(401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+}
+
+#[test]
+fn every_route_answers_by_the_tokens_rules() {
+    let d = Dirs::new();
+    let n = d.start("n1", &[], &auth_on(&d.0.path().join("n1")));
+    let a = n.addr.as_str();
+    // Without a valid token: 401 everywhere but /health.
+    assert_eq!(call(a, None, "GET", "/health", None).status, 200);
+    for (m, p) in [("GET", "/kv/app/x"), ("PUT", "/kv/app/x"), ("DELETE", "/kv/app/x"), ("GET", "/kv/?keys")] {
+        assert_401(&call(a, None, m, p, Some("1")));
+    }
+    for p in ["/metrics", "/members/", "/acl/whoami", "/acl/tokens"] {
+        assert_401(&call(a, None, "GET", p, None));
+        assert_401(&call(a, Some("kvs_unknown"), "GET", p, None));
+    }
+    let malformed =
+        raw(a, b"GET /members/ HTTP/1.1\r\nHost: x\r\nAuthorization: Basic eDp5\r\nConnection: close\r\n\r\n", false);
+    assert_401(&malformed);
+    // The management token can do everything.
+    assert_eq!(call(a, Some(MANAGEMENT), "PUT", "/kv/other/k", Some("1")).status, 200);
+    assert_eq!(call(a, Some(MANAGEMENT), "PUT", "/kv/app/ro/k", Some("2")).status, 200);
+    let (id, t) = make(a, r#"[{"prefix":"app/","access":"write"},{"prefix":"app/ro/","access":"read"}]"#, "");
+    let t = Some(t.as_str());
+    assert_eq!(call(a, t, "PUT", "/kv/app/x", Some("3")).status, 200);
+    assert_eq!(call(a, t, "GET", "/kv/app/x", None).text(), "3");
+    assert_eq!(call(a, t, "GET", "/kv/app/ro/k", None).text(), "2");
+    call(a, t, "PUT", "/kv/app/ro/k", Some("4")).assert_error(403);
+    call(a, t, "DELETE", "/kv/app/ro/k", None).assert_error(403);
+    call(a, t, "GET", "/kv/other/k", None).assert_error(403);
+    call(a, t, "HEAD", "/kv/other/k", None);
+    call(a, t, "PUT", "/kv/other/k", Some("5")).assert_error(403);
+    // Listings leave out what the token cannot read, and say so.
+    let all = call(a, t, "GET", "/kv/?keys", None);
+    assert_eq!(all.json()["keys"], serde_json::json!(["app/ro/k", "app/x"]));
+    assert_eq!(all.header("x-kvs-filtered"), Some("true"));
+    let mine = call(a, t, "GET", "/kv/app?keys", None);
+    assert_eq!(mine.header("x-kvs-filtered"), None);
+    // Tokens never show in listings, and /kv cannot reach them.
+    let everything = call(a, Some(MANAGEMENT), "GET", "/kv/?keys", None).json();
+    assert_eq!(everything["keys"], serde_json::json!(["app/ro/k", "app/x", "other/k"]));
+    call(a, Some(MANAGEMENT), "GET", &format!("/kv/./acl/tokens/{id}"), None).assert_error(400);
+    call(a, Some(MANAGEMENT), "PUT", "/kv/./acl/tokens/forged", Some("{}")).assert_error(400);
+    // Metrics need any rule; members and whoami any valid token; tokens admin.
+    assert_eq!(call(a, t, "GET", "/metrics", None).status, 200);
+    assert_eq!(call(a, t, "GET", "/members/", None).status, 200);
+    let me = call(a, t, "GET", "/acl/whoami", None).json();
+    assert_eq!(me["id"], id.as_str());
+    assert!(me.get("secret").is_none() && me.get("secret_sha256").is_none());
+    call(a, t, "GET", "/acl/tokens", None).assert_error(403);
+    call(a, t, "POST", "/acl/tokens", Some(r#"{"name":"x","rules":[{"prefix":"","access":"admin"}]}"#))
+        .assert_error(403);
+    let (_, denied) = make(a, r#"[{"prefix":"","access":"deny"}]"#, "");
+    call(a, Some(&denied), "GET", "/metrics", None).assert_error(403);
+    call(a, Some(&denied), "GET", "/kv/app/x", None).assert_error(403);
+    // Management: list (no secrets), show, bad requests, revoke.
+    let list = call(a, Some(MANAGEMENT), "GET", "/acl/tokens", None);
+    assert_eq!(list.json()["tokens"].as_array().unwrap().len(), 2);
+    assert!(!list.text().contains("secret"), "{}", list.text());
+    assert_eq!(call(a, Some(MANAGEMENT), "GET", &format!("/acl/tokens/{id}"), None).json()["id"], id.as_str());
+    call(a, Some(MANAGEMENT), "GET", "/acl/tokens/nope", None).assert_error(404);
+    call(a, Some(MANAGEMENT), "POST", "/acl/tokens", Some(r#"{"name":"x","rules":[{"prefix":"","access":"root"}]}"#))
+        .assert_error(400);
+    call(a, Some(MANAGEMENT), "POST", "/acl/tokens", Some("not json")).assert_error(400);
+    assert_eq!(call(a, Some(MANAGEMENT), "DELETE", &format!("/acl/tokens/{id}"), None).status, 204);
+    assert_401(&call(a, t, "GET", "/kv/app/x", None));
+    call(a, Some(MANAGEMENT), "DELETE", &format!("/acl/tokens/{id}"), None).assert_error(404);
+    // An expired token stops working by itself.
+    let (_, short) = make(a, r#"[{"prefix":"","access":"read"}]"#, r#","ttl_seconds":1"#);
+    assert_eq!(call(a, Some(&short), "GET", "/kv/app/ro/k", None).status, 200);
+    wait_for(DEADLINE, "the token to expire", || {
+        (call(a, Some(&short), "GET", "/kv/app/ro/k", None).status == 401).then_some(())
+    });
+    assert!(n.health()["client_auth_refused"].as_u64().unwrap() >= 10);
+}
+
+#[test]
+fn a_token_made_on_one_node_works_on_another_and_a_revocation_reaches_both() {
+    let d = Dirs::new();
+    let n1 = d.start("n1", &[], &auth_on(&d.0.path().join("n1")));
+    let n2 = d.start("n2", &[&n1.addr], &auth_on(&d.0.path().join("n2")));
+    wait_for(DEADLINE, "n2 in mode normal", || {
+        (call(&n2.addr, None, "GET", "/health", None).json()["mode"] == "normal").then_some(())
+    });
+    let (id, t) = make(&n1.addr, r#"[{"prefix":"","access":"write"}]"#, "");
+    wait_for(DEADLINE, "the token to work on n2", || {
+        (call(&n2.addr, Some(&t), "PUT", "/kv/shared", Some("1")).status == 200).then_some(())
+    });
+    assert_eq!(call(&n2.addr, Some(MANAGEMENT), "DELETE", &format!("/acl/tokens/{id}"), None).status, 204);
+    wait_for(DEADLINE, "the revocation to reach n1", || {
+        (call(&n1.addr, Some(&t), "GET", "/kv/shared", None).status == 401).then_some(())
+    });
+    assert_401(&call(&n2.addr, Some(&t), "GET", "/kv/shared", None));
+}
+
+#[test]
+fn acl_routes_are_off_with_client_auth_and_a_node_without_a_management_token_does_not_start() {
+    let d = Dirs::new();
+    let open = d.start("open", &[], "");
+    call(&open.addr, None, "POST", "/acl/tokens", Some(r#"{"name":"x","rules":[{"prefix":"","access":"admin"}]}"#))
+        .assert_error(404);
+    assert_eq!(call(&open.addr, None, "PUT", "/kv/k", Some("1")).status, 200);
+    let short = d.0.path().join("short.token");
+    std::fs::write(&short, "too short").unwrap();
+    for (name, extra) in [
+        ("none", "client_auth: true".to_string()),
+        ("short", format!("client_auth: true\nmanagement_token_file: {}", short.display())),
+        ("missing", "client_auth: true\nmanagement_token_file: /nonexistent/token".to_string()),
+    ] {
+        let mut n = Node::spawn_in(&d.0.path().join(name), &extra);
+        assert_eq!(n.wait_exit().code(), Some(2), "{name}");
+        let log = n.log();
+        assert!(log.contains("management_token_file"), "{name}: {log}");
+        assert_eq!(log.trim().lines().count(), 1, "{name}: {log}");
+    }
+}
