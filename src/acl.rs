@@ -204,6 +204,11 @@ pub fn make_token(body: &[u8], now_ms: u64) -> Result<(Token, String), String> {
             return Err(format!("rule prefix {:?}: keys never start with '/' or hold '//'", r.prefix));
         }
     }
+    let mut prefixes: Vec<&str> = req.rules.iter().map(|r| r.prefix.as_str()).collect();
+    prefixes.sort_unstable();
+    if let Some(w) = prefixes.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("rule prefix {:?} appears twice: each prefix gets one access", w[0]));
+    }
     let expires = match req.ttl_seconds {
         None => None,
         Some(s) if (1..=MAX_TTL_SECONDS).contains(&s) => Some(now_ms.saturating_add(s.saturating_mul(1000))),
@@ -244,6 +249,8 @@ pub struct Acl {
     /// The storage generation it was loaded at, and the tokens by secret hash.
     cache: RwLock<(u64, TokensByHash)>,
     store: Store,
+    /// One reload at a time: requests that find the cache behind wait for it.
+    reloading: std::sync::Mutex<()>,
     /// Refused requests (401 and 403).
     pub refused: AtomicU64,
 }
@@ -256,6 +263,7 @@ impl Acl {
             // u64::MAX: never loaded, so the first lookup loads.
             cache: RwLock::new((u64::MAX, HashMap::new())),
             store,
+            reloading: std::sync::Mutex::new(()),
             refused: AtomicU64::new(0),
         }
     }
@@ -289,19 +297,35 @@ impl Acl {
 
     /// Reloads the tokens from storage. Blocking (a prefix scan).
     pub fn reload(&self) -> Result<(), StoreError> {
+        let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.stale() {
+            // Another request reloaded while this one waited.
+            return Ok(());
+        }
         let generation = self.store.acl_generation();
         let mut tokens = HashMap::new();
         for (path, record) in self.store.reserved_records(TOKEN_PREFIX)? {
             let Some(data) = record.data else { continue };
             match serde_json::from_slice::<Token>(&data) {
                 Ok(t) if path.strip_prefix(TOKEN_PREFIX) == Some(t.id.as_str()) => {
+                    // A hash from a peer is input: 64 ASCII hex digits, or the record is skipped.
+                    let h = t.secret_sha256.as_bytes();
                     let mut hash = [0u8; 32];
-                    if t.secret_sha256.len() == 64
-                        && (0..32).all(|i| {
-                            u8::from_str_radix(&t.secret_sha256[2 * i..2 * i + 2], 16).map(|b| hash[i] = b).is_ok()
-                        })
-                    {
+                    let hex_digit = |b: u8| (b as char).to_digit(16);
+                    let ok = h.len() == 64
+                        && h.chunks(2).zip(hash.iter_mut()).all(|(pair, out)| {
+                            match (hex_digit(pair[0]), hex_digit(pair[1])) {
+                                (Some(hi), Some(lo)) => {
+                                    *out = (hi * 16 + lo) as u8;
+                                    true
+                                }
+                                _ => false,
+                            }
+                        });
+                    if ok {
                         tokens.insert(hash, Arc::new(t));
+                    } else {
+                        tracing::warn!(path, "a token record with a malformed hash; ignored");
                     }
                 }
                 _ => tracing::warn!(path, "a token record that is not a token; ignored"),
@@ -393,6 +417,7 @@ mod tests {
             (r#"{"name":"x","rules":[{"prefix":"/a","access":"read"}]}"#, "prefix"),
             (r#"{"name":"x","rules":[{"prefix":"","access":"read"}],"ttl_seconds":0}"#, "ttl_seconds"),
             (r#"{"name":"x","rules":[{"prefix":"","access":"read"}],"extra":1}"#, "invalid"),
+            (r#"{"name":"x","rules":[{"prefix":"a","access":"read"},{"prefix":"a","access":"deny"}]}"#, "twice"),
             ("not json", "invalid"),
         ] {
             assert!(make_token(body.as_bytes(), 0).unwrap_err().contains(why), "{body}");

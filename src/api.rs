@@ -508,15 +508,17 @@ async fn list_keys(
         }
     }
     let store = app.store.clone();
-    let mut page = blocking(move || store.list_keys(prefix.as_deref(), after.as_deref(), limit)).await?;
-    // Keys the token cannot read are left out, and the answer says so; `next` still
-    // follows the scan, so paging goes on past them.
-    let listed = page.keys.len();
-    if let Some(c) = caller {
-        page.keys.retain(|k| c.access(k) >= crate::acl::Access::Read);
-    }
+    // Keys the token cannot read are left out (scanned past, never used as the
+    // cursor), and the answer says so.
+    let caller = caller.cloned();
+    let page = blocking(move || match caller {
+        Some(c) => store
+            .list_keys_where(prefix.as_deref(), after.as_deref(), limit, &|k| c.access(k) >= crate::acl::Access::Read),
+        None => store.list_keys(prefix.as_deref(), after.as_deref(), limit),
+    })
+    .await?;
     let mut resp = json_response(StatusCode::OK, &json!({ "keys": page.keys, "next": page.next }));
-    if page.keys.len() < listed {
+    if page.filtered {
         resp.headers_mut().insert(FILTERED_HEADER, HeaderValue::from_static("true"));
     }
     Ok(resp)

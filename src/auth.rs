@@ -4,7 +4,9 @@
 //! ([`crate::internal`]) verifies.
 //!
 //! A signature covers, one per line: [`CONTEXT`], the method, the path with its query,
-//! the sender's wall clock (Unix ms) and the hex SHA-256 of the body. The first key
+//! the sender's wall clock (Unix ms), the hex SHA-256 of the body, and the sender's
+//! `X-Kvs-Last-Contact` ("" when absent: it decides how a receiver treats a stale
+//! sender's records, so it must not be strippable). The first key
 //! signs; every key verifies, so keys can be rotated one node at a time.
 
 use base64::Engine;
@@ -40,6 +42,17 @@ impl std::fmt::Debug for ClusterKeys {
     }
 }
 
+/// What of a request a signature covers besides its time and body digest.
+#[derive(Debug, Clone, Copy)]
+pub struct Signed<'a> {
+    /// `GET`, `POST`.
+    pub method: &'a str,
+    /// The path with its query, exactly as sent.
+    pub path_and_query: &'a str,
+    /// The `X-Kvs-Last-Contact` header's value, if sent.
+    pub last_contact: Option<&'a str>,
+}
+
 /// Why a request's signature was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -54,6 +67,18 @@ pub enum Refusal {
     },
     /// No key of the receiver makes this signature.
     Wrong,
+}
+
+impl Refusal {
+    /// The kind, for logging once a minute per kind (never per value).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Missing => "missing",
+            Refusal::Malformed(_) => "malformed",
+            Refusal::Stale { .. } => "stale",
+            Refusal::Wrong => "wrong",
+        }
+    }
 }
 
 impl std::fmt::Display for Refusal {
@@ -105,24 +130,27 @@ impl ClusterKeys {
         base64::engine::general_purpose::STANDARD.encode(key)
     }
 
-    fn mac(key: &[u8; KEY_BYTES], method: &str, path_and_query: &str, time_ms: u64, digest: &str) -> HmacSha256 {
+    fn mac(key: &[u8; KEY_BYTES], request: &Signed<'_>, time_ms: u64, digest: &str) -> HmacSha256 {
         // A key of any length is accepted by HMAC: this cannot fail.
         let mut mac = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-        mac.update(format!("{CONTEXT}\n{method}\n{path_and_query}\n{time_ms}\n{digest}").as_bytes());
+        let Signed { method, path_and_query, last_contact } = request;
+        mac.update(
+            format!("{CONTEXT}\n{method}\n{path_and_query}\n{time_ms}\n{digest}\n{}", last_contact.unwrap_or(""))
+                .as_bytes(),
+        );
         mac
     }
 
     /// The signature header of a request, made with the first key.
-    pub fn sign(&self, method: &str, path_and_query: &str, time_ms: u64, digest: &str) -> String {
-        hex(&Self::mac(&self.0[0], method, path_and_query, time_ms, digest).finalize().into_bytes())
+    pub fn sign(&self, request: &Signed<'_>, time_ms: u64, digest: &str) -> String {
+        hex(&Self::mac(&self.0[0], request, time_ms, digest).finalize().into_bytes())
     }
 
     /// Checks a request's signature headers (`None`: absent) at `now_ms`; on success,
     /// the signed body digest, which the body must match.
     pub fn verify(
         &self,
-        method: &str,
-        path_and_query: &str,
+        request: &Signed<'_>,
         headers: (Option<&str>, Option<&str>, Option<&str>),
         now_ms: u64,
     ) -> Result<String, Refusal> {
@@ -140,10 +168,7 @@ impl ClusterKeys {
             return Err(Refusal::Malformed("X-Kvs-Body-Sha256 is not a hex SHA-256"));
         }
         let signature = unhex(signature.trim()).ok_or(Refusal::Malformed("X-Kvs-Signature is not hex"))?;
-        let matches = self
-            .0
-            .iter()
-            .any(|k| Self::mac(k, method, path_and_query, time_ms, digest).verify_slice(&signature).is_ok());
+        let matches = self.0.iter().any(|k| Self::mac(k, request, time_ms, digest).verify_slice(&signature).is_ok());
         if matches { Ok(digest.to_ascii_lowercase()) } else { Err(Refusal::Wrong) }
     }
 }
@@ -180,9 +205,13 @@ mod tests {
         (0..n).map(|_| ClusterKeys::generate()).collect()
     }
 
+    fn req<'a>(method: &'a str, path: &'a str) -> Signed<'a> {
+        Signed { method, path_and_query: path, last_contact: None }
+    }
+
     fn signed(k: &ClusterKeys, method: &str, path: &str, time: u64, body: &[u8]) -> (String, String, String) {
         let d = digest(body);
-        (time.to_string(), d.clone(), k.sign(method, path, time, &d))
+        (time.to_string(), d.clone(), k.sign(&req(method, path), time, &d))
     }
 
     fn check(
@@ -192,7 +221,7 @@ mod tests {
         h: &(String, String, String),
         now: u64,
     ) -> Result<String, Refusal> {
-        k.verify(method, path, (Some(&h.0), Some(&h.1), Some(&h.2)), now)
+        k.verify(&req(method, path), (Some(&h.0), Some(&h.1), Some(&h.2)), now)
     }
 
     #[test]
@@ -208,6 +237,8 @@ mod tests {
         let mut other_time = h.clone();
         other_time.0 = "1000001".into();
         assert_eq!(check(&k, "POST", "/internal/v2/push", &other_time, 1_000_000), Err(Refusal::Wrong));
+        let stripped = Signed { last_contact: Some("123"), ..req("POST", "/internal/v2/push") };
+        assert_eq!(k.verify(&stripped, (Some(&h.0), Some(&h.1), Some(&h.2)), 1_000_000), Err(Refusal::Wrong));
         let stranger = ClusterKeys::parse(&keys(1)[0]).unwrap();
         assert_eq!(check(&stranger, "POST", "/internal/v2/push", &h, 1_000_000), Err(Refusal::Wrong));
     }
@@ -251,12 +282,15 @@ mod tests {
         assert!(ClusterKeys::parse("AAAA").unwrap_err().contains("3 bytes"));
         let k = ClusterKeys::parse(&keys(1)[0]).unwrap();
         assert_eq!(format!("{k:?}"), "ClusterKeys(1 key(s), redacted)");
-        assert_eq!(k.verify("GET", "/", (None, None, None), 0), Err(Refusal::Missing));
-        assert!(matches!(k.verify("GET", "/", (Some("1"), None, None), 0), Err(Refusal::Malformed(_))));
-        assert!(matches!(k.verify("GET", "/", (Some("x"), Some("y"), Some("z")), 0), Err(Refusal::Malformed(_))));
+        assert_eq!(k.verify(&req("GET", "/"), (None, None, None), 0), Err(Refusal::Missing));
+        assert!(matches!(k.verify(&req("GET", "/"), (Some("1"), None, None), 0), Err(Refusal::Malformed(_))));
+        assert!(matches!(k.verify(&req("GET", "/"), (Some("x"), Some("y"), Some("z")), 0), Err(Refusal::Malformed(_))));
         let d = digest(b"");
-        assert!(matches!(k.verify("GET", "/", (Some("0"), Some(&d), Some("zz")), 0), Err(Refusal::Malformed(_))));
-        assert!(matches!(k.verify("GET", "/", (Some("0"), Some("ab"), Some("00")), 0), Err(Refusal::Malformed(_))));
-        assert_eq!(k.verify("GET", "/", (Some("0"), Some(&d), Some("00")), 0), Err(Refusal::Wrong));
+        assert!(matches!(k.verify(&req("GET", "/"), (Some("0"), Some(&d), Some("zz")), 0), Err(Refusal::Malformed(_))));
+        assert!(matches!(
+            k.verify(&req("GET", "/"), (Some("0"), Some("ab"), Some("00")), 0),
+            Err(Refusal::Malformed(_))
+        ));
+        assert_eq!(k.verify(&req("GET", "/"), (Some("0"), Some(&d), Some("00")), 0), Err(Refusal::Wrong));
     }
 }

@@ -471,6 +471,14 @@ impl RawConfig {
             }
             None => None,
         };
+        if self.client_auth && self.cluster_key_file.is_none() {
+            // Without a cluster key the node-to-node routes are open: anyone could push
+            // a token record or read every key through them, whatever the tokens say.
+            return field_err(
+                "cluster_key_file",
+                "client_auth: true needs a cluster key as well (kvs keygen), or the node-to-node routes bypass the tokens",
+            );
+        }
         let management_token = match (self.client_auth, &self.management_token_file) {
             (false, _) => None,
             (true, None) => {
@@ -630,6 +638,7 @@ trusted_proxies: []
 cluster_key_file: null
 # true: every client request but GET /health needs a token (Authorization: Bearer);
 # tokens are made through /acl/tokens with the management token (README "Security").
+# Needs cluster_key_file too: without it the node-to-node routes would bypass tokens.
 client_auth: false
 # File holding the management token (printable, 32 bytes or more), which can do
 # everything; required with client_auth: true. A relative path is resolved against

@@ -87,7 +87,7 @@ fn check_wire_version<B>(req: &Request<B>) -> Result<(), ApiError> {
         "node-to-node protocol version {theirs} refused: this node speaks {WIRE_VERSION}; \
          run the same kvs version on every node (README \"Upgrading\")"
     );
-    if REFUSALS.get_or_init(LogThrottle::default).allow(&theirs) {
+    if REFUSALS.get_or_init(LogThrottle::default).allow(if versioned { "other version" } else { "protocol 1" }) {
         tracing::error!(route = req.uri().path(), "{msg}");
     }
     Err(ApiError::BadRequest(msg))
@@ -105,9 +105,16 @@ fn check_signature<B>(app: &App, keys: &crate::auth::ClusterKeys, req: &Request<
     let headers =
         (header(crate::auth::TIME_HEADER), header(crate::auth::DIGEST_HEADER), header(crate::auth::SIGNATURE_HEADER));
     let path = req.uri().path_and_query().map_or(req.uri().path(), |p| p.as_str());
-    keys.verify(req.method().as_str(), path, headers, crate::clock::now_ms()).map_err(|refusal| {
+    let signed = crate::auth::Signed {
+        method: req.method().as_str(),
+        path_and_query: path,
+        last_contact: header(LAST_CONTACT_HEADER),
+    };
+    keys.verify(&signed, headers, crate::clock::now_ms()).map_err(|refusal| {
         app.cluster.note_auth_refused();
-        if REFUSALS.get_or_init(LogThrottle::default).allow(&format!("{refusal:?}")) {
+        // Keyed by kind: a value in the key (a skew, a version) would let anyone fill
+        // the throttle and the log.
+        if REFUSALS.get_or_init(LogThrottle::default).allow(refusal.kind()) {
             tracing::warn!(route = req.uri().path(), reason = %refusal, "refused a node-to-node request (cluster key)");
         }
         ApiError::Unauthorized(refusal.to_string())

@@ -101,4 +101,5 @@ pub mod server;
 pub mod shutdown;
 pub mod stats;
 pub mod storage;
+pub mod tls;
 pub mod wire;

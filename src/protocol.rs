@@ -310,7 +310,10 @@ impl PeerClient {
             Some(keys) => {
                 let digest = crate::auth::digest_off_thread(body.clone()).await;
                 let time = crate::clock::now_ms();
-                Some((time, keys.sign(method.as_str(), path_and_query, time, &digest), digest))
+                let lc = last_contact.map(|lc| lc.to_string());
+                let signed =
+                    crate::auth::Signed { method: method.as_str(), path_and_query, last_contact: lc.as_deref() };
+                Some((time, keys.sign(&signed, time, &digest), digest))
             }
             None => None,
         };

@@ -7,12 +7,18 @@ use std::path::Path;
 
 const MANAGEMENT: &str = "management-token-0123456789abcdef0123456789";
 
-/// Config lines turning client auth on with the management token in `dir`.
+/// A cluster key every node of a test shares (client auth needs one).
+const CLUSTER_KEY: &str = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=";
+
+/// Config lines turning client auth on with the management token and the cluster
+/// key in `dir`.
 fn auth_on(dir: &Path) -> String {
     std::fs::create_dir_all(dir).unwrap();
     let file = dir.join("management.token");
     std::fs::write(&file, format!("{MANAGEMENT}\n")).unwrap();
-    format!("client_auth: true\nmanagement_token_file: {}", file.display())
+    let key = dir.join("cluster.key");
+    std::fs::write(&key, format!("{CLUSTER_KEY}\n")).unwrap();
+    format!("client_auth: true\nmanagement_token_file: {}\ncluster_key_file: {}", file.display(), key.display())
 }
 
 /// One request with `Authorization: Bearer <token>` (no header for `None`).
@@ -95,6 +101,24 @@ fn every_route_answers_by_the_tokens_rules() {
         .assert_error(403);
     let (_, denied) = make(a, r#"[{"prefix":"","access":"deny"}]"#, "");
     call(a, Some(&denied), "GET", "/metrics", None).assert_error(403);
+    // Paging shows nothing a token cannot read, not even as the cursor.
+    let nothing = call(a, Some(&denied), "GET", "/kv/?keys&limit=1", None);
+    assert_eq!(nothing.json(), serde_json::json!({"keys": [], "next": null}));
+    assert_eq!(nothing.header("x-kvs-filtered"), Some("true"));
+    let (mut after, mut pages) = (String::new(), Vec::new());
+    loop {
+        let q = if after.is_empty() { String::new() } else { format!("&after={after}") };
+        let page = call(a, t, "GET", &format!("/kv/?keys&limit=1{q}"), None).json();
+        pages.push(page["keys"].clone());
+        match page["next"].as_str() {
+            Some(n) => {
+                assert!(n.starts_with("app/"), "cursor {n} is a key the token cannot read");
+                after = n.replace('/', "%2F");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, vec![serde_json::json!(["app/ro/k"]), serde_json::json!(["app/x"]), serde_json::json!([])]);
     call(a, Some(&denied), "GET", "/kv/app/x", None).assert_error(403);
     // Management: list (no secrets), show, bad requests, revoke.
     let list = call(a, Some(MANAGEMENT), "GET", "/acl/tokens", None);
@@ -145,15 +169,22 @@ fn acl_routes_are_off_with_client_auth_and_a_node_without_a_management_token_doe
     assert_eq!(call(&open.addr, None, "PUT", "/kv/k", Some("1")).status, 200);
     let short = d.0.path().join("short.token");
     std::fs::write(&short, "too short").unwrap();
-    for (name, extra) in [
-        ("none", "client_auth: true".to_string()),
-        ("short", format!("client_auth: true\nmanagement_token_file: {}", short.display())),
-        ("missing", "client_auth: true\nmanagement_token_file: /nonexistent/token".to_string()),
+    let key = d.0.path().join("cluster.key");
+    std::fs::write(&key, CLUSTER_KEY).unwrap();
+    let keyed = format!("client_auth: true\ncluster_key_file: {}", key.display());
+    let token = d.0.path().join("good.token");
+    std::fs::write(&token, MANAGEMENT).unwrap();
+    for (name, extra, names) in [
+        ("none", keyed.clone(), "management_token_file"),
+        ("short", format!("{keyed}\nmanagement_token_file: {}", short.display()), "management_token_file"),
+        ("missing", format!("{keyed}\nmanagement_token_file: /nonexistent/token"), "management_token_file"),
+        // Without a cluster key the node-to-node routes would bypass the tokens.
+        ("keyless", format!("client_auth: true\nmanagement_token_file: {}", token.display()), "cluster_key_file"),
     ] {
         let mut n = Node::spawn_in(&d.0.path().join(name), &extra);
         assert_eq!(n.wait_exit().code(), Some(2), "{name}");
         let log = n.log();
-        assert!(log.contains("management_token_file"), "{name}: {log}");
+        assert!(log.contains(names), "{name}: {log}");
         assert_eq!(log.trim().lines().count(), 1, "{name}: {log}");
     }
 }

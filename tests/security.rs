@@ -28,7 +28,8 @@ fn key_file(dir: &Path, name: &str, keys: &[&str]) -> String {
 fn signed_post(addr: &str, key: &str, route: &str, signed: &[u8], sent: &[u8], time: u64) -> Resp {
     let keys = kvs::auth::ClusterKeys::parse(key).unwrap();
     let digest = kvs::auth::digest(signed);
-    let signature = keys.sign("POST", route, time, &digest);
+    let signed = kvs::auth::Signed { method: "POST", path_and_query: route, last_contact: None };
+    let signature = keys.sign(&signed, time, &digest);
     let mut req = format!(
         "POST {route} HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: {}\r\nContent-Length: {}\r\nX-Kvs-Time: {time}\r\n\
          X-Kvs-Body-Sha256: {digest}\r\nX-Kvs-Signature: {signature}\r\nConnection: close\r\n\r\n",

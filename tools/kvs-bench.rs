@@ -482,10 +482,16 @@ impl Bench {
         let management = "bench-management-token-0123456789abcdef";
         let file = self.tmp.path().join("management.token");
         std::fs::write(&file, management)?;
+        let key = self.tmp.path().join("auth-cluster.key");
+        std::fs::write(&key, kvs::auth::ClusterKeys::generate() + "\n")?;
         let (off, _) = start_kvs(&self.tmp.path().join("auth-off"), "durability: buffer\n")?;
         let (on, _) = start_kvs(
             &self.tmp.path().join("auth-on"),
-            &format!("durability: buffer\nclient_auth: true\nmanagement_token_file: {}\n", file.display()),
+            &format!(
+                "durability: buffer\nclient_auth: true\nmanagement_token_file: {}\ncluster_key_file: {}\n",
+                file.display(),
+                key.display()
+            ),
         )?;
         let mut c = Conn::open_as(&on.addr, Some(management)).await?;
         let body = r#"{"name":"bench","rules":[{"prefix":"","access":"write"}]}"#;
