@@ -125,6 +125,10 @@ struct RawConfig {
     client_auth: bool,
     management_token_file: Option<PathBuf>,
     metrics_public: bool,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    tls_ca_file: Option<PathBuf>,
+    tls_client_auth: bool,
 }
 
 impl Default for RawConfig {
@@ -157,6 +161,10 @@ impl Default for RawConfig {
             client_auth: false,
             management_token_file: None,
             metrics_public: false,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_client_auth: false,
         }
     }
 }
@@ -222,6 +230,8 @@ pub struct Config {
     pub management_token: Option<Secret>,
     /// Whether `GET /metrics` is open without a token when client auth is on.
     pub metrics_public: bool,
+    /// HTTPS on the node's port and to peers (`tls_*` keys); `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// A secret read from a file; its `Debug` hides it (a config is logged at start).
@@ -399,6 +409,7 @@ pub fn check_node_id(id: &str) -> Result<(), String> {
 
 impl RawConfig {
     fn validate(self, base: &Path) -> FieldResult<Config> {
+        let tls = self.tls(base)?;
         let node_id = match self.node_id {
             Some(id) => {
                 check_node_id(&id).or_else(|m| field_err("node_id", m))?;
@@ -565,7 +576,32 @@ impl RawConfig {
             cluster_keys,
             management_token,
             metrics_public: self.metrics_public,
+            tls,
         })
+    }
+}
+
+impl RawConfig {
+    /// The TLS files: all three or none, each readable and usable (a bad one names
+    /// its key).
+    fn tls(&self, base: &Path) -> FieldResult<Option<crate::tls::TlsFiles>> {
+        let (cert, key, ca) = match (&self.tls_cert_file, &self.tls_key_file, &self.tls_ca_file) {
+            (None, None, None) => {
+                if self.tls_client_auth {
+                    return field_err("tls_client_auth", "needs tls_cert_file, tls_key_file and tls_ca_file");
+                }
+                return Ok(None);
+            }
+            (Some(c), Some(k), Some(a)) => (base.join(c), base.join(k), base.join(a)),
+            (None, _, _) => return field_err("tls_cert_file", "TLS needs tls_cert_file, tls_key_file and tls_ca_file"),
+            (_, None, _) => return field_err("tls_key_file", "TLS needs tls_cert_file, tls_key_file and tls_ca_file"),
+            (_, _, None) => {
+                return field_err("tls_ca_file", "TLS needs tls_ca_file: the CA this node trusts when it calls peers");
+            }
+        };
+        let files = crate::tls::TlsFiles { cert, key, ca, client_auth: self.tls_client_auth };
+        files.check().map_err(|(k, m)| (Some(k.to_string()), m))?;
+        Ok(Some(files))
     }
 }
 
@@ -646,6 +682,15 @@ client_auth: false
 management_token_file: null
 # true: GET /metrics answers without a token even with client_auth: true.
 metrics_public: false
+# HTTPS (rustls) on this node's port, client API and node-to-node alike: this node's
+# certificate chain and private key (PEM), and the CA (PEM) it trusts when it calls
+# peers over HTTPS. All three or none; every node of a cluster alike. Re-read on SIGHUP.
+tls_cert_file: null
+tls_key_file: null
+tls_ca_file: null
+# true: node-to-node requests must present a client certificate from tls_ca_file
+# (this node presents its own certificate to its peers).
+tls_client_auth: false
 "#;
 
 #[cfg(test)]

@@ -37,6 +37,15 @@ pub fn is_internal(path: &str) -> bool {
 
 /// Serves one node-to-node request.
 pub async fn route<B: ReadBody>(app: &Arc<App>, mut req: Request<B>) -> Result<HttpResponse, ApiError> {
+    // Who is calling first, then what they speak.
+    if app.tls.as_ref().is_some_and(|t| t.client_auth())
+        && req.extensions().get::<crate::tls::VerifiedClient>().is_none()
+    {
+        app.cluster.note_auth_refused();
+        return Err(ApiError::Unauthorized(
+            "node-to-node requests need a client certificate from this node's tls_ca_file (tls_client_auth)".into(),
+        ));
+    }
     check_wire_version(&req)?;
     if let Some(keys) = &app.config.cluster_keys {
         let digest = check_signature(app, keys, &req)?;

@@ -62,6 +62,8 @@ pub struct App {
     pub started: Instant,
     /// Client tokens; `None` while `client_auth` is off.
     pub acl: Option<Arc<crate::acl::Acl>>,
+    /// TLS state (certificates, reloaded on SIGHUP); `None`: plain HTTP.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl App {
@@ -291,9 +293,14 @@ async fn serve(
         config = ?config,
         "starting"
     );
-    let client = match embedding.transport {
-        Some(make) => PeerClient::over(make(&advertise)),
-        None => PeerClient::new(),
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(crate::tls::Tls::new(files.clone()).map_err(NodeError::Bind)?)),
+        None => None,
+    };
+    let client = match (embedding.transport, &tls) {
+        (Some(make), _) => PeerClient::over(make(&advertise)),
+        (None, Some(tls)) => PeerClient::over(Arc::new(crate::protocol::HttpTransport::with_tls(tls.clone()))),
+        (None, None) => PeerClient::new(),
     }
     .signed(config.cluster_keys.clone());
     let me = MemberInfo {
@@ -383,6 +390,7 @@ async fn serve(
         metrics,
         started: Instant::now(),
         acl: app_acl,
+        tls: tls.clone(),
     });
     let (trigger, shutdown) = shutdown::channel();
     // The server and the pusher stop first, in that order (see the stop order below).
@@ -471,6 +479,14 @@ async fn reload_on_hangup(app: Arc<App>, (path, set_level): (PathBuf, SetLogLeve
             Ok((c, level)) => {
                 set_level(level);
                 tracing::info!(log_level = level.as_str(), "SIGHUP: log_level reloaded");
+                if let Some(tls) = &app.tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded; new connections use them"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGHUP: TLS certificates not reloaded; the old ones stay")
+                        }
+                    }
+                }
                 let mut now = c;
                 now.log_level = app.config.log_level;
                 if format!("{now:?}") != format!("{:?}", app.config) {

@@ -187,23 +187,67 @@ pub trait PeerTransport: Send + Sync + 'static {
     fn send(&self, req: Request<Bytes>) -> BoxFuture<'_, Result<Response<Bytes>, PeerError>>;
 }
 
-/// Node-to-node calls over HTTP: one pooled hyper client with keep-alive, TCP_NODELAY
-/// and a connect timeout.
+/// Node-to-node calls over HTTP, or HTTPS with TLS: one pooled hyper client with
+/// keep-alive, TCP_NODELAY and a connect timeout.
 pub struct HttpTransport {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// With TLS: the node's TLS state and the HTTPS pool built from its current client
+    /// config (rebuilt when a SIGHUP reload replaced it).
+    tls: Option<(std::sync::Arc<crate::tls::Tls>, std::sync::Mutex<HttpsPool>)>,
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// An HTTPS pool and the client config it was built with.
+struct HttpsPool {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    client: HttpsClient,
+}
+
+fn connector() -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector
+}
+
+fn pool<C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static>(
+    c: C,
+) -> Client<C, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).pool_max_idle_per_host(8).build(c)
+}
+
+fn https_pool(config: std::sync::Arc<rustls::ClientConfig>) -> HttpsPool {
+    let mut http = connector();
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*config).clone())
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http);
+    HttpsPool { config, client: pool(https) }
 }
 
 impl HttpTransport {
     /// A pooled client.
     pub fn new() -> HttpTransport {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(8)
-            .build(connector);
-        HttpTransport { client }
+        HttpTransport { client: pool(connector()), tls: None }
+    }
+
+    /// A pooled client calling peers over HTTPS with the node's TLS state.
+    pub fn with_tls(tls: std::sync::Arc<crate::tls::Tls>) -> HttpTransport {
+        let https = std::sync::Mutex::new(https_pool(tls.client()));
+        HttpTransport { client: pool(connector()), tls: Some((tls, https)) }
+    }
+
+    /// The HTTPS client for the current client config.
+    fn https(&self, tls: &crate::tls::Tls, pool: &std::sync::Mutex<HttpsPool>) -> HttpsClient {
+        let current = tls.client();
+        let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
+        if !std::sync::Arc::ptr_eq(&p.config, &current) {
+            *p = https_pool(current);
+        }
+        p.client.clone()
     }
 }
 
@@ -216,8 +260,19 @@ impl Default for HttpTransport {
 impl PeerTransport for HttpTransport {
     fn send(&self, req: Request<Bytes>) -> BoxFuture<'_, Result<Response<Bytes>, PeerError>> {
         Box::pin(async move {
-            let resp =
-                self.client.request(req.map(Full::new)).await.map_err(|e| PeerError::Transport(e.to_string()))?;
+            let req = req.map(Full::new);
+            let resp = match &self.tls {
+                None => self.client.request(req).await,
+                Some((tls, https)) => {
+                    // The same address, over HTTPS.
+                    let (mut parts, body) = req.into_parts();
+                    let mut uri = parts.uri.into_parts();
+                    uri.scheme = Some(hyper::http::uri::Scheme::HTTPS);
+                    parts.uri = hyper::Uri::from_parts(uri).map_err(|e| PeerError::Protocol(e.to_string()))?;
+                    self.https(tls, https).request(Request::from_parts(parts, body)).await
+                }
+            }
+            .map_err(|e| PeerError::Transport(e.to_string()))?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_RESPONSE_BYTES)
                 .collect()

@@ -59,12 +59,15 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown)
         let http = http.clone();
         connections.spawn(async move {
             let _slot = slot;
-            let service = service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(api::handle(app, req, peer).await) }
-            });
-            let conn = http.serve_connection(TokioIo::new(stream), service);
-            serve_until_shutdown(conn, conn_shutdown, peer).await;
+            match app.tls.clone() {
+                None => serve_connection(&http, TokioIo::new(stream), app, peer, false, conn_shutdown).await,
+                Some(tls) => {
+                    let Some(stream) = tls_handshake(&tls, stream, peer).await else { return };
+                    // A certificate was presented, so the CA verified it.
+                    let verified = stream.get_ref().1.peer_certificates().is_some();
+                    serve_connection(&http, TokioIo::new(stream), app, peer, verified, conn_shutdown).await
+                }
+            }
         });
     }
     drop(listener);
@@ -75,11 +78,61 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown)
     }
 }
 
-async fn serve_until_shutdown<S>(
-    conn: http1::Connection<TokioIo<tokio::net::TcpStream>, S>,
-    mut shutdown: Shutdown,
+/// Serves one connection (plain or TLS); `verified`: it presented a client
+/// certificate from the CA, which node-to-node routes need with `tls_client_auth`.
+async fn serve_connection<I>(
+    http: &http1::Builder,
+    io: I,
+    app: Arc<App>,
     peer: std::net::SocketAddr,
+    verified: bool,
+    shutdown: Shutdown,
 ) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let app = app.clone();
+        if verified {
+            req.extensions_mut().insert(crate::tls::VerifiedClient);
+        }
+        async move { Ok::<_, Infallible>(api::handle(app, req, peer).await) }
+    });
+    serve_until_shutdown(http.serve_connection(io, service), shutdown, peer).await;
+}
+
+/// The TLS handshake of a new connection, within [`HEADER_READ_TIMEOUT`]. A client
+/// speaking plain HTTP to the TLS port gets a JSON 400 saying so, then the connection
+/// closes; a failed handshake is logged at debug level.
+async fn tls_handshake(
+    tls: &crate::tls::Tls,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let mut first = [0u8; 3];
+    let n = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await.ok()?.ok()?;
+    if n == 0 {
+        return None;
+    }
+    if crate::tls::looks_like_plain_http(&first[..n]) {
+        let mut stream = stream;
+        let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.write_all(&crate::tls::plain_http_answer())).await;
+        let _ = stream.shutdown().await;
+        return None;
+    }
+    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+async fn serve_until_shutdown<I, S>(conn: http1::Connection<I, S>, mut shutdown: Shutdown, peer: std::net::SocketAddr)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = http_body_util::Full<bytes::Bytes>>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {

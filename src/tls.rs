@@ -83,13 +83,20 @@ impl TlsFiles {
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots(&self.ca)?);
-        let mut config = if self.client_auth {
-            builder.with_client_auth_cert(certs(&self.cert)?, key(&self.key)?).map_err(|e| e.to_string())?
+        // No ALPN here: the HTTPS connector sets it (and refuses a config that has it).
+        if self.client_auth {
+            builder.with_client_auth_cert(certs(&self.cert)?, key(&self.key)?).map_err(|e| e.to_string())
         } else {
-            builder.with_no_client_auth()
-        };
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(config)
+            Ok(builder.with_no_client_auth())
+        }
+    }
+
+    /// Checks every file at start: `(key, message)` naming the config key at fault.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        certs(&self.cert).map_err(|e| ("tls_cert_file", e))?;
+        key(&self.key).map_err(|e| ("tls_key_file", e))?;
+        roots(&self.ca).map_err(|e| ("tls_ca_file", e))?;
+        self.load().map(|_| ()).map_err(|e| ("tls_key_file", e))
     }
 
     /// Both sides, as a start or a reload checks them.

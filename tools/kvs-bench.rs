@@ -22,6 +22,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -54,7 +55,7 @@ fn parse_opts() -> Res<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,antientropy,bootstrap,restart] [--keys N]"
+                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,antientropy,bootstrap,restart] [--keys N]"
                 );
                 std::process::exit(0);
             }
@@ -200,6 +201,24 @@ impl Conn {
         Ok(c)
     }
 
+    /// A connection over TLS, trusting `tls`'s roots.
+    async fn open_tls(addr: &str, tls: Arc<rustls::ClientConfig>) -> Res<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, stream).await?;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(Conn { send, host: addr.to_string(), auth: None })
+    }
+
+    async fn open_spec(spec: &Spec) -> Res<Conn> {
+        match &spec.tls {
+            Some(tls) => Conn::open_tls(&spec.addr, tls.clone()).await,
+            None => Conn::open_as(&spec.addr, spec.token.as_deref()).await,
+        }
+    }
+
     async fn call(&mut self, method: Method, path: &str, body: Bytes) -> Res<(StatusCode, Bytes)> {
         let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
         if let Some(a) = &self.auth {
@@ -265,6 +284,14 @@ async fn load(
     load_as(addr, None, conns, secs, make).await
 }
 
+/// Where a load goes: an address, with a token or over TLS.
+#[derive(Clone)]
+struct Spec {
+    addr: String,
+    token: Option<String>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
 /// [`load`] with a token on every request.
 async fn load_as(
     addr: &str,
@@ -273,15 +300,24 @@ async fn load_as(
     secs: f64,
     make: impl Fn(&mut StdRng) -> (Method, String, Bytes) + Send + Sync + Clone + 'static,
 ) -> Res<Load> {
+    load_spec(Spec { addr: addr.to_string(), token, tls: None }, conns, secs, make).await
+}
+
+/// [`load`] to a [`Spec`].
+async fn load_spec(
+    spec: Spec,
+    conns: usize,
+    secs: f64,
+    make: impl Fn(&mut StdRng) -> (Method, String, Bytes) + Send + Sync + Clone + 'static,
+) -> Res<Load> {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..conns {
-        let addr = addr.to_string();
+        let spec = spec.clone();
         let make = make.clone();
-        let token = token.clone();
         tasks.spawn(async move {
             let mut rng = StdRng::seed_from_u64(i as u64);
-            let mut c = Conn::open_as(&addr, token.as_deref()).await?;
+            let mut c = Conn::open_spec(&spec).await?;
             let (mut lat, mut errors) = (Vec::with_capacity(100_000), 0u64);
             while Instant::now() < deadline {
                 let (m, p, b) = make(&mut rng);
@@ -528,6 +564,109 @@ impl Bench {
         Ok(())
     }
 
+    /// GET and PUT (buffer) at 32 kept-alive connections, plain and over TLS (a CA
+    /// and node certificate made with the openssl CLI), alternating as in `auth`.
+    async fn tls(&mut self) -> Res<()> {
+        let dir = self.tmp.path().join("tls-files");
+        std::fs::create_dir_all(&dir)?;
+        let run = |args: &[&str]| -> Res<()> {
+            let out = Command::new("openssl").args(args).current_dir(&dir).output();
+            match out {
+                Ok(o) if o.status.success() => Ok(()),
+                Ok(o) => Err(format!("openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr)).into()),
+                Err(e) => Err(format!("the tls bench needs the openssl CLI: {e}").into()),
+            }
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "2", "-subj", "/CN=bench-ca", "-keyout", "ca.key", "-out", "ca.crt"],
+        ]
+        .concat())?;
+        run(&[&["req"][..], &ec, &["-subj", "/CN=node", "-keyout", "node.key", "-out", "node.csr"]].concat())?;
+        std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n")?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "node.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "node.crt",
+            "-extfile",
+            "ext.cnf",
+        ])?;
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("ca.crt"))? {
+            roots.add(c?)?;
+        }
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let space = if self.opts.quick { 10_000 } else { 100_000 };
+        let secs = self.opts.load_secs;
+        let (plain, _) = start_kvs(&self.tmp.path().join("tls-off"), "durability: buffer\n")?;
+        let files = format!(
+            "durability: buffer\ntls_cert_file: {0}/node.crt\ntls_key_file: {0}/node.key\ntls_ca_file: {0}/ca.crt\n",
+            dir.display()
+        );
+        let (tls, _) = start_kvs(&self.tmp.path().join("tls-on"), &files)?;
+        preload(&plain.addr, space, 100).await?;
+        let on = Spec { addr: tls.addr.clone(), token: None, tls: Some(client) };
+        let off = Spec { addr: plain.addr.clone(), token: None, tls: None };
+        {
+            // Preload the TLS node through TLS connections.
+            let mut tasks = tokio::task::JoinSet::new();
+            for w in 0..16 {
+                let on = on.clone();
+                tasks.spawn(async move {
+                    let mut c = Conn::open_spec(&on).await?;
+                    for i in (w..space).step_by(16) {
+                        c.call(Method::PUT, &format!("/kv/users/u{}/items/i{}", i % 10_000, i), value(100)).await?;
+                    }
+                    Ok::<_, Err>(())
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                r??;
+            }
+        }
+        for (op, name) in [(Method::GET, "get c=32"), (Method::PUT, "put buffer c=32")] {
+            let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..3 {
+                for (k, spec) in [off.clone(), on.clone()].into_iter().enumerate() {
+                    let op = op.clone();
+                    let make = move |r: &mut StdRng| {
+                        let body = if op == Method::PUT { value(100) } else { Bytes::new() };
+                        (op.clone(), key_path(r, space), body)
+                    };
+                    runs[k].push(load_spec(spec, 32, secs, make).await?);
+                }
+            }
+            let median = |v: &mut Vec<Load>| {
+                v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
+                v.swap_remove(1)
+            };
+            let (l_off, l_on) = (median(&mut runs[0]), median(&mut runs[1]));
+            let mut j = l_on.to_json();
+            j["x_plain"] = json!((l_on.rps() / l_off.rps() * 100.0).round() / 100.0);
+            self.record(&format!("{name} plain"), l_off.to_json());
+            self.record(&format!("{name} tls"), j);
+        }
+        Ok(())
+    }
+
     /// Push lag, without and with a cluster key (every node-to-node request signed
     /// and verified).
     async fn lag(&mut self) -> Res<()> {
@@ -719,6 +858,9 @@ fn main() -> std::process::ExitCode {
             }
             if bench.wants("auth") {
                 bench.auth().await?;
+            }
+            if bench.wants("tls") {
+                bench.tls().await?;
             }
             if bench.wants("antientropy") {
                 bench.antientropy().await?;

@@ -41,6 +41,8 @@ pub struct Node {
     pub dir: PathBuf,
     /// Its config file.
     pub config: PathBuf,
+    /// With TLS: how the harness reaches it over HTTPS.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Node {
@@ -54,7 +56,8 @@ impl Node {
     /// Starts a node without waiting for it to listen (for nodes expected to fail).
     pub fn spawn_in(dir: &Path, extra: &str) -> Node {
         let config = write_config(dir, extra);
-        let mut node = Node { child: None, env: Vec::new(), addr: String::new(), dir: dir.to_path_buf(), config };
+        let mut node =
+            Node { child: None, env: Vec::new(), addr: String::new(), dir: dir.to_path_buf(), config, tls: None };
         node.spawn();
         node
     }
@@ -67,10 +70,33 @@ impl Node {
     /// Starts a node with extra environment variables.
     pub fn start_config_env(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Node {
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut node =
-            Node { child: None, env, addr: String::new(), dir: dir.to_path_buf(), config: config.to_path_buf() };
+        let mut node = Node {
+            child: None,
+            env,
+            addr: String::new(),
+            dir: dir.to_path_buf(),
+            config: config.to_path_buf(),
+            tls: None,
+        };
         node.restart();
         node
+    }
+
+    /// [`Node::start_in`] for a node serving HTTPS, reached with `tls`.
+    pub fn start_in_tls(dir: &Path, extra: &str, tls: std::sync::Arc<rustls::ClientConfig>) -> Node {
+        let config = write_config(dir, extra);
+        let mut node =
+            Node { child: None, env: Vec::new(), addr: String::new(), dir: dir.to_path_buf(), config, tls: Some(tls) };
+        node.restart();
+        node
+    }
+
+    /// One request to this node, over HTTPS when it serves TLS.
+    pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
+        match &self.tls {
+            None => http(&self.addr, method, path, body),
+            Some(tls) => https(tls, &self.addr, method, path, body),
+        }
     }
 
     /// Starts the process again on the same config and data (a new log section).
@@ -140,15 +166,15 @@ impl Node {
     }
 
     pub fn get(&self, path: &str) -> Resp {
-        http(&self.addr, "GET", path, None)
+        self.call("GET", path, None)
     }
 
     pub fn put(&self, path: &str, body: &str) -> Resp {
-        http(&self.addr, "PUT", path, Some(body.as_bytes()))
+        self.call("PUT", path, Some(body.as_bytes()))
     }
 
     pub fn delete(&self, path: &str) -> Resp {
-        http(&self.addr, "DELETE", path, None)
+        self.call("DELETE", path, None)
     }
 
     pub fn health(&self) -> serde_json::Value {
@@ -286,6 +312,32 @@ pub fn raw(addr: &str, request: &[u8], head: bool) -> Resp {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     parse_response(&buf, head)
+}
+
+/// One request over HTTPS (`Connection: close`), trusting what `tls` trusts.
+pub fn https(
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Resp {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body.unwrap_or_default());
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(tls.clone(), name).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    s.write_all(&bytes).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    parse_response(&buf, method == "HEAD")
 }
 
 fn parse_response(buf: &[u8], head: bool) -> Resp {
