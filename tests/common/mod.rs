@@ -43,6 +43,8 @@ pub struct Node {
     pub config: PathBuf,
     /// With TLS: how the harness reaches it over HTTPS.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// With client auth: the token the harness's requests carry.
+    pub token: Option<String>,
 }
 
 impl Node {
@@ -56,8 +58,15 @@ impl Node {
     /// Starts a node without waiting for it to listen (for nodes expected to fail).
     pub fn spawn_in(dir: &Path, extra: &str) -> Node {
         let config = write_config(dir, extra);
-        let mut node =
-            Node { child: None, env: Vec::new(), addr: String::new(), dir: dir.to_path_buf(), config, tls: None };
+        let mut node = Node {
+            child: None,
+            env: Vec::new(),
+            addr: String::new(),
+            dir: dir.to_path_buf(),
+            config,
+            tls: None,
+            token: None,
+        };
         node.spawn();
         node
     }
@@ -77,6 +86,7 @@ impl Node {
             dir: dir.to_path_buf(),
             config: config.to_path_buf(),
             tls: None,
+            token: None,
         };
         node.restart();
         node
@@ -85,17 +95,35 @@ impl Node {
     /// [`Node::start_in`] for a node serving HTTPS, reached with `tls`.
     pub fn start_in_tls(dir: &Path, extra: &str, tls: std::sync::Arc<rustls::ClientConfig>) -> Node {
         let config = write_config(dir, extra);
-        let mut node =
-            Node { child: None, env: Vec::new(), addr: String::new(), dir: dir.to_path_buf(), config, tls: Some(tls) };
+        let mut node = Node {
+            child: None,
+            env: Vec::new(),
+            addr: String::new(),
+            dir: dir.to_path_buf(),
+            config,
+            tls: Some(tls),
+            token: None,
+        };
         node.restart();
         node
     }
 
-    /// One request to this node, over HTTPS when it serves TLS.
+    /// One request to this node, over HTTPS when it serves TLS, with its token when
+    /// it has one.
     pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
+        if let Some(t) = &self.token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        if let Some(b) = body {
+            req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body.unwrap_or_default());
         match &self.tls {
-            None => http(&self.addr, method, path, body),
-            Some(tls) => https(tls, &self.addr, method, path, body),
+            None => raw(&self.addr, &bytes, method == "HEAD"),
+            Some(tls) => https_raw(tls, &self.addr, &bytes, method == "HEAD"),
         }
     }
 
@@ -314,30 +342,17 @@ pub fn raw(addr: &str, request: &[u8], head: bool) -> Resp {
     parse_response(&buf, head)
 }
 
-/// One request over HTTPS (`Connection: close`), trusting what `tls` trusts.
-pub fn https(
-    tls: &std::sync::Arc<rustls::ClientConfig>,
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-) -> Resp {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body.unwrap_or_default());
+/// Raw request bytes over HTTPS, trusting what `tls` trusts.
+pub fn https_raw(tls: &std::sync::Arc<rustls::ClientConfig>, addr: &str, bytes: &[u8], head: bool) -> Resp {
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let conn = rustls::ClientConnection::new(tls.clone(), name).unwrap();
     let sock = TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut s = rustls::StreamOwned::new(conn, sock);
-    s.write_all(&bytes).unwrap();
+    s.write_all(bytes).unwrap();
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
-    parse_response(&buf, method == "HEAD")
+    parse_response(&buf, head)
 }
 
 fn parse_response(buf: &[u8], head: bool) -> Resp {
