@@ -684,7 +684,8 @@ management_token_file: null
 metrics_public: false
 # HTTPS (rustls) on this node's port, client API and node-to-node alike: this node's
 # certificate chain and private key (PEM), and the CA (PEM) it trusts when it calls
-# peers over HTTPS. All three or none; every node of a cluster alike. Re-read on SIGHUP.
+# peers over HTTPS. All three or none; every node of a cluster alike. The files are
+# re-read on SIGHUP (a path change needs a restart).
 tls_cert_file: null
 tls_key_file: null
 tls_ca_file: null

@@ -458,8 +458,10 @@ async fn serve(
     failure.map_or(Ok(()), Err)
 }
 
-/// On SIGHUP: re-reads the config and applies `log_level` (or `KVS_LOG_LEVEL`).
-/// Other keys take effect at the next restart; a bad config is logged and ignored.
+/// On SIGHUP: re-reads the config, applies `log_level` (or `KVS_LOG_LEVEL`) and re-reads
+/// the TLS files (their contents; the paths are the ones the node started with).
+/// Other keys take effect at the next restart; a bad config (a TLS file that does not
+/// load included) is logged and changes nothing.
 async fn reload_on_hangup(app: Arc<App>, (path, set_level): (PathBuf, SetLogLevel), mut shutdown: Shutdown) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {

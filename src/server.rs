@@ -62,7 +62,13 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown)
             match app.tls.clone() {
                 None => serve_connection(&http, TokioIo::new(stream), app, peer, false, conn_shutdown).await,
                 Some(tls) => {
-                    let Some(stream) = tls_handshake(&tls, stream, peer).await else { return };
+                    let mut stop = conn_shutdown.clone();
+                    let handshake = tls_handshake(&tls, stream, peer);
+                    let stream = tokio::select! {
+                        s = handshake => s,
+                        _ = stop.wait() => None,
+                    };
+                    let Some(stream) = stream else { return };
                     // A certificate was presented, so the CA verified it.
                     let verified = stream.get_ref().1.peer_certificates().is_some();
                     serve_connection(&http, TokioIo::new(stream), app, peer, verified, conn_shutdown).await
@@ -100,27 +106,34 @@ async fn serve_connection<I>(
     serve_until_shutdown(http.serve_connection(io, service), shutdown, peer).await;
 }
 
-/// The TLS handshake of a new connection, within [`HEADER_READ_TIMEOUT`]. A client
-/// speaking plain HTTP to the TLS port gets a JSON 400 saying so, then the connection
-/// closes; a failed handshake is logged at debug level.
+/// The TLS handshake of a new connection: the first bytes and the whole handshake
+/// within one [`HEADER_READ_TIMEOUT`] from the accept. A client speaking plain HTTP to
+/// the TLS port gets a JSON 400 saying so, then the connection closes; a failed
+/// handshake is logged at debug level.
 async fn tls_handshake(
     tls: &crate::tls::Tls,
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
 ) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     let mut first = [0u8; 3];
-    let n = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await.ok()?.ok()?;
+    let n = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await.ok()?.ok()?;
     if n == 0 {
         return None;
     }
     if crate::tls::looks_like_plain_http(&first[..n]) {
         let mut stream = stream;
-        let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.write_all(&crate::tls::plain_http_answer())).await;
+        let _ = tokio::time::timeout_at(deadline, stream.write_all(&crate::tls::plain_http_answer())).await;
         let _ = stream.shutdown().await;
+        // Read what the client sent before closing: closing with unread bytes makes
+        // the kernel reset the connection, and the client may never see the answer.
+        let mut sink = [0u8; 4096];
+        let drain = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), drain).await;
         return None;
     }
-    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.acceptor().accept(stream)).await {
+    match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");

@@ -96,7 +96,8 @@ impl TlsFiles {
         certs(&self.cert).map_err(|e| ("tls_cert_file", e))?;
         key(&self.key).map_err(|e| ("tls_key_file", e))?;
         roots(&self.ca).map_err(|e| ("tls_ca_file", e))?;
-        self.load().map(|_| ()).map_err(|e| ("tls_key_file", e))
+        let ca = self.ca.display().to_string();
+        self.load().map(|_| ()).map_err(|e| (if e.starts_with(&ca) { "tls_ca_file" } else { "tls_key_file" }, e))
     }
 
     /// Both sides, as a start or a reload checks them.
