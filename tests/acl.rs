@@ -77,7 +77,8 @@ fn every_route_answers_by_the_tokens_rules() {
     call(a, t, "PUT", "/kv/app/ro/k", Some("4")).assert_error(403);
     call(a, t, "DELETE", "/kv/app/ro/k", None).assert_error(403);
     call(a, t, "GET", "/kv/other/k", None).assert_error(403);
-    call(a, t, "HEAD", "/kv/other/k", None);
+    assert_eq!(call(a, t, "HEAD", "/kv/other/k", None).status, 403);
+    assert_eq!(call(a, t, "HEAD", "/kv/app/x", None).status, 200);
     call(a, t, "PUT", "/kv/other/k", Some("5")).assert_error(403);
     // Listings leave out what the token cannot read, and say so.
     let all = call(a, t, "GET", "/kv/?keys", None);
@@ -97,6 +98,9 @@ fn every_route_answers_by_the_tokens_rules() {
     assert_eq!(me["id"], id.as_str());
     assert!(me.get("secret").is_none() && me.get("secret_sha256").is_none());
     call(a, t, "GET", "/acl/tokens", None).assert_error(403);
+    call(a, t, "GET", &format!("/acl/tokens/{id}"), None).assert_error(403);
+    call(a, t, "DELETE", &format!("/acl/tokens/{id}"), None).assert_error(403);
+    assert_401(&call(a, None, "DELETE", &format!("/acl/tokens/{id}"), None));
     call(a, t, "POST", "/acl/tokens", Some(r#"{"name":"x","rules":[{"prefix":"","access":"admin"}]}"#))
         .assert_error(403);
     let (_, denied) = make(a, r#"[{"prefix":"","access":"deny"}]"#, "");
