@@ -1396,18 +1396,20 @@ impl WriterState {
                 if c.before == c.after {
                     continue;
                 }
+                // The counts are of client keys: kvs's own records (tokens) are not.
+                let counted = u64::from(!crate::path::is_reserved(path));
                 if let Some(before) = &c.before {
                     // One entry per path in each index: the old ones go in the same batch.
                     batch.remove(&inner.by_time, time_key(before.timestamp, path));
                     xor_leaf(path, before);
-                    if before.is_tombstone() { tombs -= 1 } else { live -= 1 }
+                    if before.is_tombstone() { tombs -= counted } else { live -= counted }
                 }
                 match &c.after {
                     Some(after) => {
                         if after.is_tombstone() {
-                            tombs += 1
+                            tombs += counted
                         } else {
-                            live += 1
+                            live += counted
                         }
                         xor_leaf(path, after);
                         if !self.clock.is_future(after.timestamp, wall) {

@@ -143,6 +143,9 @@ fn every_route_answers_by_the_tokens_rules() {
         (call(a, Some(&short), "GET", "/kv/app/ro/k", None).status == 401).then_some(())
     });
     assert!(n.health()["client_auth_refused"].as_u64().unwrap() >= 10);
+    // /health counts client keys only: tokens (two live, one revoked) are not keys.
+    assert_eq!(n.health()["keys"], 3);
+    assert_eq!(n.health()["tombstones"], 0);
 }
 
 #[test]
