@@ -508,12 +508,41 @@ impl Bench {
         Ok(())
     }
 
+    /// GET, then PUT (buffer), at 32 connections against two nodes running at once,
+    /// alternating (first, second, three times each) so that a machine that slows
+    /// down mid-run slows both alike; records the medians and their ratio as `ratio`.
+    async fn alternate(&mut self, specs: [Spec; 2], labels: [&str; 2], ratio: &str, space: usize) -> Res<()> {
+        let secs = self.opts.load_secs;
+        for (op, name) in [(Method::GET, "get c=32"), (Method::PUT, "put buffer c=32")] {
+            let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..3 {
+                for (k, spec) in specs.iter().cloned().enumerate() {
+                    let op = op.clone();
+                    let make = move |r: &mut StdRng| {
+                        let body = if op == Method::PUT { value(100) } else { Bytes::new() };
+                        (op.clone(), key_path(r, space), body)
+                    };
+                    runs[k].push(load_spec(spec, 32, secs, make).await?);
+                }
+            }
+            let median = |v: &mut Vec<Load>| {
+                v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
+                v.swap_remove(1)
+            };
+            let (first, second) = (median(&mut runs[0]), median(&mut runs[1]));
+            let mut j = second.to_json();
+            j[ratio] = json!((second.rps() / first.rps() * 100.0).round() / 100.0);
+            self.record(&format!("{name} {}", labels[0]), first.to_json());
+            self.record(&format!("{name} {}", labels[1]), j);
+        }
+        Ok(())
+    }
+
     /// GET and PUT (buffer) at 32 connections on a node without client auth and on
     /// one with it (every request carries a token that is looked up and checked).
     /// Both nodes run at once and the loads alternate (off, on, three times each), so
     /// a machine that slows down mid-run slows both alike; medians are reported.
     async fn auth(&mut self) -> Res<()> {
-        let secs = self.opts.load_secs;
         let space = if self.opts.quick { 10_000 } else { 100_000 };
         let management = "bench-management-token-0123456789abcdef";
         let file = self.tmp.path().join("management.token");
@@ -539,29 +568,9 @@ impl Bench {
         let token = v["secret"].as_str().ok_or("no secret")?.to_string();
         preload(&off.addr, space, 100).await?;
         preload_as(&on.addr, Some(&token), space, 100).await?;
-        for (op, name) in [(Method::GET, "get c=32"), (Method::PUT, "put buffer c=32")] {
-            let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
-            for _ in 0..3 {
-                for (k, (addr, t)) in [(&off.addr, None), (&on.addr, Some(token.clone()))].into_iter().enumerate() {
-                    let op = op.clone();
-                    let make = move |r: &mut StdRng| {
-                        let body = if op == Method::PUT { value(100) } else { Bytes::new() };
-                        (op.clone(), key_path(r, space), body)
-                    };
-                    runs[k].push(load_as(addr, t, 32, secs, make).await?);
-                }
-            }
-            let median = |v: &mut Vec<Load>| {
-                v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
-                v.swap_remove(1)
-            };
-            let (l_off, l_on) = (median(&mut runs[0]), median(&mut runs[1]));
-            let mut j = l_on.to_json();
-            j["x_no_auth"] = json!((l_on.rps() / l_off.rps() * 100.0).round() / 100.0);
-            self.record(&format!("{name} no auth"), l_off.to_json());
-            self.record(&format!("{name} client_auth"), j);
-        }
-        Ok(())
+        let off = Spec { addr: off.addr.clone(), token: None, tls: None };
+        let on = Spec { addr: on.addr.clone(), token: Some(token), tls: None };
+        self.alternate([off, on], ["no auth", "client_auth"], "x_no_auth", space).await
     }
 
     /// GET and PUT (buffer) at 32 kept-alive connections, plain and over TLS (a CA
@@ -615,7 +624,6 @@ impl Bench {
                 .with_no_client_auth(),
         );
         let space = if self.opts.quick { 10_000 } else { 100_000 };
-        let secs = self.opts.load_secs;
         let (plain, _) = start_kvs(&self.tmp.path().join("tls-off"), "durability: buffer\n")?;
         let files = format!(
             "durability: buffer\ntls_cert_file: {0}/node.crt\ntls_key_file: {0}/node.key\ntls_ca_file: {0}/ca.crt\n",
@@ -642,29 +650,7 @@ impl Bench {
                 r??;
             }
         }
-        for (op, name) in [(Method::GET, "get c=32"), (Method::PUT, "put buffer c=32")] {
-            let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
-            for _ in 0..3 {
-                for (k, spec) in [off.clone(), on.clone()].into_iter().enumerate() {
-                    let op = op.clone();
-                    let make = move |r: &mut StdRng| {
-                        let body = if op == Method::PUT { value(100) } else { Bytes::new() };
-                        (op.clone(), key_path(r, space), body)
-                    };
-                    runs[k].push(load_spec(spec, 32, secs, make).await?);
-                }
-            }
-            let median = |v: &mut Vec<Load>| {
-                v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
-                v.swap_remove(1)
-            };
-            let (l_off, l_on) = (median(&mut runs[0]), median(&mut runs[1]));
-            let mut j = l_on.to_json();
-            j["x_plain"] = json!((l_on.rps() / l_off.rps() * 100.0).round() / 100.0);
-            self.record(&format!("{name} plain"), l_off.to_json());
-            self.record(&format!("{name} tls"), j);
-        }
-        Ok(())
+        self.alternate([off, on], ["plain", "tls"], "x_plain", space).await
     }
 
     /// Push lag, without and with a cluster key (every node-to-node request signed

@@ -55,10 +55,9 @@ impl Node {
         Node::start_config(dir, &config)
     }
 
-    /// Starts a node without waiting for it to listen (for nodes expected to fail).
-    pub fn spawn_in(dir: &Path, extra: &str) -> Node {
-        let config = write_config(dir, extra);
-        let mut node = Node {
+    /// A node not yet started.
+    fn new(dir: &Path, config: PathBuf) -> Node {
+        Node {
             child: None,
             env: Vec::new(),
             addr: String::new(),
@@ -66,7 +65,12 @@ impl Node {
             config,
             tls: None,
             token: None,
-        };
+        }
+    }
+
+    /// Starts a node without waiting for it to listen (for nodes expected to fail).
+    pub fn spawn_in(dir: &Path, extra: &str) -> Node {
+        let mut node = Node::new(dir, write_config(dir, extra));
         node.spawn();
         node
     }
@@ -78,32 +82,16 @@ impl Node {
 
     /// Starts a node with extra environment variables.
     pub fn start_config_env(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Node {
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut node = Node {
-            child: None,
-            env,
-            addr: String::new(),
-            dir: dir.to_path_buf(),
-            config: config.to_path_buf(),
-            tls: None,
-            token: None,
-        };
+        let mut node = Node::new(dir, config.to_path_buf());
+        node.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         node.restart();
         node
     }
 
     /// [`Node::start_in`] for a node serving HTTPS, reached with `tls`.
     pub fn start_in_tls(dir: &Path, extra: &str, tls: std::sync::Arc<rustls::ClientConfig>) -> Node {
-        let config = write_config(dir, extra);
-        let mut node = Node {
-            child: None,
-            env: Vec::new(),
-            addr: String::new(),
-            dir: dir.to_path_buf(),
-            config,
-            tls: Some(tls),
-            token: None,
-        };
+        let mut node = Node::new(dir, write_config(dir, extra));
+        node.tls = Some(tls);
         node.restart();
         node
     }
