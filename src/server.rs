@@ -60,7 +60,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown)
         connections.spawn(async move {
             let _slot = slot;
             match app.tls.clone() {
-                None => serve_connection(&http, TokioIo::new(stream), app, peer, false, conn_shutdown).await,
+                None => serve_connection(&http, TokioIo::new(stream), app, peer, None, conn_shutdown).await,
                 Some(tls) => {
                     let mut stop = conn_shutdown.clone();
                     let handshake = tls_handshake(&tls, stream, peer);
@@ -71,7 +71,8 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown)
                     let Some(stream) = stream else { return };
                     // A certificate was presented, so the CA verified it.
                     let verified = stream.get_ref().1.peer_certificates().is_some();
-                    serve_connection(&http, TokioIo::new(stream), app, peer, verified, conn_shutdown).await
+                    let tls_state = Some((verified, tls.reloads()));
+                    serve_connection(&http, TokioIo::new(stream), app, peer, tls_state, conn_shutdown).await
                 }
             }
         });
@@ -84,18 +85,23 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown)
     }
 }
 
-/// Serves one connection (plain or TLS); `verified`: it presented a client
-/// certificate from the CA, which node-to-node routes need with `tls_client_auth`.
+/// Serves one connection, plain (`tls: None`) or TLS: whether it presented a client
+/// certificate from the CA (node-to-node routes need one with `tls_client_auth`), and
+/// the reload signal that closes it.
 async fn serve_connection<I>(
     http: &http1::Builder,
     io: I,
     app: Arc<App>,
     peer: std::net::SocketAddr,
-    verified: bool,
+    tls: Option<(bool, tokio::sync::watch::Receiver<u64>)>,
     shutdown: Shutdown,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let (verified, reloads) = match tls {
+        Some((v, r)) => (v, Some(r)),
+        None => (false, None),
+    };
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
         if verified {
@@ -103,7 +109,7 @@ async fn serve_connection<I>(
         }
         async move { Ok::<_, Infallible>(api::handle(app, req, peer).await) }
     });
-    serve_until_shutdown(http.serve_connection(io, service), shutdown, peer).await;
+    serve_until_shutdown(http.serve_connection(io, service), shutdown, reloads, peer).await;
 }
 
 /// The TLS handshake of a new connection: the first bytes and the whole handshake
@@ -143,16 +149,37 @@ async fn tls_handshake(
     }
 }
 
-async fn serve_until_shutdown<I, S>(conn: http1::Connection<I, S>, mut shutdown: Shutdown, peer: std::net::SocketAddr)
-where
+/// Serves a connection until it ends, or until shutdown or (TLS) a certificate reload:
+/// then it finishes the request in flight and closes, so the client reconnects (and is
+/// verified again, against the new files).
+async fn serve_until_shutdown<I, S>(
+    conn: http1::Connection<I, S>,
+    mut shutdown: Shutdown,
+    mut reloaded: Option<tokio::sync::watch::Receiver<u64>>,
+    peer: std::net::SocketAddr,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = http_body_util::Full<bytes::Bytes>>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     tokio::pin!(conn);
+    let reload = async {
+        match reloaded.as_mut() {
+            Some(r) => {
+                if r.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = shutdown.wait() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        _ = reload => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -2,7 +2,8 @@
 //! API and node-to-node alike), the CA it trusts when it calls peers over HTTPS, and,
 //! with `tls_client_auth`, the client certificate peers must present on node-to-node
 //! routes. Files are read at start (a bad one stops the start, exit 2) and again on
-//! SIGHUP; connections opened after a reload use the new files.
+//! SIGHUP; after a reload, open connections finish their request and close, so every
+//! client and peer is verified again against the new files.
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -111,13 +112,21 @@ pub struct Tls {
     files: TlsFiles,
     server: RwLock<Arc<ServerConfig>>,
     client: RwLock<Arc<ClientConfig>>,
+    /// Counts reloads; open connections watch it and close after a reload, so every
+    /// client is verified again against the new files.
+    reloaded: tokio::sync::watch::Sender<u64>,
 }
 
 impl Tls {
     /// Reads the files.
     pub fn new(files: TlsFiles) -> Result<Tls, String> {
         let (server, client) = files.load()?;
-        Ok(Tls { files, server: RwLock::new(server), client: RwLock::new(client) })
+        Ok(Tls {
+            files,
+            server: RwLock::new(server),
+            client: RwLock::new(client),
+            reloaded: tokio::sync::watch::Sender::new(0),
+        })
     }
 
     /// Reads the files again; on error the old ones stay in use.
@@ -125,7 +134,13 @@ impl Tls {
         let (server, client) = self.files.load()?;
         *self.server.write().unwrap_or_else(|p| p.into_inner()) = server;
         *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+        self.reloaded.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// A signal that changes at every reload (open connections close on it).
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloaded.subscribe()
     }
 
     /// The acceptor for a new connection.

@@ -126,6 +126,40 @@ fn bad_tls_settings_stop_the_start_with_one_line_naming_the_key() {
     }
 }
 
+/// A TLS connection that served one request and is kept alive (reads time out after
+/// 200 ms while it stays open).
+fn keep_alive(
+    tls: &Arc<rustls::ClientConfig>,
+    addr: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(tls.clone(), name).unwrap();
+    let sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    // The whole answer: the head, then Content-Length bytes.
+    loop {
+        let n = s.read(&mut b).unwrap_or(0);
+        got.extend_from_slice(&b[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .unwrap();
+            if body.len() >= len {
+                break;
+            }
+        }
+        assert!(n > 0, "the connection closed before the answer");
+    }
+    s
+}
+
 /// Whether a TLS handshake with `addr`, trusting only `tls`'s roots, succeeds.
 fn handshake_ok(tls: &Arc<rustls::ClientConfig>, addr: &str) -> bool {
     use std::io::Write;
@@ -145,11 +179,24 @@ fn sighup_reloads_the_certificates_for_new_connections() {
     let n1 = start(&d, "n1", &[], &old, &old.node_files(&dir, &old, false));
     assert!(handshake_ok(&old.client(), &n1.addr));
     assert!(!handshake_ok(&new.client(), &n1.addr));
+    // A kept-alive connection verified under the old files.
+    let mut kept = keep_alive(&old.client(), &n1.addr);
     // The same files, now holding a certificate from the new CA.
     new.node_files(&dir, &new, false);
     signal(n1.pid(), "HUP");
     wait_for(DEADLINE, "the new certificate in use", || handshake_ok(&new.client(), &n1.addr).then_some(()));
     assert!(!handshake_ok(&old.client(), &n1.addr));
+    // Open connections close after a reload: every client is verified again. (An idle
+    // one would also close at the 10 s header timeout: the wait is shorter than that.)
+    wait_for(std::time::Duration::from_secs(5), "the old connection closed", || {
+        use std::io::Read;
+        let mut b = [0u8; 1];
+        match kept.read(&mut b) {
+            Ok(0) => Some(()),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
+            _ => Some(()),
+        }
+    });
     // A reload that fails keeps the certificates in use.
     std::fs::write(dir.join("node.crt"), "garbage").unwrap();
     signal(n1.pid(), "HUP");
