@@ -32,7 +32,9 @@
 //!   bootstrapping; one plain type, no I/O). [`stats`]: their counters.
 //! - [`conflict`]: the vote rules for timestamp collisions (majority, oldest node,
 //!   fallback), no I/O; [`resolve`]: the task that runs the votes.
-//! - [`api`]: the client HTTP API: routing, handlers, JSON errors.
+//! - [`api`]: the client HTTP API: routing, handlers, JSON errors, and (client auth
+//!   on) the token check before routing; [`acl_api`]: the `/acl/...` token routes.
+//! - [`tls`]: rustls configs from the TLS files, reloaded on SIGHUP.
 //!   [`internal`]: the server half of the node-to-node protocol.
 //! - [`server`]: the accept loop: connection cap, timeouts, graceful drain.
 //! - [`node`]: wires one node together and runs it until a signal (or, embedded in a
