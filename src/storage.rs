@@ -211,7 +211,7 @@ struct Inner {
 }
 
 /// The most bytes fjall may hold in memtables (active and waiting to be flushed)
-/// before the writer waits for flushes ([`Inner::wait_for_flushes`]). Memtables that
+/// before the writer waits for flushes (`Inner::wait_for_flushes`). Memtables that
 /// are flushed stay in memory until fjall's next memtable rotation (its version
 /// history is trimmed only then), so fjall holds at most about twice this in
 /// memtables (heaptrack: 265 MiB of memtable values at the peak of 1.6 GiB of 1 MiB
@@ -580,7 +580,7 @@ impl Store {
     }
 
     /// Times the writer rotated every memtable because the write buffer was over its
-    /// limit with no flush coming ([`Inner::wait_for_flushes`]).
+    /// limit with no flush coming (`Inner::wait_for_flushes`).
     pub fn forced_rotations(&self) -> u64 {
         self.inner.forced_rotations.load(Ordering::Relaxed)
     }
