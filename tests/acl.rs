@@ -23,16 +23,9 @@ fn auth_on(dir: &Path) -> String {
 
 /// One request with `Authorization: Bearer <token>` (no header for `None`).
 fn call(addr: &str, token: Option<&str>, method: &str, path: &str, body: Option<&str>) -> Resp {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("\r\n");
-    req.push_str(body.unwrap_or_default());
-    raw(addr, req.as_bytes(), method == "HEAD")
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    raw(addr, &request(method, path, &headers, body.map(str::as_bytes)), method == "HEAD")
 }
 
 /// Makes a token with `rules` (JSON) through `addr`; returns (id, secret).

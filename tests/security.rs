@@ -30,15 +30,14 @@ fn signed_post(addr: &str, key: &str, route: &str, signed: &[u8], sent: &[u8], t
     let digest = kvs::auth::digest(signed);
     let signed = kvs::auth::Signed { method: "POST", path_and_query: route, last_contact: None };
     let signature = keys.sign(&signed, time, &digest);
-    let mut req = format!(
-        "POST {route} HTTP/1.1\r\nHost: x\r\nX-Kvs-Wire: {}\r\nContent-Length: {}\r\nX-Kvs-Time: {time}\r\n\
-         X-Kvs-Body-Sha256: {digest}\r\nX-Kvs-Signature: {signature}\r\nConnection: close\r\n\r\n",
-        kvs::protocol::WIRE_VERSION,
-        sent.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(sent);
-    raw(addr, &req, false)
+    let (wire, time) = (kvs::protocol::WIRE_VERSION.to_string(), time.to_string());
+    let headers = [
+        ("X-Kvs-Wire", wire.as_str()),
+        ("X-Kvs-Time", time.as_str()),
+        ("X-Kvs-Body-Sha256", digest.as_str()),
+        ("X-Kvs-Signature", signature.as_str()),
+    ];
+    raw(addr, &request("POST", route, &headers, Some(sent)), false)
 }
 
 fn refused(n: &Node) -> u64 {

@@ -236,15 +236,9 @@ fn the_production_example_runs_with_tokens_a_cluster_key_and_tls() {
         nodes[0].call("POST", "/acl/tokens", Some(br#"{"name":"app","rules":[{"prefix":"app/","access":"write"}]}"#));
     assert_eq!(made.status, 201, "{}", made.text());
     let secret = made.json()["secret"].as_str().unwrap().to_string();
+    let auth = format!("Bearer {secret}");
     let as_app = |n: &Node, method: &str, path: &str, body: Option<&[u8]>| {
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\nConnection: close\r\n");
-        if let Some(b) = body {
-            req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body.unwrap_or_default());
+        let bytes = request(method, path, &[("Authorization", auth.as_str())], body);
         https_raw(n.tls.as_ref().unwrap(), &n.addr, &bytes, false)
     };
     wait_for(DEADLINE, "the token to work on n3", || {

@@ -99,16 +99,9 @@ impl Node {
     /// One request to this node, over HTTPS when it serves TLS, with its token when
     /// it has one.
     pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
-        if let Some(t) = &self.token {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        if let Some(b) = body {
-            req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body.unwrap_or_default());
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let bytes = request(method, path, &headers, body);
         match &self.tls {
             None => raw(&self.addr, &bytes, method == "HEAD"),
             Some(tls) => https_raw(tls, &self.addr, &bytes, method == "HEAD"),
@@ -281,16 +274,25 @@ impl Resp {
     }
 }
 
-/// One request over a fresh connection (`Connection: close`).
-pub fn http(addr: &str, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+/// The bytes of one request (`Connection: close`) with extra `headers` and, when
+/// there is a body, its `Content-Length`.
+pub fn request(method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
     if let Some(b) = body {
         req.push_str(&format!("Content-Length: {}\r\n", b.len()));
     }
     req.push_str("\r\n");
     let mut bytes = req.into_bytes();
     bytes.extend_from_slice(body.unwrap_or_default());
-    raw(addr, &bytes, method == "HEAD")
+    bytes
+}
+
+/// One request over a fresh connection (`Connection: close`).
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
+    raw(addr, &request(method, path, &[], body), method == "HEAD")
 }
 
 /// The full version (HLC) a write answered.
