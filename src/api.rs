@@ -38,8 +38,53 @@ pub const FILTERED_HEADER: &str = "x-kvs-filtered";
 /// versions exactly.
 pub const VERSION_HEADER: &str = "x-kvs-version";
 
-/// The response type of every handler.
+/// The response type of every handler but the change stream's.
 pub type HttpResponse = Response<Full<Bytes>>;
+
+/// The body of any client response: whole, or a change stream
+/// ([`crate::changes_api::SseBody`]).
+pub enum ResponseBody {
+    /// A body known in full.
+    Whole(Full<Bytes>),
+    /// A Server-Sent Events stream.
+    Stream(crate::changes_api::SseBody),
+}
+
+impl ResponseBody {
+    /// A whole body of `bytes`.
+    pub fn whole(bytes: Bytes) -> Self {
+        ResponseBody::Whole(Full::new(bytes))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Whole(b) => std::pin::Pin::new(b).poll_frame(cx),
+            ResponseBody::Stream(s) => std::pin::Pin::new(s).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Whole(b) => b.is_end_stream(),
+            ResponseBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ResponseBody::Whole(b) => b.size_hint(),
+            ResponseBody::Stream(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
 
 /// An error a request ends with; each kind has its HTTP status.
 #[derive(Debug)]
@@ -70,6 +115,8 @@ pub enum ApiError {
     Syncing,
     /// The node is busy (a memory budget is full); retry shortly (503).
     Busy(&'static str),
+    /// A change feed cursor this node cannot serve (410).
+    Gone(String),
     /// Storage has not finished a write for this long (503).
     Stalled(Duration),
     /// The node's clock is off the cluster's, or not yet compared (503).
@@ -85,6 +132,7 @@ impl ApiError {
             ApiError::ReadOnly => StatusCode::FORBIDDEN,
             ApiError::Unauthorized(_) | ApiError::NoToken(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Gone(_) => StatusCode::GONE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -103,9 +151,11 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            ApiError::BadRequest(m) | ApiError::Conflict(m) | ApiError::Unauthorized(m) | ApiError::Forbidden(m) => {
-                m.clone()
-            }
+            ApiError::BadRequest(m)
+            | ApiError::Conflict(m)
+            | ApiError::Unauthorized(m)
+            | ApiError::Forbidden(m)
+            | ApiError::Gone(m) => m.clone(),
             ApiError::NoToken(why) => why.to_string(),
             ApiError::ReadOnly => "this node is read-only".into(),
             ApiError::NotFound(what) => format!("{what} not found"),
@@ -183,6 +233,7 @@ fn route_name(req: &Request<Incoming>) -> &'static str {
     match path {
         "/health" => "health",
         "/metrics" => "metrics",
+        "/changes" => "changes",
         "/members" | "/members/" => "members",
         routes::JOIN | routes::LEAVE => "membership",
         p if p.starts_with("/internal/") => "internal",
@@ -218,7 +269,7 @@ pub fn client_address(
 
 /// Routes one request; records its metrics and (at debug) an access log line with the
 /// real client address.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: std::net::SocketAddr) -> HttpResponse {
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: std::net::SocketAddr) -> Response<ResponseBody> {
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let route = route_name(&req);
@@ -239,17 +290,17 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: std::net::Socke
     resp
 }
 
-async fn respond(app: &Arc<App>, req: Request<Incoming>) -> HttpResponse {
+async fn respond(app: &Arc<App>, req: Request<Incoming>) -> Response<ResponseBody> {
     let head_only = req.method() == Method::HEAD;
     let result =
         if header_bytes(&req) > MAX_HEADER_BYTES { Err(ApiError::HeadersTooLarge) } else { route(app, req).await };
-    let mut resp = result.unwrap_or_else(ApiError::into_response);
+    let mut resp = result.unwrap_or_else(|e| e.into_response().map(ResponseBody::Whole));
     resp.headers_mut().insert(WIRE_HEADER, HeaderValue::from(WIRE_VERSION));
     if head_only {
         // HEAD answers like GET without the body; the length still says what GET sends.
         let len = resp.body().size_hint().exact().unwrap_or(0);
         resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        *resp.body_mut() = Full::new(Bytes::new());
+        *resp.body_mut() = ResponseBody::whole(Bytes::new());
     }
     resp
 }
@@ -259,19 +310,32 @@ fn header_bytes(req: &Request<Incoming>) -> usize {
     uri + req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>()
 }
 
-async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ResponseBody>, ApiError> {
     let path = req.uri().path();
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     // Node-to-node routes answer to the cluster key, never to client tokens.
     if crate::internal::is_internal(path) {
-        return crate::internal::route(app, req).await;
+        return crate::internal::route(app, req).await.map(|r| r.map(ResponseBody::Whole));
     }
     let open = read && (path == "/health" || (path == "/metrics" && app.config.metrics_public));
     let caller = match &app.acl {
         Some(acl) if !open => Some(authenticate(acl, &req).await?),
         _ => None,
     };
-    let caller = caller.as_ref();
+    if path == "/changes" {
+        return crate::changes_api::get(app, caller.as_ref(), req).await;
+    }
+    client_route(app, caller.as_ref(), req).await.map(|r| r.map(ResponseBody::Whole))
+}
+
+/// The client routes with whole bodies, once the caller is known.
+async fn client_route(
+    app: &Arc<App>,
+    caller: Option<&crate::acl::Caller>,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let path = req.uri().path();
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
     if let Some(raw_key) = path.strip_prefix("/kv/") {
         let raw_key = raw_key.to_string();
         return match *req.method() {

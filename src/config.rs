@@ -120,6 +120,9 @@ struct RawConfig {
     tombstone_grace_hours: f64,
     max_clock_offset_ms: u64,
     storage_stall_timeout: f64,
+    changes_retention_hours: f64,
+    max_watchers: u64,
+    changes_stall_timeout: f64,
     trusted_proxies: Vec<String>,
     cluster_key_file: Option<PathBuf>,
     client_auth: bool,
@@ -156,6 +159,9 @@ impl Default for RawConfig {
             tombstone_grace_hours: 168.0,
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
             storage_stall_timeout: 10.0,
+            changes_retention_hours: 24.0,
+            max_watchers: 10_000,
+            changes_stall_timeout: 30.0,
             trusted_proxies: Vec::new(),
             cluster_key_file: None,
             client_auth: false,
@@ -220,6 +226,13 @@ pub struct Config {
     /// says `error`, writes get 503, the watchdog is not fed; after
     /// [`STALL_EXIT_FACTOR`] times this the node exits 1.
     pub storage_stall_timeout: Duration,
+    /// How long the change feed keeps changes at least.
+    pub changes_retention: Duration,
+    /// Most change feed long-polls and streams open at once (503 beyond).
+    pub max_watchers: usize,
+    /// A change stream whose client takes nothing for this long while there is
+    /// something to send is ended with an error event.
+    pub changes_stall_timeout: Duration,
     /// Proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` headers are believed.
     pub trusted_proxies: Vec<IpAddr>,
     /// The cluster keys (`cluster_key_file`, read at start): node-to-node requests
@@ -534,6 +547,25 @@ impl RawConfig {
                 format!("must be between 0.1 and 600 seconds, got {}", self.storage_stall_timeout),
             );
         }
+        let changes_stall_timeout = seconds("changes_stall_timeout", self.changes_stall_timeout)?;
+        if changes_stall_timeout > Duration::from_secs(3600) || changes_stall_timeout < Duration::from_millis(100) {
+            return field_err(
+                "changes_stall_timeout",
+                format!("must be between 0.1 and 3600 seconds, got {}", self.changes_stall_timeout),
+            );
+        }
+        // Fractions are accepted (tests keep seconds); at least one second.
+        if !self.changes_retention_hours.is_finite()
+            || !(1.0 / 3600.0..=87_600.0).contains(&self.changes_retention_hours)
+        {
+            return field_err(
+                "changes_retention_hours",
+                format!("must be between 0.000278 (one second) and 87600, got {}", self.changes_retention_hours),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.max_watchers) {
+            return field_err("max_watchers", format!("must be between 1 and 1000000, got {}", self.max_watchers));
+        }
         let tombstone_grace = Duration::from_secs_f64(grace * 3600.0);
         // A tombstone must outlive several sync rounds (or a delete that one round
         // missed is purged before the next finds it), and a member's silence long
@@ -572,6 +604,9 @@ impl RawConfig {
             tombstone_grace,
             max_clock_offset_ms: self.max_clock_offset_ms,
             storage_stall_timeout,
+            changes_retention: Duration::from_secs_f64(self.changes_retention_hours * 3600.0),
+            max_watchers: self.max_watchers as usize,
+            changes_stall_timeout,
             trusted_proxies,
             cluster_keys,
             management_token,
@@ -665,6 +700,14 @@ max_clock_offset_ms: 500
 # hung disk): /health says "error", client writes get 503 at once and the systemd
 # watchdog is no longer fed. After 6 times this the node exits with status 1.
 storage_stall_timeout: 10
+# Hours the change feed (GET /changes) keeps changes at least; a cursor older than
+# that gets 410 and must re-read. Each change costs about 50 bytes plus its key on disk.
+changes_retention_hours: 24
+# Most change feed long-polls and streams open at once; more get 503.
+max_watchers: 10000
+# Seconds a change stream (SSE) may go without its client taking any bytes while
+# there is something to send; then it ends with an error event (the client resumes).
+changes_stall_timeout: 30
 # IP addresses of reverse proxies whose X-Forwarded-For/-Proto headers are believed.
 trusted_proxies: []
 # File of cluster keys (base64, one a line; make one with `kvs keygen`); a relative

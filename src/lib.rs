@@ -80,6 +80,8 @@ pub mod acl_api;
 pub mod antientropy;
 pub mod api;
 pub mod auth;
+pub mod changes;
+pub mod changes_api;
 pub mod clock;
 pub mod cluster;
 pub mod config;

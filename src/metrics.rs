@@ -95,6 +95,8 @@ pub struct NodeCollector {
     pub pusher: Pusher,
     /// Client token refusals (client auth on).
     pub acl: Option<Arc<crate::acl::Acl>>,
+    /// Change feed watchers and counters.
+    pub feed: Arc<crate::changes_api::Feed>,
 }
 
 impl std::fmt::Debug for NodeCollector {
@@ -119,6 +121,21 @@ impl Collector for NodeCollector {
         gauge(&mut e, "keys", "Live keys stored", self.store.live_keys() as i64)?;
         gauge(&mut e, "tombstones", "Tombstones held (deletes not yet purged)", self.store.tombstones() as i64)?;
         gauge(&mut e, "storage_disk_bytes", "Bytes the database takes on disk", self.store.disk_bytes() as i64)?;
+        let feed = &self.feed;
+        gauge(&mut e, "change_seq", "The change feed's last seq on this node", self.store.last_seq() as i64)?;
+        gauge(&mut e, "change_watchers", "Change feed long-polls and streams open", feed.watchers() as i64)?;
+        counter(
+            &mut e,
+            "change_events_sent",
+            "Change feed events sent to clients",
+            feed.events_sent.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "change_streams_lagged",
+            "Change streams ended because their client did not keep up",
+            feed.lagged.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
         gauge(&mut e, "push_queue_depth", "Writes waiting to be pushed", self.pusher.queue_depth() as i64)?;
         gauge(
             &mut e,

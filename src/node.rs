@@ -64,6 +64,8 @@ pub struct App {
     pub acl: Option<Arc<crate::acl::Acl>>,
     /// TLS state (certificates, reloaded on SIGHUP); `None`: plain HTTP.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// The change feed's watchers, limits and counters.
+    pub feed: Arc<crate::changes_api::Feed>,
 }
 
 impl App {
@@ -91,6 +93,7 @@ impl App {
             "keys": self.store.live_keys(),
             "tombstones": self.store.tombstones(),
             "newest_write": hlc::ms(self.store.newest_timestamp()),
+            "last_seq": self.store.last_seq(),
             "last_contact": hlc::ms(self.cluster.last_contact()),
             "gc_horizon": hlc::ms(self.store.gc_horizon()),
             "clock": self.cluster.clock_status(),
@@ -305,7 +308,7 @@ async fn serve(
     .signed(config.cluster_keys.clone());
     let me = MemberInfo {
         id: config.node_id.clone(),
-        uid: id.uid,
+        uid: id.uid.clone(),
         address: advertise,
         joined_timestamp: id.joined_timestamp,
         incarnation: id.incarnation,
@@ -372,6 +375,14 @@ async fn serve(
         pusher: pusher.clone(),
         stats: stats.clone(),
     };
+    // Ends every change feed wait and stream first when the node stops.
+    let (feed_trigger, feed_shutdown) = shutdown::channel();
+    let feed = Arc::new(crate::changes_api::Feed::new(
+        config.max_watchers,
+        config.changes_stall_timeout,
+        id.uid,
+        feed_shutdown,
+    ));
     let app_acl = config.management_token.as_ref().map(|t| Arc::new(crate::acl::Acl::new(store.clone(), &t.0)));
     let metrics = Metrics::new(NodeCollector {
         store: store.clone(),
@@ -379,6 +390,7 @@ async fn serve(
         stats: stats.clone(),
         pusher: pusher.clone(),
         acl: app_acl.clone(),
+        feed: feed.clone(),
     });
     let app = Arc::new(App {
         config,
@@ -391,6 +403,7 @@ async fn serve(
         started: Instant::now(),
         acl: app_acl,
         tls: tls.clone(),
+        feed,
     });
     let (trigger, shutdown) = shutdown::channel();
     // The server and the pusher stop first, in that order (see the stop order below).
@@ -408,6 +421,7 @@ async fn serve(
     tasks.spawn(replication.clone().sync_loop(shutdown.clone()));
     tasks.spawn(replication.clone().catchup_loop(shutdown.clone()));
     tasks.spawn(replication.maintenance_loop(shutdown.clone(), maintenance_interval));
+    tasks.spawn(crate::changes_api::trim_loop(app.writer.clone(), app.config.changes_retention, shutdown.clone()));
     if let Some(reload) = embedding.reload {
         tasks.spawn(reload_on_hangup(app.clone(), reload, shutdown.clone()));
     }
@@ -441,6 +455,9 @@ async fn serve(
     // Stop order: finish every client request (so every acknowledged write is queued
     // for push), hand the queued pushes to the alive peers (bounded by the drain
     // time), say goodbye, then stop the background tasks.
+    // Change feed waits answer at once and streams end, so the server's drain does not
+    // wait out a 300 s long-poll.
+    feed_trigger.trigger();
     server_trigger.trigger();
     let _ = server.await;
     push_trigger.trigger();

@@ -159,7 +159,7 @@ async fn serve_until_shutdown<I, S>(
     peer: std::net::SocketAddr,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = http_body_util::Full<bytes::Bytes>>,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::api::ResponseBody>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     tokio::pin!(conn);

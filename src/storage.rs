@@ -10,7 +10,9 @@
 //! - `summary`: key leaf (2 bytes) → leaf hash (8 bytes); see [`crate::antientropy`].
 //!   Also held in memory.
 //! - `meta`: node-local facts that must survive a restart (last timestamp handed out,
-//!   key counts, tombstone purge horizon, membership identity).
+//!   key counts, tombstone purge horizon, membership identity, the change feed's seq).
+//! - `changes`: key seq (8 bytes, big-endian) → [`crate::changes::Event`]: every
+//!   version the writer stored, numbered, for `GET /changes`.
 //!
 //! Every change goes through one writer thread ([`Writer`]). It takes all requests
 //! waiting in its queue, stages them in one atomic fjall batch (record, index and
@@ -53,6 +55,10 @@ const META_GC_HORIZON: &[u8] = b"gc_horizon";
 /// `last_contact` belongs to replication but is a version timestamp too.
 const META_TIMESTAMPS: [&[u8]; 3] = [META_LAST_TIMESTAMP, META_GC_HORIZON, b"last_contact"];
 const META_FORMAT: &[u8] = b"format_version";
+/// The change feed's last seq handed out ([`crate::changes`]).
+const META_CHANGE_SEQ: &[u8] = b"change_seq";
+/// The oldest change feed cursor that can still be served.
+const META_CHANGE_FLOOR: &[u8] = b"change_floor";
 /// The data dir format this kvs writes. 1: timestamps were Unix ms (kvs 0.1 before
 /// the HLC); 2: timestamps are HLCs ([`crate::hlc`]). Older formats are upgraded in
 /// place at start; newer ones are refused.
@@ -184,6 +190,14 @@ struct Inner {
     meta: Keyspace,
     /// Certificates of purged deletes: path → timestamp (8) · uuid (16).
     dormant: Keyspace,
+    /// The change feed's log: seq → [`crate::changes::Event`].
+    changes: Keyspace,
+    /// The last seq committed; moves after the commit, before the wake-ups.
+    last_seq: AtomicU64,
+    /// The oldest cursor the log can serve (ARCHITECTURE.md "Change feed").
+    change_floor: AtomicU64,
+    /// Watchers of the change feed, woken by the writer after each commit.
+    wakeups: Arc<crate::changes::Wakeups>,
     counts: Counts,
     /// Leaf hashes, as committed.
     leaves: Mutex<Vec<u64>>,
@@ -448,6 +462,7 @@ impl Store {
         let summary = db.keyspace("summary", KeyspaceCreateOptions::default).map_err(io)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io)?;
         let dormant = db.keyspace("dormant", KeyspaceCreateOptions::default).map_err(io)?;
+        let changes = db.keyspace("changes", KeyspaceCreateOptions::default).map_err(io)?;
         match read_u64(&meta, META_FORMAT)? {
             0 if fresh => meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes()).map_err(io)?,
             0 | 1 => upgrade_from_ms(&db, [&records, &by_time, &by_bucket, &summary, &meta])?,
@@ -474,6 +489,8 @@ impl Store {
             tombstones: AtomicU64::new(read_u64(&meta, META_TOMBSTONES)?),
         };
         let last_timestamp = read_u64(&meta, META_LAST_TIMESTAMP)?;
+        let last_seq = read_u64(&meta, META_CHANGE_SEQ)?;
+        let change_floor = read_u64(&meta, META_CHANGE_FLOOR)?;
         let store = Store {
             inner: Arc::new(Inner {
                 _lock: lock,
@@ -487,6 +504,10 @@ impl Store {
                 summary,
                 meta,
                 dormant,
+                changes,
+                last_seq: AtomicU64::new(last_seq),
+                change_floor: AtomicU64::new(change_floor),
+                wakeups: Arc::new(crate::changes::Wakeups::default()),
                 counts,
                 leaves: Mutex::new(leaves),
                 newest: AtomicU64::new(newest),
@@ -504,7 +525,7 @@ impl Store {
         // dir written while the clock was far ahead does not carry the jump forward.
         let mut clock = Hlc::new(max_clock_offset_ms);
         clock.observe(last_timestamp, now_ms());
-        let writer = Writer::start(store.clone(), durability, clock)?;
+        let writer = Writer::start(store.clone(), durability, clock, last_seq)?;
         store.refresh_disk_bytes();
         Ok((store, writer))
     }
@@ -589,6 +610,57 @@ impl Store {
     #[doc(hidden)]
     pub fn set_write_buffer_limit(&self, bytes: u64) {
         self.inner.write_buffer_limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The change feed's last committed seq (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.inner.last_seq.load(Ordering::Acquire)
+    }
+
+    /// The oldest change feed cursor this node can serve.
+    pub fn change_floor(&self) -> u64 {
+        self.inner.change_floor.load(Ordering::Acquire)
+    }
+
+    /// The change feed's watchers, woken by the writer.
+    pub fn wakeups(&self) -> Arc<crate::changes::Wakeups> {
+        self.inner.wakeups.clone()
+    }
+
+    /// Reads the change log after `after` up to `up_to` (inclusive), oldest first,
+    /// keeping the events `keep` takes, until `limit` events, `max_bytes` of keys or
+    /// `max_scan` entries looked at. Returns the events and the seq of the last entry
+    /// looked at (the next cursor: the scan never has to look at it again), `after`
+    /// when none. Blocking: a range scan.
+    pub fn changes_after(
+        &self,
+        after: u64,
+        up_to: u64,
+        limits: (usize, usize, usize),
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(Vec<crate::changes::Event>, u64), StoreError> {
+        let (limit, max_bytes, max_scan) = limits;
+        let mut events = Vec::new();
+        let mut cursor = after;
+        let mut bytes = 0usize;
+        if after >= up_to {
+            return Ok((events, cursor));
+        }
+        let range = (after + 1).to_be_bytes()..=up_to.to_be_bytes();
+        for guard in self.inner.changes.range(range).take(max_scan) {
+            let (k, v) = guard.into_inner().map_err(|e| self.fail(io(e)))?;
+            let event = crate::changes::Event::decode(&k, &v)
+                .ok_or_else(|| self.fail(StoreError::Corrupt("undecodable change log entry".into())))?;
+            if keep(&event.key) {
+                if events.len() == limit || (bytes >= max_bytes && !events.is_empty()) {
+                    break;
+                }
+                bytes += event.key.len() + 100;
+                events.push(event);
+            }
+            cursor = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(cursor);
+        }
+        Ok((events, cursor))
     }
 
     /// Moves whenever a commit changes a reserved key ([`crate::acl`] reloads then).
@@ -907,6 +979,7 @@ enum Op {
     Discard { up_to: u64, limit: usize },
     Replace { path: String, record: Record, if_timestamp: Option<u64> },
     SetMeta { key: String, value: Bytes },
+    TrimChanges { before_wall: u64, limit: usize },
     Close,
 }
 
@@ -923,13 +996,22 @@ pub struct Writer {
 }
 
 impl Writer {
-    fn start(store: Store, durability: Durability, clock: Hlc) -> Result<Writer, StoreError> {
+    fn start(store: Store, durability: Durability, clock: Hlc, seq: u64) -> Result<Writer, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE_BOUND);
         let mode = match durability {
             Durability::Sync => PersistMode::SyncAll,
             Durability::Buffer => PersistMode::Buffer,
         };
-        let mut state = WriterState { store, mode, clock, certs: HashMap::new() };
+        let mut state = WriterState {
+            store,
+            mode,
+            clock,
+            certs: HashMap::new(),
+            seq,
+            staged_events: Vec::new(),
+            reset_feed: false,
+            trimmed: Vec::new(),
+        };
         let thread = std::thread::Builder::new()
             .name("kvs-writer".into())
             .spawn(move || state.run(rx))
@@ -1019,6 +1101,15 @@ impl Writer {
         }
     }
 
+    /// Trims the change log: up to `limit` of its oldest entries applied before
+    /// `before_wall` (Unix ms), raising the floor. Returns how many (0: none left).
+    pub async fn trim_changes(&self, before_wall: u64, limit: usize) -> Result<usize, StoreError> {
+        match self.submit(Op::TrimChanges { before_wall, limit }).await? {
+            Reply::Removed(n) => Ok(n),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
     /// Durably sets a node-local metadata value.
     pub async fn set_meta(&self, key: &str, value: Bytes) -> Result<(), StoreError> {
         self.submit(Op::SetMeta { key: key.to_string(), value }).await.map(|_| ())
@@ -1049,6 +1140,15 @@ struct WriterState {
     /// Certificate changes of the group being staged: `Some` writes one, `None`
     /// removes it.
     certs: HashMap<String, Option<Cert>>,
+    /// The change feed's last seq committed; persisted as `change_seq` with every
+    /// batch that numbers changes.
+    seq: u64,
+    /// The versions the group being staged stores, in order: each becomes a change.
+    staged_events: Vec<(String, u64, Uuid, bool)>,
+    /// The group removes versions the feed cannot show (the stale discard).
+    reset_feed: bool,
+    /// Change log entries the group trims (retention).
+    trimmed: Vec<u64>,
 }
 
 /// The certificate of a purged delete: the tombstone's timestamp and uuid.
@@ -1105,7 +1205,8 @@ impl Inner {
         }
         // Both are hidden APIs of fjall 3.1 (Cargo.lock pins it); rotate_memtable is
         // what clean shutdown already uses to write memtables out.
-        let keyspaces = [&self.records, &self.by_time, &self.by_bucket, &self.summary, &self.meta, &self.dormant];
+        let keyspaces =
+            [&self.records, &self.by_time, &self.by_bucket, &self.summary, &self.meta, &self.dormant, &self.changes];
         // Only when nothing is sealed or queued: a flush under way is waited for, not
         // joined by more small tables.
         if self.db.outstanding_flushes() == 0 && keyspaces.iter().all(|ks| ks.sealed_memtable_count() == 0) {
@@ -1170,7 +1271,11 @@ impl WriterState {
         let mut meta: Vec<(String, Bytes)> = Vec::new();
         let mut results: Vec<Result<Reply, StoreError>> = Vec::with_capacity(group.len());
         let clock_before = self.clock.clone();
+        let seq_before = self.seq;
         self.certs.clear();
+        self.staged_events.clear();
+        self.reset_feed = false;
+        self.trimmed.clear();
         for req in group.iter_mut() {
             let r = match &mut req.op {
                 Op::Put { path, data } => {
@@ -1199,6 +1304,7 @@ impl WriterState {
                     meta.push((std::mem::take(key), value.clone()));
                     Ok(Reply::Done)
                 }
+                Op::TrimChanges { before_wall, limit } => self.stage_trim(*before_wall, *limit).map(Reply::Removed),
                 Op::Close => Ok(Reply::Done),
             };
             results.push(r);
@@ -1206,6 +1312,7 @@ impl WriterState {
         let committed = self.commit(&changes, &meta, now_ms());
         if let Err(e) = &committed {
             self.clock = clock_before;
+            self.seq = seq_before;
             let e = self.store.fail(e.clone());
             results.iter_mut().for_each(|r| *r = Err(e.clone()));
         }
@@ -1233,7 +1340,24 @@ impl WriterState {
         }
     }
 
-    fn stage(&self, changes: &mut HashMap<String, Change>, path: &str, before: Option<Record>, after: Option<Record>) {
+    /// Stages `after` as the version of `path`; a stored version is a change for the
+    /// feed, a removal (`None`) is not.
+    fn stage(
+        &mut self,
+        changes: &mut HashMap<String, Change>,
+        path: &str,
+        before: Option<Record>,
+        after: Option<Record>,
+    ) {
+        if let Some(r) = &after {
+            self.staged_events.push((path.to_string(), r.timestamp, r.uuid, r.is_tombstone()));
+        }
+        Self::stage_quiet(changes, path, before, after);
+    }
+
+    /// [`Self::stage`] without a change for the feed (a purged delete brought back
+    /// from its certificate: the same delete, already numbered).
+    fn stage_quiet(changes: &mut HashMap<String, Change>, path: &str, before: Option<Record>, after: Option<Record>) {
         match changes.get_mut(path) {
             Some(c) => c.after = after,
             None => {
@@ -1287,7 +1411,7 @@ impl WriterState {
                     report.reawakened += 1;
                     if let Some(c) = cert {
                         self.certs.insert(path.clone(), None);
-                        self.stage(changes, &path, current, Some(c.tombstone()));
+                        Self::stage_quiet(changes, &path, current, Some(c.tombstone()));
                     }
                 }
                 Decision::Store => {
@@ -1376,10 +1500,34 @@ impl WriterState {
                 removed += 1;
             }
         }
+        // The feed cannot show a version removed this way: every older cursor must
+        // re-read (ARCHITECTURE.md "Change feed").
+        self.reset_feed |= removed > 0;
         Ok(removed)
     }
 
-    fn commit(&self, changes: &HashMap<String, Change>, meta: &[(String, Bytes)], wall: u64) -> Result<(), StoreError> {
+    /// Trims the change log: up to `limit` of its oldest entries applied before
+    /// `before_wall` (Unix ms). Stops at the first newer entry, so a wall clock that
+    /// stepped back keeps more, never less.
+    fn stage_trim(&mut self, before_wall: u64, limit: usize) -> Result<usize, StoreError> {
+        for guard in self.store.inner.changes.iter().take(limit) {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            let event = crate::changes::Event::decode(&k, &v)
+                .ok_or_else(|| StoreError::Corrupt("undecodable change log entry".into()))?;
+            if event.wall_ms >= before_wall {
+                break;
+            }
+            self.trimmed.push(event.seq);
+        }
+        Ok(self.trimmed.len())
+    }
+
+    fn commit(
+        &mut self,
+        changes: &HashMap<String, Change>,
+        meta: &[(String, Bytes)],
+        wall: u64,
+    ) -> Result<(), StoreError> {
         let inner = &self.store.inner;
         let mut batch = inner.db.batch().durability(Some(self.mode));
         let (mut live, mut tombs) =
@@ -1443,7 +1591,44 @@ impl WriterState {
         for (k, v) in meta {
             batch.insert(&inner.meta, k.as_str(), v.as_ref());
         }
+        let seq_before = self.seq;
+        let mut seq = self.seq;
+        for (key, timestamp, uuid, delete) in &self.staged_events {
+            seq += 1;
+            let event = crate::changes::Event {
+                seq,
+                wall_ms: wall,
+                timestamp: *timestamp,
+                uuid: *uuid,
+                delete: *delete,
+                key: key.clone(),
+            };
+            batch.insert(&inner.changes, seq.to_be_bytes().as_slice(), event.encode_value());
+        }
+        let mut floor = inner.change_floor.load(Ordering::Relaxed);
+        if self.reset_feed {
+            // The removal takes a seq of its own: cursors before it are refused.
+            seq += 1;
+            floor = seq;
+        }
+        for trimmed in &self.trimmed {
+            batch.remove(&inner.changes, trimmed.to_be_bytes().as_slice());
+            floor = floor.max(*trimmed);
+        }
+        if seq != seq_before {
+            batch.insert(&inner.meta, META_CHANGE_SEQ, seq.to_be_bytes().as_slice());
+        }
+        if floor != inner.change_floor.load(Ordering::Relaxed) {
+            batch.insert(&inner.meta, META_CHANGE_FLOOR, floor.to_be_bytes().as_slice());
+        }
         batch.commit().map_err(io)?;
+        self.seq = seq;
+        inner.change_floor.store(floor, Ordering::Release);
+        if seq != seq_before {
+            // Moves after the commit and before the wake-ups (ARCHITECTURE.md).
+            inner.last_seq.store(seq, Ordering::Release);
+            inner.wakeups.notify(seq, self.staged_events.iter().map(|(k, ..)| k.as_str()));
+        }
         {
             let mut leaves = inner.leaves.lock().unwrap_or_else(|p| p.into_inner());
             for (leaf, hash) in leaf_updates {
@@ -1703,5 +1888,92 @@ mod tests {
             Err(StoreError::Format(99)) => {}
             other => panic!("expected a format error, got {:?}", other.map(|_| ())),
         }
+    }
+
+    /// The change log after `after`, as (seq, key, delete) triples.
+    fn feed(store: &Store, after: u64) -> Vec<(u64, String, bool)> {
+        let (events, _) =
+            store.changes_after(after, store.last_seq(), (10_000, usize::MAX, 100_000), &|_| true).unwrap();
+        events.into_iter().map(|e| (e.seq, e.key, e.delete)).collect()
+    }
+
+    #[test]
+    fn every_stored_version_is_a_numbered_change_and_purges_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let rt = runtime();
+        let t = Record::tombstone(hlc::from_ms(2_000), Uuid::from_u128(2));
+        rt.block_on(async {
+            writer.put("a".into(), Bytes::from_static(b"1")).await.unwrap();
+            writer.delete("a".into()).await.unwrap();
+            // Replicated: a version stored, and one skipped (older) that is no change.
+            writer.apply(vec![("k".into(), t.clone())], 0, 0).await.unwrap();
+            let old = Record::value(hlc::from_ms(1_000), Uuid::from_u128(1), Bytes::from_static(b"1"));
+            writer.apply(vec![("k".into(), old.clone())], 0, 0).await.unwrap();
+            assert_eq!(writer.purge(vec![("k".into(), t.timestamp)]).await.unwrap(), 1);
+            // The purged delete's victim arrives: refused, the delete comes back from its
+            // certificate: the same delete, not a new change.
+            assert_eq!(writer.apply(vec![("k".into(), old)], 0, 0).await.unwrap().reawakened, 1);
+        });
+        let expected = vec![(1, "a".to_string(), false), (2, "a".to_string(), true), (3, "k".to_string(), true)];
+        assert_eq!(feed(&store, 0), expected);
+        assert_eq!(store.last_seq(), 3);
+        writer.close(&store).unwrap();
+        drop(store);
+        // The seq survives a restart and goes on from there.
+        let (store, writer) = open(dir.path());
+        assert_eq!((store.last_seq(), feed(&store, 0)), (3, expected));
+        rt.block_on(async { writer.put("b".into(), Bytes::from_static(b"2")).await.unwrap() });
+        assert_eq!(feed(&store, 3), vec![(4, "b".to_string(), false)]);
+        writer.close(&store).unwrap();
+    }
+
+    #[test]
+    fn two_versions_of_one_key_in_one_group_are_two_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        runtime().block_on(async {
+            let mut pending = Vec::new();
+            for i in 0..200 {
+                let w = writer.clone();
+                pending.push(tokio::spawn(async move { w.put("same".into(), Bytes::from(i.to_string())).await }));
+            }
+            for p in pending {
+                p.await.unwrap().unwrap();
+            }
+        });
+        let events = feed(&store, 0);
+        assert_eq!(events.len(), 200, "one change per acknowledged write, grouped or not");
+        assert!(events.iter().enumerate().all(|(i, e)| e.0 == i as u64 + 1));
+        writer.close(&store).unwrap();
+    }
+
+    #[test]
+    fn trimming_and_the_stale_discard_raise_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        runtime().block_on(async {
+            for i in 0..5 {
+                writer.put(format!("k{i}"), Bytes::from_static(b"1")).await.unwrap();
+            }
+            assert_eq!(store.change_floor(), 0);
+            // Nothing was applied before this wall time: nothing trimmed.
+            assert_eq!(writer.trim_changes(now_ms() - 60_000, 100).await.unwrap(), 0);
+            // Everything was: trimmed in batches, oldest first.
+            assert_eq!(writer.trim_changes(now_ms() + 1, 3).await.unwrap(), 3);
+            assert_eq!((store.change_floor(), feed(&store, 3).len()), (3, 2));
+            assert_eq!(writer.trim_changes(now_ms() + 1, 100).await.unwrap(), 2);
+            assert_eq!((store.change_floor(), store.last_seq()), (5, 5));
+            // The discard removes versions the feed cannot show: it takes a seq and
+            // every older cursor is refused.
+            writer.put("x".into(), Bytes::from_static(b"1")).await.unwrap();
+            assert!(writer.discard(u64::MAX, 100).await.unwrap() > 0);
+            assert_eq!((store.last_seq(), store.change_floor()), (7, 7));
+        });
+        writer.close(&store).unwrap();
+        drop(store);
+        let (store, writer) = open(dir.path());
+        assert_eq!((store.last_seq(), store.change_floor()), (7, 7), "both survive a restart");
+        writer.close(&store).unwrap();
     }
 }
