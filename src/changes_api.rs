@@ -254,7 +254,7 @@ pub async fn get(
     }
     let mut q = parse(req.uri().query())?;
     if caller.is_some_and(|c| !c.has_any_rule()) {
-        return Err(ApiError::Forbidden("/changes needs a token with at least one rule".into()));
+        return Err(ApiError::Forbidden("/changes needs a token with at least one rule that allows something".into()));
     }
     let sse = req
         .headers()

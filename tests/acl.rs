@@ -188,3 +188,30 @@ fn acl_routes_are_off_with_client_auth_and_a_node_without_a_management_token_doe
         assert_eq!(log.trim().lines().count(), 1, "{name}: {log}");
     }
 }
+
+#[test]
+fn the_change_feed_shows_only_what_the_token_can_read_and_never_tokens() {
+    let d = Dirs::new();
+    let n = d.start("n1", &[], &auth_on(&d.0.path().join("n1")));
+    let a = n.addr.as_str();
+    assert_401(&call(a, None, "GET", "/changes", None));
+    let (_, none) = make(a, r#"[{"prefix":"app/","access":"deny"}]"#, "");
+    call(a, Some(&none), "GET", "/changes", None).assert_error(403);
+    let (_, t) = make(a, r#"[{"prefix":"app/","access":"read"}]"#, "");
+    let t = Some(t.as_str());
+    let start = call(a, t, "GET", "/changes", None).json()["last_seq"].as_u64().unwrap();
+    assert_eq!(call(a, Some(MANAGEMENT), "PUT", "/kv/app/x", Some("1")).status, 200);
+    assert_eq!(call(a, Some(MANAGEMENT), "PUT", "/kv/secret/y", Some("2")).status, 200);
+    make(a, r#"[{"prefix":"app/","access":"write"}]"#, "");
+    let feed = call(a, t, "GET", &format!("/changes?since={start}&values"), None);
+    assert_eq!(feed.status, 200, "{}", feed.text());
+    let body = feed.json();
+    let keys: Vec<String> =
+        body["events"].as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap().to_string()).collect();
+    assert_eq!(keys, vec!["app/x"], "no secret/y, and no token record");
+    assert_eq!(feed.header("x-kvs-filtered"), Some("true"));
+    // The management token sees every client key, still no token records.
+    let all = call(a, Some(MANAGEMENT), "GET", &format!("/changes?since={start}"), None).json();
+    let keys: Vec<&str> = all["events"].as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, vec!["app/x", "secret/y"]);
+}
