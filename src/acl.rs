@@ -91,6 +91,18 @@ impl Caller {
         self.access("") == Access::Admin
     }
 
+    /// Whether it can read anything equal to or under `prefix` (every key for ""):
+    /// what watching the prefix's changes asks.
+    pub fn may_read_under(&self, prefix: &str) -> bool {
+        match self {
+            Caller::Management => true,
+            Caller::Token(t) => {
+                access_for(&t.rules, prefix) >= Access::Read
+                    || t.rules.iter().any(|r| r.access >= Access::Read && r.prefix.starts_with(prefix))
+            }
+        }
+    }
+
     /// Whether any rule allows anything (what `/metrics` asks).
     pub fn has_any_rule(&self) -> bool {
         match self {

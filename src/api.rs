@@ -181,6 +181,11 @@ impl ApiError {
         }
     }
 
+    /// The message of the JSON error.
+    pub fn into_response_message(self) -> String {
+        self.message()
+    }
+
     /// The JSON error response.
     pub fn into_response(self) -> HttpResponse {
         let mut resp = json_response(self.status(), &json!({ "error": self.message() }));
@@ -382,11 +387,20 @@ impl<B> ReadBody for B where
 /// The caller a request's token names (client auth on), the token cache reloaded
 /// first when storage says tokens changed.
 async fn authenticate<B>(acl: &Arc<crate::acl::Acl>, req: &Request<B>) -> Result<crate::acl::Caller, ApiError> {
+    authenticate_header(acl, req.headers().get(header::AUTHORIZATION)).await
+}
+
+/// [`authenticate`] from the `Authorization` header alone (a change stream checks
+/// its token again before each read).
+pub(crate) async fn authenticate_header(
+    acl: &Arc<crate::acl::Acl>,
+    authorization: Option<&HeaderValue>,
+) -> Result<crate::acl::Caller, ApiError> {
     let refuse = |why| {
         acl.note_refused();
         ApiError::NoToken(why)
     };
-    let secret = crate::acl::bearer(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())).map_err(refuse)?;
+    let secret = crate::acl::bearer(authorization.map(|v| v.as_bytes())).map_err(refuse)?;
     loop {
         if let Some(caller) = acl.caller(secret, crate::clock::now_ms()) {
             return caller.map_err(refuse);

@@ -164,7 +164,7 @@ impl Wakeups {
             None => {
                 let (tx, rx) = watch::channel(0);
                 map.insert(prefix.to_string(), tx);
-                self.watched.store(map.len(), Ordering::Release);
+                self.watched.store(map.len(), Ordering::SeqCst);
                 rx
             }
         };
@@ -173,7 +173,7 @@ impl Wakeups {
 
     /// Wakes the watchers of every prefix of each key (by `/` segments, and "").
     pub fn notify<'k>(&self, seq: u64, keys: impl Iterator<Item = &'k str>) {
-        if self.watched.load(Ordering::Acquire) == 0 {
+        if self.watched.load(Ordering::SeqCst) == 0 {
             return;
         }
         let map = self.lock();
@@ -191,9 +191,19 @@ impl Wakeups {
         }
     }
 
+    /// Wakes every watcher.
+    pub fn notify_all(&self, seq: u64) {
+        if self.watched.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        for tx in self.lock().values() {
+            tx.send_replace(seq);
+        }
+    }
+
     /// Prefixes being watched (tests and metrics).
     pub fn watched_prefixes(&self) -> usize {
-        self.watched.load(Ordering::Acquire)
+        self.watched.load(Ordering::SeqCst)
     }
 }
 
@@ -218,7 +228,7 @@ impl Drop for Subscription {
         drop(self.rx.take());
         if map.get(&self.prefix).is_some_and(|tx| tx.receiver_count() == 0) {
             map.remove(&self.prefix);
-            self.wakeups.watched.store(map.len(), Ordering::Release);
+            self.wakeups.watched.store(map.len(), Ordering::SeqCst);
         }
     }
 }

@@ -29,26 +29,30 @@ const MAX_LIMIT: usize = 10_000;
 const MAX_WAIT_SECONDS: u64 = 300;
 /// Most bytes of events (values included) in one long-poll answer; at least one event
 /// is always sent.
-const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 /// Most log entries one read looks at: a sparse prefix far behind answers with an
 /// empty page and an advanced cursor instead of scanning the whole log at once.
 const MAX_SCAN: usize = 100_000;
 /// A stream sends events in frames of about this many bytes (one value may overshoot).
-const FRAME_BYTES: usize = 256 * 1024;
+const FRAME_BYTES: usize = 64 * 1024;
 /// Frames waiting between a stream's reader task and its connection: with
 /// [`FRAME_BYTES`], the memory a watcher holds at most (plus one value).
 const STREAM_FRAMES: usize = 4;
+/// Bytes all of a node's streams may hold queued for their connections together: a
+/// stream whose frame finds no room within `changes_stall_timeout` ends (`busy`).
+pub const STREAM_BUFFER_BYTES: u32 = 64 * 1024 * 1024;
 /// How often an idle stream sends a comment, so proxies and clients see it alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
-/// The change feed's shared state: the watcher limit, the counters, the stop signal.
+/// The change feed's shared state: the watcher limit, the stream buffer budget, the
+/// counters, the stop signal.
 pub struct Feed {
     permits: Arc<Semaphore>,
     max_watchers: usize,
     stall: Duration,
     shutdown: Shutdown,
-    /// This data dir's uid: cursors are per node.
-    uid: String,
+    /// Bytes all streams may hold queued for their connections ([`STREAM_BUFFER_BYTES`]).
+    buffered: Arc<Semaphore>,
     /// Events sent to clients (long-polls and streams).
     pub events_sent: AtomicU64,
     /// Streams ended because their client did not keep up.
@@ -57,13 +61,13 @@ pub struct Feed {
 
 impl Feed {
     /// The feed of a node with data dir uid `uid`; `shutdown` ends every wait.
-    pub fn new(max_watchers: usize, stall: Duration, uid: String, shutdown: Shutdown) -> Feed {
+    pub fn new(max_watchers: usize, stall: Duration, shutdown: Shutdown) -> Feed {
         Feed {
             permits: Arc::new(Semaphore::new(max_watchers)),
             max_watchers,
             stall,
             shutdown,
-            uid,
+            buffered: Arc::new(Semaphore::new(STREAM_BUFFER_BYTES as usize)),
             events_sent: AtomicU64::new(0),
             lagged: AtomicU64::new(0),
         }
@@ -253,8 +257,8 @@ pub async fn get(
         return Err(ApiError::MethodNotAllowed(crate::api::GET_METHOD));
     }
     let mut q = parse(req.uri().query())?;
-    if caller.is_some_and(|c| !c.has_any_rule()) {
-        return Err(ApiError::Forbidden("/changes needs a token with at least one rule that allows something".into()));
+    if caller.is_some_and(|c| !c.may_read_under(&q.prefix)) {
+        return Err(ApiError::Forbidden(format!("the token can read nothing under {:?}", q.prefix)));
     }
     let sse = req
         .headers()
@@ -281,43 +285,88 @@ pub async fn get(
     let store = &app.store;
     let head = store.last_seq();
     if let Some(since) = q.since {
-        check_cursor(since, q.node.as_deref(), &feed.uid, store.change_floor(), head).map_err(gone)?;
-    } else if q.node.as_deref().is_some_and(|n| n != feed.uid) {
+        check_cursor(since, q.node.as_deref(), store.feed_id(), store.change_floor(), head).map_err(gone)?;
+    } else if q.node.as_deref().is_some_and(|n| n != store.feed_id()) {
         return Err(gone(Gone::OtherNode));
     }
-    let filter = Filter { prefix: q.prefix.clone(), caller: caller.cloned() };
+    let reader = Reader {
+        app: app.clone(),
+        filter: Arc::new(Filter { prefix: q.prefix.clone(), caller: caller.cloned() }),
+        authorization: req.headers().get(header::AUTHORIZATION).cloned(),
+    };
     if sse {
-        return Ok(stream(app.clone(), filter, q.since.unwrap_or(head), q.values, permit));
+        return Ok(stream(reader, q.since.unwrap_or(head), q.values, permit));
     }
     let Some(since) = q.since else {
         // The way to start: read the data, then watch from here.
-        return Ok(answer(&feed.uid, head, Vec::new(), false));
+        return Ok(answer(store.feed_id(), head, Vec::new(), false));
     };
-    long_poll(app, Arc::new(filter), since, q).await
+    long_poll(reader, since, q).await
 }
 
-async fn long_poll(
-    app: &Arc<App>,
+/// One watcher's reading state: what it may see, and how to check its token again.
+struct Reader {
+    app: Arc<App>,
     filter: Arc<Filter>,
-    since: u64,
-    q: Query,
-) -> Result<Response<ResponseBody>, ApiError> {
+    /// The request's `Authorization` header, checked again before each read so a
+    /// revoked or expired token (or one whose rules changed) stops seeing changes.
+    authorization: Option<HeaderValue>,
+}
+
+impl Reader {
+    /// Checks the token again (client auth on) and takes its current rules.
+    async fn recheck(&mut self) -> Result<(), ApiError> {
+        let Some(acl) = &self.app.acl else { return Ok(()) };
+        let caller = crate::api::authenticate_header(acl, self.authorization.as_ref()).await?;
+        if !caller.may_read_under(&self.filter.prefix) {
+            return Err(ApiError::Forbidden(format!("the token can read nothing under {:?}", self.filter.prefix)));
+        }
+        self.filter = Arc::new(Filter { prefix: self.filter.prefix.clone(), caller: Some(caller) });
+        Ok(())
+    }
+
+    /// The events after `cursor` up to `head`, checked against the floor after the
+    /// scan: the floor rises before trimmed entries go, so a scan that may have missed
+    /// one is refused (Gone), never answered with a gap.
+    async fn read(
+        &self,
+        cursor: u64,
+        head: u64,
+        limit: usize,
+        max_bytes: usize,
+        values: bool,
+    ) -> Result<Page, ApiError> {
+        let (s, f) = (self.app.store.clone(), self.filter.clone());
+        let page = blocking(move || read_page(&s, &f, cursor, head, limit, max_bytes, values)).await?;
+        let floor = self.app.store.change_floor();
+        if cursor < floor {
+            return Err(gone(Gone::TooOld { since: cursor, floor }));
+        }
+        Ok(page)
+    }
+}
+
+async fn long_poll(mut reader: Reader, since: u64, q: Query) -> Result<Response<ResponseBody>, ApiError> {
+    let app = reader.app.clone();
     let feed = &app.feed;
-    let store = app.store.clone();
+    let store = &app.store;
     let deadline = tokio::time::Instant::now() + q.wait;
     // Subscribed before the first read of last_seq: no wake-up is lost.
     let wakeups = store.wakeups();
     let mut sub = wakeups.subscribe(&q.prefix);
     let mut shutdown = feed.shutdown.clone();
     let mut cursor = since;
+    let mut filtered = false;
+    let mut first = true;
     loop {
-        if cursor < store.change_floor() {
-            return Err(gone(Gone::TooOld { since: cursor, floor: store.change_floor() }));
+        if !first {
+            reader.recheck().await?;
         }
+        first = false;
         let head = store.last_seq();
-        let (s, f) = (store.clone(), filter.clone());
-        let (limit, values) = (q.limit, q.values);
-        let page = blocking(move || read_page(&s, &f, cursor, head, limit, MAX_ANSWER_BYTES, values)).await?;
+        let page = reader.read(cursor, head, q.limit, MAX_ANSWER_BYTES, q.values).await?;
+        // Over every read of this wait: events skipped for the token's rules.
+        filtered |= page.filtered;
         let done = !page.events.is_empty()
             || page.cursor < head
             || tokio::time::Instant::now() >= deadline
@@ -325,7 +374,8 @@ async fn long_poll(
         cursor = page.cursor;
         if done {
             feed.events_sent.fetch_add(page.events.len() as u64, Ordering::Relaxed);
-            return Ok(answer(&feed.uid, cursor, page.events.into_iter().map(|(_, j)| j).collect(), page.filtered));
+            let events = page.events.into_iter().map(|(_, j)| j).collect();
+            return Ok(answer(store.feed_id(), cursor, events, filtered));
         }
         tokio::select! {
             _ = sub.changed() => {}
@@ -335,8 +385,8 @@ async fn long_poll(
     }
 }
 
-fn answer(uid: &str, last_seq: u64, events: Vec<String>, filtered: bool) -> Response<ResponseBody> {
-    let head = serde_json::json!({ "node": uid, "last_seq": last_seq }).to_string();
+fn answer(feed_id: &str, last_seq: u64, events: Vec<String>, filtered: bool) -> Response<ResponseBody> {
+    let head = serde_json::json!({ "node": feed_id, "last_seq": last_seq }).to_string();
     let mut body = String::with_capacity(head.len() + 12 + events.iter().map(|e| e.len() + 1).sum::<usize>());
     body.push_str(&head[..head.len() - 1]);
     body.push_str(",\"events\":[");
@@ -350,10 +400,14 @@ fn answer(uid: &str, last_seq: u64, events: Vec<String>, filtered: bool) -> Resp
     resp
 }
 
+/// A frame on its way to a stream's connection, holding its share of the streams'
+/// byte budget until the connection takes it.
+type Queued = (Bytes, Option<tokio::sync::OwnedSemaphorePermit>);
+
 /// A change stream's body: frames from its reader task, then (when the task ended it
 /// early) one last `event: error`.
 pub struct SseBody {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Queued>,
     ending: Arc<Mutex<Option<Bytes>>>,
 }
 
@@ -363,7 +417,8 @@ impl Body for SseBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            // The permit goes here: the frame is the connection's now.
+            Poll::Ready(Some((b, _permit))) => Poll::Ready(Some(Ok(Frame::data(b)))),
             Poll::Ready(None) => {
                 let last = self.ending.lock().unwrap_or_else(|p| p.into_inner()).take();
                 Poll::Ready(last.map(|b| Ok(Frame::data(b))))
@@ -380,8 +435,7 @@ fn error_event(reason: &str, message: &str) -> Bytes {
 }
 
 fn stream(
-    app: Arc<App>,
-    filter: Filter,
+    reader: Reader,
     since: u64,
     values: bool,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -390,8 +444,8 @@ fn stream(
     let ending = Arc::new(Mutex::new(None));
     let end = ending.clone();
     tokio::spawn(async move {
-        let reason = run_stream(&app, filter, since, values, &tx).await;
-        if let Some((reason, message)) = reason {
+        let app = reader.app.clone();
+        if let Some((reason, message)) = run_stream(reader, since, values, &tx).await {
             if reason == "lag" {
                 app.feed.lagged.fetch_add(1, Ordering::Relaxed);
             }
@@ -408,64 +462,97 @@ fn stream(
     resp
 }
 
-/// Feeds one stream until its client goes away (`None`) or it must end early (the
-/// reason and message of the error event).
-async fn run_stream(
-    app: &Arc<App>,
-    filter: Filter,
-    since: u64,
-    values: bool,
-    tx: &mpsc::Sender<Bytes>,
-) -> Option<(&'static str, String)> {
-    let feed = &app.feed;
-    let store = app.store.clone();
-    let filter = Arc::new(filter);
-    let wakeups = store.wakeups();
-    let mut sub = wakeups.subscribe(&filter.prefix);
+/// How a stream ends early: the reason and message of its error event (`None`: the
+/// client went away).
+type End = Option<(&'static str, String)>;
+
+fn ended(e: ApiError) -> End {
+    let reason = match &e {
+        ApiError::Gone(_) => "expired",
+        ApiError::NoToken(_) | ApiError::Forbidden(_) => "unauthorized",
+        _ => "error",
+    };
+    Some((reason, e.into_response_message()))
+}
+
+/// Queues one frame for the connection: first its bytes from the streams' shared
+/// budget, then a place in the stream's channel, each within the stall timeout.
+async fn send(feed: &Feed, tx: &mpsc::Sender<Queued>, frame: Bytes) -> Result<(), End> {
     let mut shutdown = feed.shutdown.clone();
-    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
-    let mut cursor = since;
-    // Sends one frame, waiting at most the stall timeout for the client to take one.
-    let send = |frame: Bytes| {
-        let mut shutdown = feed.shutdown.clone();
-        async move {
-            tokio::select! {
-                r = tokio::time::timeout(feed.stall, tx.send(frame)) => match r {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) => Err(None),
-                    Err(_) => Err(Some(("lag", format!(
-                        "the client took nothing for {} s (changes_stall_timeout) while changes were waiting; \
-                         resume from the last event id", feed.stall.as_secs_f64()
-                    )))),
-                },
-                _ = shutdown.wait() => Err(Some(("shutdown", "the node is stopping; resume from the last event id on another node or later".to_string()))),
+    let stall = feed.stall;
+    let lag = || {
+        Some((
+            "lag",
+            format!(
+                "the client took nothing for {} s (changes_stall_timeout); resume from the last event id",
+                stall.as_secs_f64()
+            ),
+        ))
+    };
+    let queue = async {
+        let bytes = u32::try_from(frame.len()).unwrap_or(u32::MAX).min(STREAM_BUFFER_BYTES);
+        let permit = match tokio::time::timeout(stall, feed.buffered.clone().acquire_many_owned(bytes)).await {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                return Err(Some((
+                    "busy",
+                    "the node's change streams hold as many unsent bytes as it allows; resume from the last event id"
+                        .to_string(),
+                )));
             }
+        };
+        match tokio::time::timeout(stall, tx.send((frame, permit))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(None),
+            Err(_) => Err(lag()),
         }
     };
-    let hello = format!(": kvs change feed of node {} from seq {since}\nretry: 1000\n\n", feed.uid);
-    if let Err(end) = send(Bytes::from(hello)).await {
+    tokio::select! {
+        r = queue => r,
+        _ = shutdown.wait() => Err(stopping()),
+    }
+}
+
+fn stopping() -> End {
+    Some(("shutdown", "the node is stopping; resume from the last event id on another node or later".to_string()))
+}
+
+/// Feeds one stream until its client goes away or it must end early.
+async fn run_stream(mut reader: Reader, since: u64, values: bool, tx: &mpsc::Sender<Queued>) -> End {
+    let app = reader.app.clone();
+    let feed = &app.feed;
+    let store = &app.store;
+    let id = |seq: u64| sse_id(seq, store.feed_id());
+    let wakeups = store.wakeups();
+    let mut sub = wakeups.subscribe(&reader.filter.prefix);
+    let mut shutdown = feed.shutdown.clone();
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cursor = since;
+    // The first frame carries the starting cursor as an id, so a client that
+    // reconnects before any event arrives resumes from here, not from a later now.
+    let hello = format!("id: {}\n: kvs change feed {} from seq {since}\nretry: 1000\n\n", id(since), store.feed_id());
+    if let Err(end) = send(feed, tx, Bytes::from(hello)).await {
         return end;
     }
+    let mut first = true;
     loop {
-        let floor = store.change_floor();
-        if cursor < floor {
-            return Some(("expired", Gone::TooOld { since: cursor, floor }.to_string()));
+        if !first && let Err(e) = reader.recheck().await {
+            return ended(e);
         }
+        first = false;
         let head = store.last_seq();
         if cursor < head {
-            let (s, f) = (store.clone(), filter.clone());
-            let page = match blocking(move || read_page(&s, &f, cursor, head, MAX_LIMIT, FRAME_BYTES, values)).await {
+            let page = match reader.read(cursor, head, MAX_LIMIT, FRAME_BYTES, values).await {
                 Ok(p) => p,
-                Err(e) => return Some(("error", e.to_string())),
+                Err(e) => return ended(e),
             };
-            cursor = page.cursor;
-            if page.events.is_empty() {
-                continue;
-            }
             let mut frame = String::new();
+            let mut last = cursor;
             for (e, json) in &page.events {
                 let op = if e.delete { "delete" } else { "put" };
-                frame.push_str(&format!("id: {}\nevent: {op}\n", sse_id(e.seq, &feed.uid)));
+                frame.push_str(&format!("id: {}\nevent: {op}\n", id(e.seq)));
                 // A value stored pretty-printed has line breaks (only ever between
                 // tokens): each line goes in a data line of its own, as SSE requires.
                 for line in json.split(['\n', '\r']) {
@@ -474,9 +561,18 @@ async fn run_stream(
                     frame.push('\n');
                 }
                 frame.push('\n');
+                last = e.seq;
             }
+            if page.cursor > last {
+                // The cursor moved past changes outside the prefix: an id-only block
+                // moves the client's Last-Event-ID along with it.
+                frame.push_str(&format!("id: {}\n\n", id(page.cursor)));
+            }
+            cursor = page.cursor;
             let n = page.events.len() as u64;
-            if let Err(end) = send(Bytes::from(frame)).await {
+            if !frame.is_empty()
+                && let Err(end) = send(feed, tx, Bytes::from(frame)).await
+            {
                 return end;
             }
             feed.events_sent.fetch_add(n, Ordering::Relaxed);
@@ -485,13 +581,11 @@ async fn run_stream(
         tokio::select! {
             _ = sub.changed() => {}
             _ = heartbeat.tick() => {
-                if let Err(end) = send(Bytes::from_static(b": keepalive\n\n")).await {
+                if let Err(end) = send(feed, tx, Bytes::from_static(b": keepalive\n\n")).await {
                     return end;
                 }
             }
-            _ = shutdown.wait() => {
-                return Some(("shutdown", "the node is stopping; resume from the last event id on another node or later".to_string()));
-            }
+            _ = shutdown.wait() => return stopping(),
             _ = tx.closed() => return None,
         }
     }

@@ -284,6 +284,7 @@ async fn serve(
     embedding: Embedding,
 ) -> Result<(), NodeError> {
     let id = identity(&store, &writer).await?;
+    raise_file_limit(crate::server::connection_cap(config.max_watchers) + crate::server::OTHER_FILES);
     let listener = TcpListener::bind((config.bind_address, config.port))
         .await
         .map_err(|e| NodeError::Bind(format!("cannot listen on {}:{}: {e}", config.bind_address, config.port)))?;
@@ -308,7 +309,7 @@ async fn serve(
     .signed(config.cluster_keys.clone());
     let me = MemberInfo {
         id: config.node_id.clone(),
-        uid: id.uid.clone(),
+        uid: id.uid,
         address: advertise,
         joined_timestamp: id.joined_timestamp,
         incarnation: id.incarnation,
@@ -377,12 +378,8 @@ async fn serve(
     };
     // Ends every change feed wait and stream first when the node stops.
     let (feed_trigger, feed_shutdown) = shutdown::channel();
-    let feed = Arc::new(crate::changes_api::Feed::new(
-        config.max_watchers,
-        config.changes_stall_timeout,
-        id.uid,
-        feed_shutdown,
-    ));
+    let feed =
+        Arc::new(crate::changes_api::Feed::new(config.max_watchers, config.changes_stall_timeout, feed_shutdown));
     let app_acl = config.management_token.as_ref().map(|t| Arc::new(crate::acl::Acl::new(store.clone(), &t.0)));
     let metrics = Metrics::new(NodeCollector {
         store: store.clone(),
@@ -473,6 +470,21 @@ async fn serve(
         tasks.abort_all();
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// Raises the soft open-file limit to `wanted` (up to the hard limit); warns when the
+/// node gets less, since connections past it are refused at accept.
+fn raise_file_limit(wanted: usize) {
+    match rlimit::increase_nofile_limit(wanted as u64) {
+        Ok(got) if got < wanted as u64 => tracing::warn!(
+            limit = got,
+            wanted,
+            "the open-file limit is below what the connection cap (1024 + max_watchers) needs; \
+             raise it (systemd: LimitNOFILE) or lower max_watchers"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
 }
 
 /// On SIGHUP: re-reads the config, applies `log_level` (or `KVS_LOG_LEVEL`) and re-reads

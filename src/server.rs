@@ -1,7 +1,8 @@
 //! The HTTP accept loop: connection cap, timeouts, graceful drain.
 //!
 //! Each connection is served by hyper on its own task. At most [`MAX_CONNECTIONS`]
-//! are open at once: past that the loop stops accepting and the kernel's backlog holds
+//! plus `max_watchers` are open at once (change feed watchers each hold one, and can
+//! never take the slots other clients and peers need): past that the loop stops accepting and the kernel's backlog holds
 //! new clients until a slot frees. On shutdown the listener closes, open connections
 //! finish their in-flight request (keep-alive is turned off), and the loop waits for
 //! them for at most [`DRAIN_TIMEOUT`].
@@ -19,8 +20,16 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-/// Most client connections open at once.
+/// Most connections open at once besides `max_watchers` (see [`connection_cap`]).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// File descriptors a node needs besides its connections (fjall's files, calls to
+/// peers), asked for at start with the connection cap.
+pub const OTHER_FILES: usize = 1024;
+
+/// The connection cap of a node with `max_watchers`.
+pub fn connection_cap(max_watchers: usize) -> usize {
+    MAX_CONNECTIONS + max_watchers
+}
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for in-flight requests.
@@ -31,7 +40,7 @@ const HYPER_MAX_BUF: usize = 64 * 1024;
 
 /// Serves `listener` until `shutdown` fires, then drains.
 pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(connection_cap(app.config.max_watchers)));
     let mut connections = JoinSet::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(HYPER_MAX_BUF).max_headers(128);

@@ -59,6 +59,14 @@ const META_FORMAT: &[u8] = b"format_version";
 const META_CHANGE_SEQ: &[u8] = b"change_seq";
 /// The oldest change feed cursor that can still be served.
 const META_CHANGE_FLOOR: &[u8] = b"change_floor";
+/// The change feed's id (a uuid): a cursor is good only with the feed it came from.
+const META_FEED_ID: &[u8] = b"change_feed_id";
+/// 1 from a clean stop (everything fsynced) until the next start, which sets it to 0.
+const META_CLEAN_STOP: &[u8] = b"clean_stop";
+/// How far the change feed's numbering jumps when it starts a new feed (see
+/// [`Store::open`]): more changes than any lost tail can hold, so no cursor from
+/// before can match a seq after.
+const FEED_EPOCH_JUMP: u64 = 1 << 32;
 /// The data dir format this kvs writes. 1: timestamps were Unix ms (kvs 0.1 before
 /// the HLC); 2: timestamps are HLCs ([`crate::hlc`]). Older formats are upgraded in
 /// place at start; newer ones are refused.
@@ -196,6 +204,8 @@ struct Inner {
     last_seq: AtomicU64,
     /// The oldest cursor the log can serve (ARCHITECTURE.md "Change feed").
     change_floor: AtomicU64,
+    /// The change feed's id (see [`META_FEED_ID`]).
+    feed_id: String,
     /// Watchers of the change feed, woken by the writer after each commit.
     wakeups: Arc<crate::changes::Wakeups>,
     counts: Counts,
@@ -489,8 +499,41 @@ impl Store {
             tombstones: AtomicU64::new(read_u64(&meta, META_TOMBSTONES)?),
         };
         let last_timestamp = read_u64(&meta, META_LAST_TIMESTAMP)?;
-        let last_seq = read_u64(&meta, META_CHANGE_SEQ)?;
-        let change_floor = read_u64(&meta, META_CHANGE_FLOOR)?;
+        let mut last_seq = read_u64(&meta, META_CHANGE_SEQ)?;
+        let mut change_floor = read_u64(&meta, META_CHANGE_FLOOR)?;
+        // The feed goes on from the persisted seq when nothing acknowledged can have
+        // been lost since it was written: with `sync` durability, or after a clean stop.
+        // After an unclean stop with `buffer`, an OS crash may have lost the tail of the
+        // log while clients hold cursors into it, and the seqs it held would be handed
+        // out again for other changes: a new feed starts instead, under a new id and
+        // FEED_EPOCH_JUMP higher, and every older cursor gets 410.
+        let clean = read_u64(&meta, META_CLEAN_STOP)? == 1;
+        let held_id = meta.get(META_FEED_ID).map_err(io)?.and_then(|v| Uuid::from_slice(&v).ok());
+        let feed_id = match held_id {
+            Some(id) if clean || durability == Durability::Sync => id,
+            held => {
+                let id = Uuid::new_v4();
+                let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+                if held.is_some() {
+                    last_seq = last_seq.saturating_add(FEED_EPOCH_JUMP);
+                    change_floor = last_seq;
+                    tracing::warn!(
+                        last_seq,
+                        "started a new change feed: the last stop was not clean and durability is buffer"
+                    );
+                    batch.insert(&meta, META_CHANGE_SEQ, last_seq.to_be_bytes().as_slice());
+                    batch.insert(&meta, META_CHANGE_FLOOR, change_floor.to_be_bytes().as_slice());
+                }
+                batch.insert(&meta, META_FEED_ID, id.as_bytes().as_slice());
+                batch.commit().map_err(io)?;
+                id
+            }
+        };
+        if clean {
+            // Durably unclean from here until the next clean stop.
+            meta.insert(META_CLEAN_STOP, 0u64.to_be_bytes()).map_err(io)?;
+            db.persist(PersistMode::SyncAll).map_err(io)?;
+        }
         let store = Store {
             inner: Arc::new(Inner {
                 _lock: lock,
@@ -507,6 +550,7 @@ impl Store {
                 changes,
                 last_seq: AtomicU64::new(last_seq),
                 change_floor: AtomicU64::new(change_floor),
+                feed_id: feed_id.to_string(),
                 wakeups: Arc::new(crate::changes::Wakeups::default()),
                 counts,
                 leaves: Mutex::new(leaves),
@@ -614,12 +658,17 @@ impl Store {
 
     /// The change feed's last committed seq (0: none yet).
     pub fn last_seq(&self) -> u64 {
-        self.inner.last_seq.load(Ordering::Acquire)
+        self.inner.last_seq.load(Ordering::SeqCst)
+    }
+
+    /// The change feed's id: cursors are good only with it.
+    pub fn feed_id(&self) -> &str {
+        &self.inner.feed_id
     }
 
     /// The oldest change feed cursor this node can serve.
     pub fn change_floor(&self) -> u64 {
-        self.inner.change_floor.load(Ordering::Acquire)
+        self.inner.change_floor.load(Ordering::SeqCst)
     }
 
     /// The change feed's watchers, woken by the writer.
@@ -944,9 +993,20 @@ impl Store {
         // rotate_memtable_and_wait is public but undocumented in fjall 3.1 (the
         // version is pinned by Cargo.lock). Without it, a clean restart of a node
         // holding 1M keys replayed the whole journal: 6.6 s to the first request.
-        for ks in [&inner.records, &inner.by_time, &inner.by_bucket, &inner.summary, &inner.meta, &inner.dormant] {
+        for ks in [
+            &inner.records,
+            &inner.by_time,
+            &inner.by_bucket,
+            &inner.summary,
+            &inner.meta,
+            &inner.dormant,
+            &inner.changes,
+        ] {
             ks.rotate_memtable_and_wait().map_err(|e| self.fail(io(e)))?;
         }
+        // Everything is durable: the next start may go on with this change feed.
+        inner.meta.insert(META_CLEAN_STOP, 1u64.to_be_bytes()).map_err(|e| self.fail(io(e)))?;
+        inner.db.persist(PersistMode::SyncAll).map_err(|e| self.fail(io(e)))?;
         Ok(())
     }
 
@@ -1267,6 +1327,15 @@ impl WriterState {
     }
 
     fn commit_group(&mut self, group: &mut Vec<Request>) {
+        if self.store.inner.failed_flag.load(Ordering::SeqCst) {
+            // A commit failed (or storage stalled): what fjall holds is unknown, and the
+            // node is stopping. Nothing more is written: a later batch could reuse the
+            // seqs or timestamps of one that reached the disk after all.
+            for req in group.drain(..) {
+                let _ = req.reply.send(Err(StoreError::Io("storage failed; the node is stopping".into())));
+            }
+            return;
+        }
         let mut changes: HashMap<String, Change> = HashMap::new();
         let mut meta: Vec<(String, Bytes)> = Vec::new();
         let mut results: Vec<Result<Reply, StoreError>> = Vec::with_capacity(group.len());
@@ -1605,7 +1674,8 @@ impl WriterState {
             };
             batch.insert(&inner.changes, seq.to_be_bytes().as_slice(), event.encode_value());
         }
-        let mut floor = inner.change_floor.load(Ordering::Relaxed);
+        let floor_before = inner.change_floor.load(Ordering::SeqCst);
+        let mut floor = floor_before;
         if self.reset_feed {
             // The removal takes a seq of its own: cursors before it are refused.
             seq += 1;
@@ -1618,16 +1688,28 @@ impl WriterState {
         if seq != seq_before {
             batch.insert(&inner.meta, META_CHANGE_SEQ, seq.to_be_bytes().as_slice());
         }
-        if floor != inner.change_floor.load(Ordering::Relaxed) {
+        if floor != floor_before {
             batch.insert(&inner.meta, META_CHANGE_FLOOR, floor.to_be_bytes().as_slice());
+            // Raised before the entries go: a reader that checks the floor after its
+            // scan sees it whenever the scan may have missed a trimmed entry
+            // (ARCHITECTURE.md). A failed commit stops the node.
+            inner.change_floor.store(floor, Ordering::SeqCst);
         }
-        batch.commit().map_err(io)?;
+        if let Err(e) = batch.commit() {
+            // Not raised after all (the node stops; nothing more is committed).
+            inner.change_floor.store(floor_before, Ordering::SeqCst);
+            return Err(io(e));
+        }
         self.seq = seq;
-        inner.change_floor.store(floor, Ordering::Release);
         if seq != seq_before {
             // Moves after the commit and before the wake-ups (ARCHITECTURE.md).
-            inner.last_seq.store(seq, Ordering::Release);
-            inner.wakeups.notify(seq, self.staged_events.iter().map(|(k, ..)| k.as_str()));
+            inner.last_seq.store(seq, Ordering::SeqCst);
+            if self.reset_feed {
+                // Every stream must learn that its cursor is gone.
+                inner.wakeups.notify_all(seq);
+            } else {
+                inner.wakeups.notify(seq, self.staged_events.iter().map(|(k, ..)| k.as_str()));
+            }
         }
         {
             let mut leaves = inner.leaves.lock().unwrap_or_else(|p| p.into_inner());

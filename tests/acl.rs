@@ -215,3 +215,37 @@ fn the_change_feed_shows_only_what_the_token_can_read_and_never_tokens() {
     let keys: Vec<&str> = all["events"].as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap()).collect();
     assert_eq!(keys, vec!["app/x", "secret/y"]);
 }
+
+#[test]
+fn a_revoked_token_stops_seeing_changes_on_an_open_stream() {
+    use std::io::{Read, Write};
+    let d = Dirs::new();
+    let n = d.start("n1", &[], &auth_on(&d.0.path().join("n1")));
+    let a = n.addr.as_str();
+    let (id, t) = make(a, r#"[{"prefix":"app/","access":"read"}]"#, "");
+    let mut s = std::net::TcpStream::connect(a).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let auth = format!("Bearer {t}");
+    let head = [("Accept", "text/event-stream"), ("Authorization", auth.as_str())];
+    s.write_all(&request("GET", "/changes?prefix=app", &head, None)).unwrap();
+    let mut got = String::new();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let mut read_until = |s: &mut std::net::TcpStream, want: &str| {
+        let mut buf = [0u8; 4096];
+        while !got.contains(want) {
+            assert!(std::time::Instant::now() < deadline, "no {want:?} in time: {got}");
+            let k = s.read(&mut buf).expect("stream open");
+            assert!(k > 0, "stream closed before {want:?}: {got}");
+            got.push_str(&String::from_utf8_lossy(&buf[..k]));
+        }
+    };
+    // The stream starts from the moment it is served: wait for its first frame.
+    read_until(&mut s, "retry:");
+    assert_eq!(call(a, Some(MANAGEMENT), "PUT", "/kv/app/x", Some("1")).status, 200);
+    read_until(&mut s, "event: put");
+    assert_eq!(call(a, Some(MANAGEMENT), "DELETE", &format!("/acl/tokens/{id}"), None).status, 204);
+    assert_eq!(call(a, Some(MANAGEMENT), "PUT", "/kv/app/y", Some("2")).status, 200);
+    read_until(&mut s, "event: error");
+    assert!(got.contains("\"reason\":\"unauthorized\""), "{got}");
+    assert!(!got.contains("app/y"), "nothing after the revocation: {got}");
+}

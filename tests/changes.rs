@@ -367,3 +367,68 @@ fn stopping_the_node_ends_waits_and_streams_at_once() {
     let events = s.events();
     assert_eq!(events.last().unwrap().2["reason"], "shutdown");
 }
+
+#[test]
+fn watchers_never_take_the_connections_other_clients_need() {
+    // More watchers than the 1024 connections a node keeps for everything else.
+    let (_d, n) = node("max_watchers: 1100\n");
+    let start = last_seq(&n);
+    let mut held = Vec::new();
+    for i in 0..1100 {
+        let mut s = TcpStream::connect(&n.addr).unwrap();
+        s.write_all(&request("GET", &format!("/changes?since={start}&wait=120&prefix=idle/{i}"), &[], None)).unwrap();
+        held.push(s);
+    }
+    wait_for(DEADLINE, "1100 watchers open", || (metric(&n, "kvs_change_watchers") == 1100).then_some(()));
+    // The node still takes new connections for reads and writes.
+    assert_eq!(n.put("/kv/still/here", "1").status, 200);
+    assert_eq!(n.get("/kv/still/here").text(), "1");
+    drop(held);
+    wait_for(DEADLINE, "the watchers to go", || (metric(&n, "kvs_change_watchers") == 0).then_some(()));
+}
+
+#[test]
+fn with_buffer_durability_a_crash_starts_a_new_feed_and_a_clean_stop_does_not() {
+    let (_d, mut n) = node("durability: buffer\n");
+    n.pin_port();
+    assert_eq!(n.put("/kv/a", "1").status, 200);
+    let before = changes(&n, "");
+    let (feed, seq) = (before["node"].as_str().unwrap().to_string(), before["last_seq"].as_u64().unwrap());
+    // A clean stop made everything durable: the feed goes on.
+    assert_eq!(n.stop_with("TERM").code(), Some(0));
+    n.restart();
+    let after = changes(&n, &format!("since={seq}&node={feed}"));
+    assert_eq!(after["node"], feed.as_str());
+    // A crash may have lost the log's tail (an OS crash would): a new feed, and no
+    // cursor from the old one is taken, with or without its node id.
+    assert_eq!(n.put("/kv/b", "1").status, 200);
+    n.kill9();
+    n.restart();
+    let new = changes(&n, "");
+    assert_ne!(new["node"], feed.as_str());
+    assert!(new["last_seq"].as_u64().unwrap() > seq + (1 << 31), "numbering jumped: {new}");
+    for q in [format!("since={seq}"), format!("since={}", seq + 1), format!("since={seq}&node={feed}")] {
+        n.get(&format!("/changes?{q}")).assert_error(410);
+    }
+    // The new feed works from its own cursor.
+    let cursor = new["last_seq"].as_u64().unwrap();
+    assert_eq!(n.put("/kv/c", "1").status, 200);
+    assert_eq!(ops(&changes(&n, &format!("since={cursor}"))), vec![("c".to_string(), "put".to_string())]);
+}
+
+#[test]
+fn a_stream_names_its_cursor_before_any_event() {
+    let (_d, n) = node("");
+    assert_eq!(n.put("/kv/other", "1").status, 200);
+    let head = changes(&n, "");
+    let id = format!("{}@{}", head["last_seq"], head["node"].as_str().unwrap());
+    let mut s = Sse::open(&n, "prefix=users", &[]);
+    // A browser that loses the connection now resumes from here, not from a later now.
+    s.until("the first id", |b| b.contains(&format!("id: {id}\n")));
+    // Changes outside the prefix move the id along with the cursor.
+    assert_eq!(n.put("/kv/other", "2").status, 200);
+    assert_eq!(n.put("/kv/users/x", "1").status, 200);
+    s.until("the event", |b| !events_in(b).is_empty());
+    let next = head["last_seq"].as_u64().unwrap() + 2;
+    assert_eq!(s.events()[0].0, format!("{next}@{}", head["node"].as_str().unwrap()));
+}

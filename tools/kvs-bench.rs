@@ -55,7 +55,7 @@ fn parse_opts() -> Res<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,antientropy,bootstrap,restart] [--keys N]"
+                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,antientropy,bootstrap,restart] [--keys N]"
                 );
                 std::process::exit(0);
             }
@@ -378,6 +378,58 @@ async fn preload_as(addr: &str, token: Option<&str>, keys: usize, size: usize) -
     Ok(())
 }
 
+/// Opens a change stream (`GET /changes?<query>` as SSE) and returns the keys of its
+/// events with when each arrived.
+async fn sse_open(addr: &str, query: &str) -> Res<tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(format!("/changes?{query}"))
+        .header("host", addr)
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::new()))?;
+    let resp = send.send_request(req).await?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!("change stream: {}", resp.status()).into());
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut body = resp.into_body();
+    tokio::spawn(async move {
+        let _send = send;
+        while let Some(Ok(frame)) = body.frame().await {
+            let at = Instant::now();
+            let Some(data) = frame.data_ref() else { continue };
+            for line in String::from_utf8_lossy(data).lines() {
+                if let Some(v) = line.strip_prefix("data: ").and_then(|d| serde_json::from_str::<Value>(d).ok())
+                    && let Some(k) = v["key"].as_str()
+                    && tx.send((k.to_string(), at)).is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Waits for `key`'s event on a stream; its delay after `since`, in µs.
+async fn wait_event(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>,
+    key: &str,
+    since: Instant,
+) -> Res<u64> {
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+        match next {
+            Ok(Some((k, at))) if k == key => return Ok(at.duration_since(since).as_micros() as u64),
+            Ok(Some(_)) => {}
+            _ => return Err(format!("no change event for {key} within 30 s").into()),
+        }
+    }
+}
+
 /// Writes `keys` records straight into a data dir (fast dataset creation). Timestamps
 /// are `base + 2 i`, so a later version `base + 2 i + 1` is newer for that key but
 /// older than the newest write.
@@ -509,13 +561,16 @@ impl Bench {
     }
 
     /// GET, then PUT (buffer), at 32 connections against two nodes running at once,
-    /// alternating (first, second, three times each) so that a machine that slows
+    /// alternating (first, second, five times each) so that a machine that slows
     /// down mid-run slows both alike; records the medians and their ratio as `ratio`.
     async fn alternate(&mut self, specs: [Spec; 2], labels: [&str; 2], ratio: &str, space: usize) -> Res<()> {
+        // Five rounds: PUT runs are bimodal (a run that meets a memtable flush is slower),
+        // and the median of three still swung from 0.9x to 2.4x between two identical runs.
+        const ROUNDS: usize = 5;
         let secs = self.opts.load_secs;
         for (op, name) in [(Method::GET, "get c=32"), (Method::PUT, "put buffer c=32")] {
             let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
-            for _ in 0..3 {
+            for _ in 0..ROUNDS {
                 for (k, spec) in specs.iter().cloned().enumerate() {
                     let op = op.clone();
                     let make = move |r: &mut StdRng| {
@@ -527,7 +582,7 @@ impl Bench {
             }
             let median = |v: &mut Vec<Load>| {
                 v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
-                v.swap_remove(1)
+                v.swap_remove(ROUNDS / 2)
             };
             let (first, second) = (median(&mut runs[0]), median(&mut runs[1]));
             let mut j = second.to_json();
@@ -540,7 +595,7 @@ impl Bench {
 
     /// GET and PUT (buffer) at 32 connections on a node without client auth and on
     /// one with it (every request carries a token that is looked up and checked).
-    /// Both nodes run at once and the loads alternate (off, on, three times each), so
+    /// Both nodes run at once and the loads alternate (off, on, five times each), so
     /// a machine that slows down mid-run slows both alike; medians are reported.
     async fn auth(&mut self) -> Res<()> {
         let space = if self.opts.quick { 10_000 } else { 100_000 };
@@ -651,6 +706,73 @@ impl Bench {
             }
         }
         self.alternate([off, on], ["plain", "tls"], "x_plain", space).await
+    }
+
+    /// The change feed: how long a write takes to reach a stream watching its prefix on
+    /// the node written to and on its peer (with push lag measured alongside), then
+    /// GET and PUT (buffer) on a node with 1,000 idle streams open against one
+    /// without, alternating as in `auth`.
+    async fn changes(&mut self) -> Res<()> {
+        let dir = self.tmp.path().join("changes");
+        let cluster = "gossip_interval_min: 0.2\ngossip_interval_max: 0.4\nfailure_timeout: 3\nremoval_timeout: 6\n";
+        let (a, _) = start_kvs(&dir.join("a"), &format!("node_id: a\n{cluster}"))?;
+        let (b, _) = start_kvs(&dir.join("b"), &format!("node_id: b\nseed_nodes: [\"{}\"]\n{cluster}", a.addr))?;
+        for n in [&a, &b] {
+            wait_health(&n.addr, "2 members", |h| h["member_count"] == 2 && h["mode"] == "normal").await?;
+        }
+        let mut on_a = sse_open(&a.addr, "prefix=watch").await?;
+        let mut on_b = sse_open(&b.addr, "prefix=watch").await?;
+        let mut conn = Conn::open(&a.addr).await?;
+        let mut gets = Conn::open(&b.addr).await?;
+        let (mut same, mut other, mut lag) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..self.opts.lag_writes {
+            let key = format!("watch/{i}");
+            let t = Instant::now();
+            conn.call(Method::PUT, &format!("/kv/{key}"), value(100)).await?;
+            same.push(wait_event(&mut on_a, &key, t).await?);
+            other.push(wait_event(&mut on_b, &key, t).await?);
+            // Push lag of the next write, the way `lag` measures it (GET polling).
+            let t = Instant::now();
+            let key = format!("/kv/lag/{i}");
+            conn.call(Method::PUT, &key, value(100)).await?;
+            while gets.call(Method::GET, &key, Bytes::new()).await?.0 != StatusCode::OK {
+                if t.elapsed() > Duration::from_secs(30) {
+                    return Err("a write did not replicate within 30 s".into());
+                }
+            }
+            lag.push(t.elapsed().as_micros() as u64);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for (name, mut v) in
+            [("changes wake same node", same), ("changes wake other node", other), ("changes push lag", lag)]
+        {
+            v.sort_unstable();
+            let l = Load { ops: v.len() as u64, secs: 1.0, lat_us: v, errors: 0 };
+            self.record(
+                name,
+                json!({"writes": l.ops, "p50_ms": l.pct(0.5), "p99_ms": l.pct(0.99), "max_ms": l.pct(1.0)}),
+            );
+        }
+        drop((a, b));
+
+        let space = if self.opts.quick { 10_000 } else { 100_000 };
+        let (off, _) = start_kvs(&dir.join("off"), "durability: buffer\n")?;
+        let (on, _) = start_kvs(&dir.join("on"), "durability: buffer\n")?;
+        preload(&off.addr, space, 100).await?;
+        preload(&on.addr, space, 100).await?;
+        let mut idle = Vec::with_capacity(1000);
+        for i in 0..1000 {
+            idle.push(sse_open(&on.addr, &format!("prefix=idle/{i}")).await?);
+        }
+        let h = health(&on.addr).await?;
+        if !self.opts.json {
+            println!("(1000 idle streams open on {}; last_seq {})", on.addr, h["last_seq"]);
+        }
+        let off = Spec { addr: off.addr.clone(), token: None, tls: None };
+        let on = Spec { addr: on.addr.clone(), token: None, tls: None };
+        let r = self.alternate([off, on], ["no watchers", "1000 watchers"], "x_no_watchers", space).await;
+        drop(idle);
+        r
     }
 
     /// Push lag, without and with a cluster key (every node-to-node request signed
@@ -847,6 +969,9 @@ fn main() -> std::process::ExitCode {
             }
             if bench.wants("tls") {
                 bench.tls().await?;
+            }
+            if bench.wants("changes") {
+                bench.changes().await?;
             }
             if bench.wants("antientropy") {
                 bench.antientropy().await?;
