@@ -121,6 +121,18 @@ impl Collector for NodeCollector {
         gauge(&mut e, "keys", "Live keys stored", self.store.live_keys() as i64)?;
         gauge(&mut e, "tombstones", "Tombstones held (deletes not yet purged)", self.store.tombstones() as i64)?;
         gauge(&mut e, "storage_disk_bytes", "Bytes the database takes on disk", self.store.disk_bytes() as i64)?;
+        gauge(
+            &mut e,
+            "storage_write_buffer_bytes",
+            "Bytes in fjall's memtables (active and sealed)",
+            self.store.write_buffer_bytes() as i64,
+        )?;
+        counter(
+            &mut e,
+            "storage_forced_rotations",
+            "Times the writer rotated every memtable to bound the write buffer",
+            self.store.forced_rotations(),
+        )?;
         let feed = &self.feed;
         gauge(&mut e, "change_seq", "The change feed's last seq on this node", self.store.last_seq() as i64)?;
         gauge(&mut e, "change_watchers", "Change feed long-polls and streams open", feed.watchers() as i64)?;

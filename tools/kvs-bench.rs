@@ -378,13 +378,25 @@ async fn preload_as(addr: &str, token: Option<&str>, keys: usize, size: usize) -
     Ok(())
 }
 
+/// A metric's value from a node's `/metrics` (0 when absent).
+async fn metric(addr: &str, name: &str) -> Res<u64> {
+    let mut c = Conn::open(addr).await?;
+    let (_, body) = c.call(Method::GET, "/metrics", Bytes::new()).await?;
+    let text = String::from_utf8_lossy(&body);
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64))
+}
+
 /// Opens a change stream (`GET /changes?<query>` as SSE) and returns the keys of its
 /// events with when each arrived.
-async fn sse_open(addr: &str, query: &str) -> Res<tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>> {
+async fn sse_open(addr: &str, query: &str) -> Res<Sse> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let conn = tokio::spawn(conn);
     let req = Request::builder()
         .uri(format!("/changes?{query}"))
         .header("host", addr)
@@ -396,7 +408,7 @@ async fn sse_open(addr: &str, query: &str) -> Res<tokio::sync::mpsc::UnboundedRe
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut body = resp.into_body();
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         let _send = send;
         while let Some(Ok(frame)) = body.frame().await {
             let at = Instant::now();
@@ -411,17 +423,26 @@ async fn sse_open(addr: &str, query: &str) -> Res<tokio::sync::mpsc::UnboundedRe
             }
         }
     });
-    Ok(rx)
+    Ok(Sse { rx, tasks: [conn.abort_handle(), reader.abort_handle()] })
+}
+
+/// An open change stream: its events, and its tasks, ended (closing the connection)
+/// when it drops.
+struct Sse {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>,
+    tasks: [tokio::task::AbortHandle; 2],
+}
+
+impl Drop for Sse {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(tokio::task::AbortHandle::abort);
+    }
 }
 
 /// Waits for `key`'s event on a stream; its delay after `since`, in µs.
-async fn wait_event(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>,
-    key: &str,
-    since: Instant,
-) -> Res<u64> {
+async fn wait_event(sse: &mut Sse, key: &str, since: Instant) -> Res<u64> {
     loop {
-        let next = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+        let next = tokio::time::timeout(Duration::from_secs(30), sse.rx.recv()).await;
         match next {
             Ok(Some((k, at))) if k == key => return Ok(at.duration_since(since).as_micros() as u64),
             Ok(Some(_)) => {}
@@ -710,8 +731,7 @@ impl Bench {
 
     /// The change feed: how long a write takes to reach a stream watching its prefix on
     /// the node written to and on its peer (with push lag measured alongside), then
-    /// GET and PUT (buffer) on a node with 1,000 idle streams open against one
-    /// without, alternating as in `auth`.
+    /// GET and PUT (buffer) on one node with and without 1,000 idle streams open.
     async fn changes(&mut self) -> Res<()> {
         let dir = self.tmp.path().join("changes");
         let cluster = "gossip_interval_min: 0.2\ngossip_interval_max: 0.4\nfailure_timeout: 3\nremoval_timeout: 6\n";
@@ -755,24 +775,53 @@ impl Bench {
         }
         drop((a, b));
 
+        // One node, loads alternating without and with 1,000 idle streams open (five
+        // rounds each, medians): two nodes side by side share the disk, and one's
+        // flushes and compactions stalled the other's PUTs for seconds at a time.
         let space = if self.opts.quick { 10_000 } else { 100_000 };
-        let (off, _) = start_kvs(&dir.join("off"), "durability: buffer\n")?;
-        let (on, _) = start_kvs(&dir.join("on"), "durability: buffer\n")?;
-        preload(&off.addr, space, 100).await?;
-        preload(&on.addr, space, 100).await?;
-        let mut idle = Vec::with_capacity(1000);
-        for i in 0..1000 {
-            idle.push(sse_open(&on.addr, &format!("prefix=idle/{i}")).await?);
+        let (node, _) = start_kvs(&dir.join("watched"), "durability: buffer\n")?;
+        preload(&node.addr, space, 100).await?;
+        let secs = self.opts.load_secs;
+        for (op, name) in [(Method::GET, "get c=32"), (Method::PUT, "put buffer c=32")] {
+            let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..5 {
+                for (k, runs) in runs.iter_mut().enumerate() {
+                    let mut idle = Vec::new();
+                    for i in 0..1000 * k {
+                        idle.push(sse_open(&node.addr, &format!("prefix=idle/{i}")).await?);
+                    }
+                    let want = idle.len() as u64;
+                    let open = metric(&node.addr, "kvs_change_watchers").await?;
+                    if open != want {
+                        return Err(format!("{open} watchers open, expected {want}").into());
+                    }
+                    let op = op.clone();
+                    let make = move |r: &mut StdRng| {
+                        let body = if op == Method::PUT { value(100) } else { Bytes::new() };
+                        (op.clone(), key_path(r, space), body)
+                    };
+                    runs.push(load(&node.addr, 32, secs, make).await?);
+                    drop(idle);
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while metric(&node.addr, "kvs_change_watchers").await? != 0 {
+                        if Instant::now() > deadline {
+                            return Err("the idle streams did not close".into());
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            let median = |v: &mut Vec<Load>| {
+                v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
+                v.swap_remove(v.len() / 2)
+            };
+            let (without, with) = (median(&mut runs[0]), median(&mut runs[1]));
+            let mut j = with.to_json();
+            j["x_no_watchers"] = json!((with.rps() / without.rps() * 100.0).round() / 100.0);
+            self.record(&format!("{name} no watchers"), without.to_json());
+            self.record(&format!("{name} 1000 watchers"), j);
         }
-        let h = health(&on.addr).await?;
-        if !self.opts.json {
-            println!("(1000 idle streams open on {}; last_seq {})", on.addr, h["last_seq"]);
-        }
-        let off = Spec { addr: off.addr.clone(), token: None, tls: None };
-        let on = Spec { addr: on.addr.clone(), token: None, tls: None };
-        let r = self.alternate([off, on], ["no watchers", "1000 watchers"], "x_no_watchers", space).await;
-        drop(idle);
-        r
+        Ok(())
     }
 
     /// Push lag, without and with a cluster key (every node-to-node request signed
