@@ -10,9 +10,12 @@
 //!   `max_clock_offset_ms`, no I/O. [`merge`]: the writer's decisions (a client write's
 //!   version, whether a replicated record applies, a vote winner replaces, a tombstone
 //!   is purged), pure functions over the held version.
-//! - [`storage`]: fjall keyspaces (records, timestamp index, meta), the data dir
-//!   format and its upgrade, and the single writer thread that group-commits every
-//!   change.
+//! - [`storage`]: fjall keyspaces (records, timestamp index, meta, the change log),
+//!   the data dir format and its upgrade, and the single writer thread that
+//!   group-commits every change and numbers it for the change feed.
+//! - [`changes`]: the change feed's rules (log entries, cursor checks, the prefix
+//!   wake-up map), no I/O; [`changes_api`]: `GET /changes` as long-poll and
+//!   Server-Sent Events, and the log's trim task.
 //! - [`membership`]: the membership rules (merge, status, removal, peer choice), no I/O.
 //! - [`cluster`]: the membership tasks around them: join, gossip, leave.
 //! - [`protocol`]: the node-to-node protocol: its routes, headers, limits, and the
@@ -55,7 +58,9 @@
 //! thread, which stamps it ([`merge::client_version`]: a uuid and an HLC timestamp newer
 //! than what the path holds), commits record, index entry and counters in one fjall batch
 //! shared with every other write waiting, fsyncs once (in `sync` durability), and
-//! answers every waiting request.
+//! answers every waiting request. The same batch holds the write's change log entry;
+//! after the commit the writer moves `last_seq` and wakes the watchers of the key's
+//! prefixes, whose long-polls and streams then read the log ([`changes_api`]).
 //!
 //! # A replicated write
 //! After the commit, the handler gives the record to [`push::Pusher`], which batches it
@@ -66,7 +71,8 @@
 //! record from further ahead than any checked clock is held back, otherwise the newer
 //! version wins
 //! ([`merge::decide_apply`]), the node's clock follows it unless it is beyond the
-//! bound ([`hlc::Hlc::observe`]); its summary leaf changes in the same batch. Records a push
+//! bound ([`hlc::Hlc::observe`]); its summary leaf and its change log entry change in
+//! the same batch, so the peer's watchers see it as they see a local write. Records a push
 //! missed are found by the next regular sync ([`replication::Replication::sync_with`]), which
 //! compares summaries and moves only what differs.
 #![forbid(unsafe_code)]

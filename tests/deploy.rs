@@ -304,8 +304,44 @@ fn behind_nginx_with_tls() {
     let (status, body) = curl(p, "PUT", "/kv/big", &["--data-binary", &format!("@{}", big.display())]);
     assert_eq!(status, 413);
     assert!(body.contains("\"error\""), "{body}");
+    // The change feed streams through the proxy as it happens (nothing buffered): a
+    // delete made after the stream opened arrives while the stream is still open.
+    let mut sse = Command::new("curl")
+        .args(["-skN", "-H", "Accept: text/event-stream"])
+        .arg(format!("https://127.0.0.1:{p}/changes?prefix=users"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut out = sse.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(k) = std::io::Read::read(&mut out, &mut buf) {
+            if k == 0 || tx.send(String::from_utf8_lossy(&buf[..k]).into_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut until = |want: &str| {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !seen.contains(want) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => seen.push_str(&chunk),
+                Err(_) => panic!("no {want:?} through nginx: {seen:?}"),
+            }
+        }
+    };
+    until("retry:");
     assert_eq!(curl(p, "DELETE", "/kv/users/john", &[]).0, 204);
+    until("event: delete");
+    let _ = sse.kill();
+    let _ = sse.wait();
     assert_eq!(curl(p, "GET", "/kv/users/john", &[]).0, 404);
+    let (status, body) = curl(p, "GET", "/changes?since=0&wait=1&prefix=users", &[]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"op\":\"delete\""), "{body}");
     // kvs logs the real client (curl binds 127.0.0.2), not the proxy, and ignores a
     // forwarded-for the client wrote itself.
     curl(p, "GET", "/kv/who", &["--interface", "127.0.0.2", "-H", "X-Forwarded-For: 6.6.6.6"]);
