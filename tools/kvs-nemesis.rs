@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! cargo build --release && sudo ./target/release/kvs-nemesis [--seed N] [--duration SECS]
-//!     [--nodes N] [--clients N] [--gc] [--keep]
+//!     [--nodes N] [--clients N] [--gc] [--sync] [--keep]
 //! ```
 //!
 //! `--gc` sets `tombstone_grace_hours` to 7 s, so tombstones are purged (and
 //! certificates kept) throughout the run while deletes go on.
+//! `--sync` runs the nodes with `durability: sync` (default `buffer`), so a kill -9
+//! keeps each node's change feed and the feed check covers every node.
 //!
 //! It starts `--nodes` (5) release `kvs` processes on 127.0.0.1, each as its own system
 //! user (`kvsnem0`...), runs a client workload against random nodes, and meanwhile a
@@ -67,7 +69,7 @@ const CONVERGENCE_TARGET: Duration = Duration::from_secs(5);
 const FAKETIME_LIBS: [&str; 2] =
     ["/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1"];
 const USAGE: &str =
-    "usage: kvs-nemesis [--seed N] [--duration SECS] [--nodes N] [--clients N] [--gc] [--keep]   (run as root)";
+    "usage: kvs-nemesis [--seed N] [--duration SECS] [--nodes N] [--clients N] [--gc] [--sync] [--keep]   (run as root)";
 /// `tombstone_grace_hours` with `--gc`: 7 s, just over the least the config takes with a 0.5 s
 /// `sync_interval` and a 3 s `removal_timeout`.
 const GC_GRACE_HOURS: f64 = 7.0 / 3600.0;
@@ -81,6 +83,9 @@ struct Opts {
     /// Tombstones purged after 7 s instead of 7 days, so purges, certificates and the
     /// stale rule run all through the run.
     gc: bool,
+    /// Nodes with `durability: sync` instead of `buffer`: a kill -9 then keeps each
+    /// node's change feed, so the feed check covers every node.
+    sync: bool,
 }
 
 fn parse_opts() -> Res<Opts> {
@@ -91,6 +96,7 @@ fn parse_opts() -> Res<Opts> {
         clients: 8,
         keep: false,
         gc: false,
+        sync: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -118,6 +124,7 @@ fn parse_opts() -> Res<Opts> {
             }
             "--keep" => o.keep = true,
             "--gc" => o.gc = true,
+            "--sync" => o.sync = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -356,8 +363,9 @@ fn build_lab(o: &Opts) -> Res<Lab> {
             "node_id: n{i}\nport: {port}\ndata_dir: ./data\nseed_nodes: [{}]\nlog_level: info\n\
              gossip_interval_min: 0.1\ngossip_interval_max: 0.2\nfailure_timeout: 1\nremoval_timeout: 3\n\
              sync_interval: 0.5\ncatchup_interval: 0.5\nthrottle_delay_ms: 0\nfetch_delay_ms: 0\n\
-             durability: buffer\nmax_clock_offset_ms: {MAX_OFFSET_MS}\n{}",
+             durability: {}\nmax_clock_offset_ms: {MAX_OFFSET_MS}\n{}",
             seeds.join(", "),
+            if o.sync { "sync" } else { "buffer" },
             if o.gc { format!("tombstone_grace_hours: {GC_GRACE_HOURS}\n") } else { String::new() }
         );
         std::fs::write(ndir.join("config.yaml"), config).map_err(|e| e.to_string())?;
@@ -785,6 +793,46 @@ async fn snapshot(shared: &Shared, node: usize) -> Res<(BTreeSet<String>, BTreeM
     Ok((keys, registers))
 }
 
+/// Replays node `node`'s change feed from its start: the keys whose last event is a put.
+/// `None` when the feed does not reach back to its start (410: after a kill -9 with
+/// `durability: buffer` a node starts a new feed, README "Watching changes").
+async fn replay_feed(shared: &Shared, node: usize) -> Res<Option<(BTreeSet<String>, u64)>> {
+    let mut last: BTreeMap<String, bool> = BTreeMap::new();
+    let (mut since, mut events) = (0u64, 0u64);
+    loop {
+        let (s, b) = shared
+            .client
+            .call(
+                Method::GET,
+                &shared.addrs[node],
+                &format!("/changes?since={since}&limit=10000"),
+                Bytes::new(),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| format!("n{node} feed: {e}"))?;
+        if s == hyper::StatusCode::GONE {
+            return Ok(None);
+        }
+        if !s.is_success() {
+            return Err(format!("n{node} feed: {s}"));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+        let page = v["events"].as_array().cloned().unwrap_or_default();
+        for e in &page {
+            let key = e["key"].as_str().unwrap_or_default().to_string();
+            last.insert(key, e["op"] == "put");
+        }
+        events += page.len() as u64;
+        let next = v["last_seq"].as_u64().ok_or("feed answer without last_seq")?;
+        if page.is_empty() && next == since {
+            break;
+        }
+        since = next;
+    }
+    Ok(Some((last.into_iter().filter(|(_, put)| *put).map(|(k, _)| k).collect(), events)))
+}
+
 struct Verdict {
     anomalies: Vec<String>,
     report: String,
@@ -970,6 +1018,28 @@ async fn run_all(o: Opts, lab: Arc<Mutex<Lab>>) -> Res<Verdict> {
             let (a, r) = check(&history, &keys, &registers);
             anomalies.extend(a);
             report.push_str(&r);
+            // Each node's change feed, replayed from its start, must explain its data
+            // exactly: every key it holds has a put as its last event, every other key
+            // that ever had an event ends with a delete.
+            let mut checked = Vec::new();
+            for node in 0..o.nodes {
+                match replay_feed(&shared, node).await {
+                    Ok(Some((live, events))) => {
+                        let missing = keys.difference(&live).count();
+                        let extra = live.difference(&keys).count();
+                        if missing + extra > 0 {
+                            anomalies.push(format!(
+                                "n{node}'s change feed does not explain its data: {missing} keys held without a put \
+                                 as their last event, {extra} keys whose last event is a put but absent"
+                            ));
+                        }
+                        checked.push(format!("n{node} {events} events"));
+                    }
+                    Ok(None) => checked.push(format!("n{node} new feed after a crash")),
+                    Err(e) => anomalies.push(e),
+                }
+            }
+            let _ = writeln!(report, "change feeds replayed from their start: {}", checked.join(", "));
         }
         Err(e) => anomalies.push(e),
     }
