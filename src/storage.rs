@@ -696,20 +696,30 @@ impl Store {
             return Ok((events, cursor));
         }
         let range = (after + 1).to_be_bytes()..=up_to.to_be_bytes();
-        for guard in self.inner.changes.range(range).take(max_scan) {
+        let (mut scanned, mut cut) = (0, false);
+        for guard in self.inner.changes.range(range) {
+            if scanned == max_scan {
+                cut = true;
+                break;
+            }
+            scanned += 1;
             let (k, v) = guard.into_inner().map_err(|e| self.fail(io(e)))?;
             let event = crate::changes::Event::decode(&k, &v)
                 .ok_or_else(|| self.fail(StoreError::Corrupt("undecodable change log entry".into())))?;
+            let seq = event.seq;
             if keep(&event.key) {
                 if events.len() == limit || (bytes >= max_bytes && !events.is_empty()) {
+                    cut = true;
                     break;
                 }
                 bytes += event.key.len() + 100;
                 events.push(event);
             }
-            cursor = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(cursor);
+            cursor = seq;
         }
-        Ok((events, cursor))
+        // Read to the end: the cursor is `up_to` even where the last seqs have no entry
+        // (a seq taken by the stale discard), so no reader scans them again.
+        Ok((events, if cut { cursor } else { up_to }))
     }
 
     /// Moves whenever a commit changes a reserved key ([`crate::acl`] reloads then).
@@ -2051,6 +2061,12 @@ mod tests {
             writer.put("x".into(), Bytes::from_static(b"1")).await.unwrap();
             assert!(writer.discard(u64::MAX, 100).await.unwrap() > 0);
             assert_eq!((store.last_seq(), store.change_floor()), (7, 7));
+            // Seq 7 has no entry; a read to the end still moves the cursor past it.
+            let (events, cursor) = store.changes_after(5, 7, (10, usize::MAX, 10), &|_| true).unwrap();
+            assert_eq!((events.len(), cursor), (1, 7));
+            // A read cut short by its scan budget resumes where it stopped.
+            let (events, cursor) = store.changes_after(0, 7, (10, usize::MAX, 0), &|_| true).unwrap();
+            assert_eq!((events.len(), cursor), (0, 0));
         });
         writer.close(&store).unwrap();
         drop(store);

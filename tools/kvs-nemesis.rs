@@ -68,8 +68,7 @@ const BURST_CONNECTIONS: usize = 48;
 const CONVERGENCE_TARGET: Duration = Duration::from_secs(5);
 const FAKETIME_LIBS: [&str; 2] =
     ["/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1"];
-const USAGE: &str =
-    "usage: kvs-nemesis [--seed N] [--duration SECS] [--nodes N] [--clients N] [--gc] [--sync] [--keep]   (run as root)";
+const USAGE: &str = "usage: kvs-nemesis [--seed N] [--duration SECS] [--nodes N] [--clients N] [--gc] [--sync] [--keep]   (run as root)";
 /// `tombstone_grace_hours` with `--gc`: 7 s, just over the least the config takes with a 0.5 s
 /// `sync_interval` and a 3 s `removal_timeout`.
 const GC_GRACE_HOURS: f64 = 7.0 / 3600.0;
