@@ -149,7 +149,8 @@ impl ApiError {
         }
     }
 
-    fn message(&self) -> String {
+    /// The text of the JSON error.
+    pub(crate) fn message(&self) -> String {
         match self {
             ApiError::BadRequest(m)
             | ApiError::Conflict(m)
@@ -179,11 +180,6 @@ impl ApiError {
             ),
             ApiError::Storage(e) => e.to_string(),
         }
-    }
-
-    /// The message of the JSON error.
-    pub fn into_response_message(self) -> String {
-        self.message()
     }
 
     /// The JSON error response.

@@ -6,7 +6,7 @@
 //! there is nothing new. ARCHITECTURE.md ("Change feed") has the rules.
 
 use crate::acl::{Access, Caller};
-use crate::api::{ApiError, ResponseBody, json_response, parse_query};
+use crate::api::{ApiError, ResponseBody, parse_query};
 use crate::changes::{Event, Gone, check_cursor, parse_event_id, sse_id, under};
 use crate::node::App;
 use crate::shutdown::Shutdown;
@@ -14,7 +14,7 @@ use crate::storage::{Store, blocking};
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -392,8 +392,8 @@ fn answer(feed_id: &str, last_seq: u64, events: Vec<String>, filtered: bool) -> 
     body.push_str(",\"events\":[");
     body.push_str(&events.join(","));
     body.push_str("]}");
-    let mut resp =
-        json_response(StatusCode::OK, &serde_json::Value::Null).map(|_| ResponseBody::whole(Bytes::from(body)));
+    let mut resp = Response::new(ResponseBody::whole(Bytes::from(body)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if filtered {
         resp.headers_mut().insert(crate::api::FILTERED_HEADER, HeaderValue::from_static("true"));
     }
@@ -472,7 +472,7 @@ fn ended(e: ApiError) -> End {
         ApiError::NoToken(_) | ApiError::Forbidden(_) => "unauthorized",
         _ => "error",
     };
-    Some((reason, e.into_response_message()))
+    Some((reason, e.message()))
 }
 
 /// Queues one frame for the connection: first its bytes from the streams' shared
