@@ -121,7 +121,7 @@ pub enum ApiError {
     Stalled(Duration),
     /// The node's clock is off the cluster's, or not yet compared (503).
     Clock(ClockRefusal, u64),
-    /// Storage failed (500) or is shutting down (503).
+    /// Storage failed (500) or is shutting down (503); a failed condition (412).
     Storage(StoreError),
 }
 
@@ -140,6 +140,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Storage(StoreError::NoNewerTimestamp(_)) => StatusCode::CONFLICT,
+            ApiError::Storage(StoreError::ConditionFailed(_)) => StatusCode::PRECONDITION_FAILED,
             ApiError::Storage(StoreError::Closed)
             | ApiError::Syncing
             | ApiError::Clock(..)
@@ -185,6 +186,14 @@ impl ApiError {
     /// The JSON error response.
     pub fn into_response(self) -> HttpResponse {
         let mut resp = json_response(self.status(), &json!({ "error": self.message() }));
+        if let ApiError::Storage(StoreError::ConditionFailed(current)) = &self {
+            // The current version to retry against, as its ETag, in the body and the header.
+            let etag = current.map(|u| format!("\"{u}\""));
+            resp = json_response(self.status(), &json!({ "error": self.message(), "current": etag }));
+            if let Some(v) = etag.as_deref().and_then(|e| HeaderValue::from_str(e).ok()) {
+                resp.headers_mut().insert(header::ETAG, v);
+            }
+        }
         if let ApiError::NoToken(_) = self {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -342,7 +351,7 @@ async fn client_route(
         return match *req.method() {
             Method::GET | Method::HEAD => get_kv(app, caller, &raw_key, req.uri().query()).await,
             Method::PUT => put_kv(app, caller, &raw_key, req).await,
-            Method::DELETE => delete_kv(app, caller, &raw_key, req.uri().query()).await,
+            Method::DELETE => delete_kv(app, caller, &raw_key, &req).await,
             _ => Err(ApiError::MethodNotAllowed(KV_METHODS)),
         };
     }
@@ -522,6 +531,42 @@ fn written_json(w: &crate::storage::Written) -> serde_json::Value {
     json!({ "uuid": w.uuid.to_string(), "timestamp": hlc::ms(w.timestamp), "version": w.timestamp.to_string() })
 }
 
+/// The condition of a write from its `If-Match` (`"<uuid>"`, the ETag a GET gave, or
+/// `*`) or `If-None-Match` (`*` only: create if absent) header.
+fn condition(headers: &hyper::HeaderMap) -> Result<crate::merge::Condition, ApiError> {
+    use crate::merge::Condition;
+    let text =
+        |header: header::HeaderName, name: &str| -> Result<Option<&str>, ApiError> {
+            match headers.get_all(&header).iter().count() {
+                0 => Ok(None),
+                1 => headers.get(&header).map(|v| v.to_str().map(str::trim)).transpose().map_err(|_| {
+                    ApiError::BadRequest(format!("{name} must be \"<uuid>\" (the ETag a GET returned) or *"))
+                }),
+                _ => Err(ApiError::BadRequest(format!("{name} given more than once"))),
+            }
+        };
+    match (text(header::IF_MATCH, "If-Match")?, text(header::IF_NONE_MATCH, "If-None-Match")?) {
+        (None, None) => Ok(Condition::Always),
+        (Some(_), Some(_)) => Err(ApiError::BadRequest("use If-Match or If-None-Match, not both".into())),
+        (Some("*"), None) => Ok(Condition::Exists),
+        (Some(tag), None) => tag
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .and_then(|t| uuid::Uuid::parse_str(t).ok())
+            .map(Condition::Matches)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "If-Match must be one quoted uuid, the ETag a GET returned (e.g. \"{}\"), or *; got {tag:?}",
+                    uuid::Uuid::nil()
+                ))
+            }),
+        (None, Some("*")) => Ok(Condition::Absent),
+        (None, Some(other)) => {
+            Err(ApiError::BadRequest(format!("If-None-Match takes only * (create if absent); got {other:?}")))
+        }
+    }
+}
+
 fn key(raw: &str) -> Result<String, ApiError> {
     parse_key(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
@@ -606,11 +651,12 @@ async fn put_kv(
 ) -> Result<HttpResponse, ApiError> {
     refuse_query(req.uri().query())?;
     let path = key(raw_key)?;
+    let condition = condition(req.headers())?;
     allow(app, caller, &path, crate::acl::Access::Write)?;
     check_writable(app)?;
     let (body, _permit) = read_body_within(req, app.config.max_value_bytes, &CLIENT_BUDGET).await?;
     check_json(body.clone()).await?;
-    let written = app.writer.put(path.clone(), body.clone()).await?;
+    let written = app.writer.put_if(path.clone(), body.clone(), condition).await?;
     app.pusher.enqueue(path, Record::value(written.timestamp, written.uuid, body));
     Ok(json_response(StatusCode::OK, &written_json(&written)))
 }
@@ -619,13 +665,14 @@ async fn delete_kv(
     app: &Arc<App>,
     caller: Option<&crate::acl::Caller>,
     raw_key: &str,
-    query: Option<&str>,
+    req: &Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    refuse_query(query)?;
+    refuse_query(req.uri().query())?;
     let path = key(raw_key)?;
+    let condition = condition(req.headers())?;
     allow(app, caller, &path, crate::acl::Access::Write)?;
     check_writable(app)?;
-    let written = app.writer.delete(path.clone()).await?;
+    let written = app.writer.delete_if(path.clone(), condition).await?;
     app.pusher.enqueue(path, Record::tombstone(written.timestamp, written.uuid));
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;

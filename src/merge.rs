@@ -7,6 +7,8 @@
 //!
 //! - [`client_version`]: the version a client PUT or DELETE creates.
 //! - [`decide_apply`]: whether a replicated record is stored.
+//! - [`Condition::holds`]: whether a conditional client write (`If-Match`,
+//!   `If-None-Match`) may go ahead over the held version.
 //! - [`may_replace`]: whether a vote's winner replaces the held version.
 //! - [`may_purge`], [`may_discard`]: whether maintenance may drop the held version.
 
@@ -14,6 +16,34 @@ use crate::hlc::Hlc;
 use crate::record::{Ordering, Record, compare};
 use bytes::Bytes;
 use uuid::Uuid;
+
+/// The condition a client write carries (`If-Match` / `If-None-Match`), checked by
+/// the writer against the version it holds, in the same step as the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Unconditional.
+    Always,
+    /// `If-Match: *`: some live value is held.
+    Exists,
+    /// `If-Match: "<uuid>"`: the live value held is this version.
+    Matches(Uuid),
+    /// `If-None-Match: *`: no live value is held (absent or deleted): create only.
+    Absent,
+}
+
+impl Condition {
+    /// Whether a write with this condition may go ahead over `held` (the held
+    /// version; a tombstone, like nothing, is no live value).
+    pub fn holds(self, held: Option<&Record>) -> bool {
+        let live = held.filter(|r| !r.is_tombstone());
+        match self {
+            Condition::Always => true,
+            Condition::Exists => live.is_some(),
+            Condition::Matches(uuid) => live.is_some_and(|r| r.uuid == uuid),
+            Condition::Absent => live.is_none(),
+        }
+    }
+}
 
 /// The version a client write creates over `held`: a fresh uuid and a timestamp from
 /// [`Hlc::stamp_over`], so it supersedes whatever the node holds for the path. `None`
@@ -125,6 +155,23 @@ mod tests {
 
     fn rec(ts: u64, id: u128, data: Option<&'static str>) -> Record {
         Record { timestamp: ts, uuid: Uuid::from_u128(id), data: data.map(|d| Bytes::from_static(d.as_bytes())) }
+    }
+
+    #[test]
+    fn conditions_judge_the_live_value_held() {
+        let value = rec(5, 1, Some("1"));
+        let tomb = rec(6, 2, None);
+        let cases = [
+            (Condition::Always, [true, true, true]),
+            (Condition::Exists, [false, true, false]),
+            (Condition::Matches(Uuid::from_u128(1)), [false, true, false]),
+            (Condition::Matches(Uuid::from_u128(2)), [false, false, false]),
+            (Condition::Absent, [true, false, true]),
+        ];
+        for (condition, want) in cases {
+            let got = [condition.holds(None), condition.holds(Some(&value)), condition.holds(Some(&tomb))];
+            assert_eq!(got, want, "{condition:?} over nothing, a value, a tombstone");
+        }
     }
 
     #[test]

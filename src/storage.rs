@@ -93,6 +93,9 @@ pub enum StoreError {
     /// A client write to this path cannot be ordered after the version it holds (that
     /// version's timestamp is the last there is); refused, never acknowledged and lost.
     NoNewerTimestamp(String),
+    /// A conditional client write whose condition does not hold; nothing was written.
+    /// Carries the uuid of the live value held, if any.
+    ConditionFailed(Option<Uuid>),
 }
 
 impl std::fmt::Display for StoreError {
@@ -114,6 +117,10 @@ impl std::fmt::Display for StoreError {
             StoreError::NoNewerTimestamp(path) => {
                 write!(f, "key {path:?} holds a version at the end of the timestamp range; no write can supersede it")
             }
+            StoreError::ConditionFailed(Some(uuid)) => {
+                write!(f, "the key's current version is \"{uuid}\"; nothing was written")
+            }
+            StoreError::ConditionFailed(None) => write!(f, "the key holds no value; nothing was written"),
         }
     }
 }
@@ -1041,8 +1048,8 @@ impl Store {
 }
 
 enum Op {
-    Put { path: String, data: Bytes },
-    Delete { path: String },
+    Put { path: String, data: Bytes, condition: merge::Condition },
+    Delete { path: String, condition: merge::Condition },
     Apply { records: Vec<(String, Record)>, tombstone_floor: u64, absent_floor: u64 },
     Purge { tombstones: Vec<(String, u64)> },
     Certify { tombstones: Vec<(String, u64, Uuid)> },
@@ -1104,12 +1111,24 @@ impl Writer {
 
     /// Stores `data` as the new version of `path`.
     pub async fn put(&self, path: String, data: Bytes) -> Result<Written, StoreError> {
-        self.written(Op::Put { path, data }).await
+        self.put_if(path, data, merge::Condition::Always).await
+    }
+
+    /// [`Self::put`] only if `condition` holds for the version held when the writer
+    /// takes it ([`StoreError::ConditionFailed`] otherwise, nothing written): the check
+    /// and the write are one step of the writer.
+    pub async fn put_if(&self, path: String, data: Bytes, condition: merge::Condition) -> Result<Written, StoreError> {
+        self.written(Op::Put { path, data, condition }).await
     }
 
     /// Records a tombstone for `path`, whether or not it held a value.
     pub async fn delete(&self, path: String) -> Result<Written, StoreError> {
-        self.written(Op::Delete { path }).await
+        self.delete_if(path, merge::Condition::Always).await
+    }
+
+    /// [`Self::delete`] only if `condition` holds, as [`Self::put_if`].
+    pub async fn delete_if(&self, path: String, condition: merge::Condition) -> Result<Written, StoreError> {
+        self.written(Op::Delete { path, condition }).await
     }
 
     /// Applies replicated records by the merge rule: newer versions are stored, older
@@ -1357,10 +1376,12 @@ impl WriterState {
         self.trimmed.clear();
         for req in group.iter_mut() {
             let r = match &mut req.op {
-                Op::Put { path, data } => {
-                    self.stage_client_write(&mut changes, path, Some(std::mem::take(data))).map(Reply::Written)
+                Op::Put { path, data, condition } => self
+                    .stage_client_write(&mut changes, path, Some(std::mem::take(data)), *condition)
+                    .map(Reply::Written),
+                Op::Delete { path, condition } => {
+                    self.stage_client_write(&mut changes, path, None, *condition).map(Reply::Written)
                 }
-                Op::Delete { path } => self.stage_client_write(&mut changes, path, None).map(Reply::Written),
                 Op::Apply { records, tombstone_floor, absent_floor } => self
                     .stage_apply(&mut changes, std::mem::take(records), *tombstone_floor, *absent_floor)
                     .map(Reply::Applied),
@@ -1451,8 +1472,15 @@ impl WriterState {
         changes: &mut HashMap<String, Change>,
         path: &str,
         data: Option<Bytes>,
+        condition: merge::Condition,
     ) -> Result<Written, StoreError> {
         let current = self.current(changes, path)?;
+        // Against the version as of this group so far: an earlier write in the group
+        // to the same key counts, so two conditional writes never both pass.
+        if !condition.holds(current.as_ref()) {
+            let live = current.as_ref().filter(|r| !r.is_tombstone()).map(|r| r.uuid);
+            return Err(StoreError::ConditionFailed(live));
+        }
         // Over a purged delete, the write is ordered after it, as over the tombstone.
         let cert = if current.is_none() { self.current_cert(path)? } else { None };
         let held = current.clone().or_else(|| cert.map(|c| c.tombstone()));
@@ -2072,6 +2100,47 @@ mod tests {
         drop(store);
         let (store, writer) = open(dir.path());
         assert_eq!((store.last_seq(), store.change_floor()), (7, 7), "both survive a restart");
+        writer.close(&store).unwrap();
+    }
+
+    #[test]
+    fn of_many_conditional_writes_on_one_version_exactly_one_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        runtime().block_on(async {
+            let first = writer.put("k".into(), Bytes::from_static(b"0")).await.unwrap();
+            // All queued at once, so most share one group: each is checked against the
+            // version as the group left it, not as the disk had it.
+            let mut pending = Vec::new();
+            for i in 0..100 {
+                let w = writer.clone();
+                let c = merge::Condition::Matches(first.uuid);
+                pending.push(tokio::spawn(async move { w.put_if("k".into(), Bytes::from(i.to_string()), c).await }));
+            }
+            let mut passed = Vec::new();
+            for p in pending {
+                match p.await.unwrap() {
+                    Ok(w) => passed.push(w),
+                    Err(StoreError::ConditionFailed(Some(_))) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(passed.len(), 1, "one compare-and-set wins");
+            assert_eq!(store.get("k").unwrap().map(|r| r.uuid), Some(passed[0].uuid));
+            // Create-only: refused over a value, taken over a delete.
+            let absent = merge::Condition::Absent;
+            assert!(matches!(
+                writer.put_if("k".into(), Bytes::from_static(b"1"), absent).await,
+                Err(StoreError::ConditionFailed(Some(u))) if u == passed[0].uuid
+            ));
+            writer.delete("k".into()).await.unwrap();
+            writer.put_if("k".into(), Bytes::from_static(b"2"), absent).await.unwrap();
+            assert!(matches!(
+                writer.delete_if("gone".into(), merge::Condition::Exists).await,
+                Err(StoreError::ConditionFailed(None))
+            ));
+            assert_eq!(store.get("gone").unwrap(), None, "a failed condition writes nothing");
+        });
         writer.close(&store).unwrap();
     }
 }

@@ -235,3 +235,61 @@ fn read_only_refuses_writes() {
     assert_eq!(n.get("/kv/kept").text(), "1");
     assert_eq!(n.health()["mode"], "read-only");
 }
+
+/// A request with extra headers.
+fn with_headers(n: &Node, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+    raw(&n.addr, &request(method, path, headers, body.map(str::as_bytes)), method == "HEAD")
+}
+
+#[test]
+fn conditional_writes_compare_and_set_and_create_only() {
+    let (_d, n) = node("");
+    let first = n.put("/kv/cas", "1").json()["uuid"].as_str().unwrap().to_string();
+    let etag = format!("\"{first}\"");
+    assert_eq!(n.get("/kv/cas").header("etag"), Some(etag.as_str()));
+    // If-Match with the current ETag: written.
+    let second = with_headers(&n, "PUT", "/kv/cas", &[("If-Match", &etag)], Some("2"));
+    assert_eq!(second.status, 200, "{}", second.text());
+    let second_tag = format!("\"{}\"", second.json()["uuid"].as_str().unwrap());
+    // The same stale ETag again: 412 naming the current version; nothing written.
+    let stale = with_headers(&n, "PUT", "/kv/cas", &[("If-Match", &etag)], Some("3"));
+    stale.assert_error(412);
+    assert_eq!(stale.header("etag"), Some(second_tag.as_str()));
+    assert_eq!(stale.json()["current"], second_tag.as_str());
+    assert_eq!(n.get("/kv/cas").text(), "2");
+    // DELETE takes the same conditions.
+    with_headers(&n, "DELETE", "/kv/cas", &[("If-Match", &etag)], None).assert_error(412);
+    assert_eq!(with_headers(&n, "DELETE", "/kv/cas", &[("If-Match", &second_tag)], None).status, 204);
+    n.get("/kv/cas").assert_error(404);
+    // If-Match on a deleted key: 412 with no current version.
+    let gone = with_headers(&n, "PUT", "/kv/cas", &[("If-Match", "*")], Some("4"));
+    gone.assert_error(412);
+    assert_eq!(gone.json()["current"], serde_json::Value::Null);
+    // Create-only: taken over a delete and over nothing, refused over a value.
+    assert_eq!(with_headers(&n, "PUT", "/kv/cas", &[("If-None-Match", "*")], Some("5")).status, 200);
+    assert_eq!(with_headers(&n, "PUT", "/kv/new", &[("If-None-Match", "*")], Some("6")).status, 200);
+    with_headers(&n, "PUT", "/kv/new", &[("If-None-Match", "*")], Some("7")).assert_error(412);
+    assert_eq!(n.get("/kv/new").text(), "6");
+}
+
+#[test]
+fn bad_conditions_get_400_and_write_nothing() {
+    let (_d, n) = node("");
+    let uuid = n.put("/kv/k", "1").json()["uuid"].as_str().unwrap().to_string();
+    for headers in [
+        vec![("If-Match", uuid.clone())],
+        vec![("If-Match", format!("W/\"{uuid}\""))],
+        vec![("If-Match", "\"not-a-uuid\"".to_string())],
+        vec![("If-Match", format!("\"{uuid}\", \"{uuid}\""))],
+        vec![("If-None-Match", format!("\"{uuid}\""))],
+        vec![("If-Match", format!("\"{uuid}\"")), ("If-None-Match", "*".to_string())],
+        vec![("If-Match", format!("\"{uuid}\"")), ("If-Match", format!("\"{uuid}\""))],
+    ] {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = with_headers(&n, "PUT", "/kv/k", &h, Some("2"));
+        r.assert_error(400);
+        assert!(r.json()["error"].as_str().unwrap().contains("Match"), "{headers:?}: {}", r.text());
+        with_headers(&n, "DELETE", "/kv/k", &h, None).assert_error(400);
+    }
+    assert_eq!(n.get("/kv/k").text(), "1", "nothing was written");
+}
