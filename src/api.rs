@@ -237,7 +237,9 @@ const READ_METHODS: &str = "GET, HEAD";
 fn route_name(req: &Request<Incoming>) -> &'static str {
     let path = req.uri().path();
     if path.starts_with("/kv/") {
-        let listing = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "keys" || p.starts_with("keys=")));
+        let listing = req.uri().query().is_some_and(|q| {
+            q.split('&').any(|p| ["keys", "recurse"].iter().any(|l| p == *l || p.starts_with(&format!("{l}="))))
+        });
         return if listing { "kv_list" } else { "kv" };
     }
     match path {
@@ -578,7 +580,7 @@ async fn get_kv(
     query: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     let params = parse_query(query)?;
-    if params.iter().any(|(k, _)| k == "keys") {
+    if params.iter().any(|(k, _)| k == "keys" || k == "recurse") {
         return list_keys(app, caller, raw_key, params).await;
     }
     if let Some((k, _)) = params.first() {
@@ -603,6 +605,11 @@ async fn get_kv(
     Ok(resp)
 }
 
+/// Most bytes of values in one `?recurse` page (at least one record is sent).
+const MAX_RECURSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// `GET /kv/<prefix>?keys` (with `separator=/`: one level), and `?recurse` (records
+/// with their values).
 async fn list_keys(
     app: &Arc<App>,
     caller: Option<&crate::acl::Caller>,
@@ -611,10 +618,11 @@ async fn list_keys(
 ) -> Result<HttpResponse, ApiError> {
     let prefix = if raw_prefix.is_empty() { None } else { Some(key(raw_prefix)?) };
     let mut limit = DEFAULT_LIST_LIMIT;
-    let mut after = None;
+    let (mut after, mut keys, mut recurse, mut level) = (None, false, false, false);
     for (k, v) in params {
         match k.as_str() {
-            "keys" => {}
+            "keys" => keys = true,
+            "recurse" => recurse = true,
             "limit" => {
                 limit = v
                     .parse()
@@ -623,21 +631,55 @@ async fn list_keys(
                     .ok_or_else(|| ApiError::BadRequest(format!("limit must be 1 to {MAX_LIST_LIMIT}")))?;
             }
             "after" => after = Some(v),
+            "separator" if v == "/" => level = true,
+            "separator" => return Err(ApiError::BadRequest(format!("separator must be / (got {v:?})"))),
             other => return Err(ApiError::BadRequest(format!("unexpected query parameter {other:?}"))),
         }
+    }
+    if keys && recurse {
+        return Err(ApiError::BadRequest("use keys or recurse, not both".into()));
+    }
+    if level && !keys {
+        return Err(ApiError::BadRequest("separator goes with keys".into()));
     }
     let store = app.store.clone();
     // Keys the token cannot read are left out (scanned past, never used as the
     // cursor), and the answer says so.
     let caller = caller.cloned();
-    let page = blocking(move || match caller {
-        Some(c) => store
-            .list_keys_where(prefix.as_deref(), after.as_deref(), limit, &|k| c.access(k) >= crate::acl::Access::Read),
-        None => store.list_keys(prefix.as_deref(), after.as_deref(), limit),
-    })
-    .await?;
-    let mut resp = json_response(StatusCode::OK, &json!({ "keys": page.keys, "next": page.next }));
-    if page.filtered {
+    let readable = move |k: &str| caller.as_ref().is_none_or(|c| c.access(k) >= crate::acl::Access::Read);
+    let (body, filtered) = if recurse {
+        let page = blocking(move || {
+            store.list_records_where(prefix.as_deref(), after.as_deref(), (limit, MAX_RECURSE_BYTES), &readable)
+        })
+        .await?;
+        let items: Vec<String> = page
+            .items
+            .iter()
+            .filter_map(|(k, r)| {
+                let head = json!({ "key": k, "uuid": r.uuid.to_string(), "timestamp": hlc::ms(r.timestamp),
+                    "version": r.timestamp.to_string() })
+                .to_string();
+                // The stored value is validated JSON: it goes in as it is.
+                let value = std::str::from_utf8(r.data.as_deref()?).ok()?;
+                Some(format!("{},\"value\":{value}}}", &head[..head.len() - 1]))
+            })
+            .collect();
+        let next = serde_json::to_string(&page.next).unwrap_or_else(|_| "null".into());
+        (format!("{{\"items\":[{}],\"next\":{next}}}", items.join(",")), page.filtered)
+    } else {
+        let page = blocking(move || {
+            if level {
+                store.list_level_where(prefix.as_deref(), after.as_deref(), limit, &readable)
+            } else {
+                store.list_keys_where(prefix.as_deref(), after.as_deref(), limit, &readable)
+            }
+        })
+        .await?;
+        (json!({ "keys": page.keys, "next": page.next }).to_string(), page.filtered)
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if filtered {
         resp.headers_mut().insert(FILTERED_HEADER, HeaderValue::from_static("true"));
     }
     Ok(resp)

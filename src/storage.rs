@@ -188,6 +188,21 @@ pub struct KeyPage {
     pub filtered: bool,
 }
 
+/// What [`Store::list_live`] found: keys (with their records when asked), the next
+/// cursor, whether the filter left keys out.
+type LivePage = (Vec<(String, Option<Record>)>, Option<String>, bool);
+
+/// A page of live records from [`Store::list_records_where`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct RecordPage {
+    /// Keys and their records, in byte order.
+    pub items: Vec<(String, Record)>,
+    /// The key to pass as `after` for the next page; `None` at the end.
+    pub next: Option<String>,
+    /// Whether keys were left out by the filter.
+    pub filtered: bool,
+}
+
 struct Inner {
     /// Held for the life of the store: one kvs process per data dir.
     _lock: std::fs::File,
@@ -761,9 +776,50 @@ impl Store {
         limit: usize,
         keep: &dyn Fn(&str) -> bool,
     ) -> Result<KeyPage, StoreError> {
-        let mut keys = Vec::new();
-        let mut more = false;
-        let mut filtered = false;
+        let (items, next, filtered) = self.list_live(prefix, after, (limit, usize::MAX), keep, false)?;
+        Ok(KeyPage { keys: items.into_iter().map(|(k, _)| k).collect(), next, filtered })
+    }
+
+    /// Live records equal to `prefix` or under `prefix/` (all client keys for `None`),
+    /// in byte order, strictly after `after`, that `keep` takes: at most `limit`, and
+    /// no more once their values reach `max_bytes` (at least one). Blocking: a scan.
+    pub fn list_records_where(
+        &self,
+        prefix: Option<&str>,
+        after: Option<&str>,
+        (limit, max_bytes): (usize, usize),
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<RecordPage, StoreError> {
+        let (items, next, filtered) =
+            self.list_live(prefix, after, (limit, max_bytes), keep, true).map_err(|e| self.fail(e))?;
+        let items = items.into_iter().filter_map(|(k, r)| Some((k, r?))).collect();
+        Ok(RecordPage { items, next, filtered })
+    }
+
+    /// The scan behind both listings; records are decoded only `with_records`.
+    fn list_live(
+        &self,
+        prefix: Option<&str>,
+        after: Option<&str>,
+        (limit, max_bytes): (usize, usize),
+        keep: &dyn Fn(&str) -> bool,
+        with_records: bool,
+    ) -> Result<LivePage, StoreError> {
+        let mut items: Vec<(String, Option<Record>)> = Vec::new();
+        let (mut more, mut filtered, mut bytes) = (false, false, 0usize);
+        let mut take = |key: &str, v: &[u8], items: &mut Vec<(String, Option<Record>)>| -> Result<bool, StoreError> {
+            if items.len() == limit || (bytes >= max_bytes && !items.is_empty()) {
+                return Ok(false);
+            }
+            if !keep(key) {
+                filtered = true;
+                return Ok(true);
+            }
+            let record = if with_records { Some(Record::decode(v)?) } else { None };
+            bytes += v.len();
+            items.push((key.to_string(), record));
+            Ok(true)
+        };
         // The prefix itself sorts before everything under "prefix/".
         let under = prefix.map(|p| format!("{p}/"));
         if let Some(p) = prefix
@@ -771,11 +827,7 @@ impl Store {
             && let Some(bytes) = self.inner.records.get(p).map_err(io)?
             && !Record::encoded_is_tombstone(&bytes)
         {
-            if keep(p) {
-                keys.push(p.to_string());
-            } else {
-                filtered = true;
-            }
+            take(p, &bytes, &mut items)?;
         }
         let start = match (&under, after) {
             (Some(u), Some(a)) if a >= u.as_str() => std::ops::Bound::Excluded(a.as_bytes().to_vec()),
@@ -793,16 +845,92 @@ impl Store {
             if Record::encoded_is_tombstone(&v) || (prefix.is_none() && k.starts_with(b"./")) {
                 continue;
             }
-            if keys.len() == limit {
+            let key = std::str::from_utf8(&k).map_err(|_| StoreError::Corrupt("non-UTF-8 key".into()))?;
+            if !take(key, &v, &mut items)? {
                 more = true;
                 break;
             }
-            let key = std::str::from_utf8(&k).map_err(|_| StoreError::Corrupt("non-UTF-8 key".into()))?;
-            if !keep(key) {
-                filtered = true;
-                continue;
+        }
+        let next = if more { items.last().map(|(k, _)| k.clone()) } else { None };
+        Ok((items, next, filtered))
+    }
+
+    /// One level of the keys under `prefix/` (all client keys for `None`), like a
+    /// directory: a key with no further `/` as itself, deeper keys as their next
+    /// level's prefix ending in `/` (`users/john/`), once. In byte order, strictly
+    /// after `after`, at most `limit`; `keep` as in [`Self::list_keys_where`] (a
+    /// level is listed when it holds a key `keep` takes). Blocking: a scan.
+    pub fn list_level_where(
+        &self,
+        prefix: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<KeyPage, StoreError> {
+        self.list_level_inner(prefix, after, limit, keep).map_err(|e| self.fail(e))
+    }
+
+    fn list_level_inner(
+        &self,
+        prefix: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<KeyPage, StoreError> {
+        let under = prefix.map_or(String::new(), |p| format!("{p}/"));
+        let (mut keys, mut more, mut filtered) = (Vec::<String>::new(), false, false);
+        // Where the scan starts: after `after`, and past everything under it when it
+        // is a level (UTF-8 never holds the byte 0xFF, so `level ++ 0xFF` sorts after
+        // every key under the level).
+        let mut from: Vec<u8> = match after {
+            Some(a) if a.as_bytes() >= under.as_bytes() => {
+                let mut b = a.as_bytes().to_vec();
+                if a.ends_with('/') {
+                    b.push(0xFF);
+                }
+                b
             }
-            keys.push(key.to_string());
+            _ => under.as_bytes().to_vec(),
+        };
+        let mut exclusive = after.is_some_and(|a| a.as_bytes() >= under.as_bytes());
+        'scan: loop {
+            let lo = if exclusive {
+                std::ops::Bound::Excluded(from.clone())
+            } else {
+                std::ops::Bound::Included(from.clone())
+            };
+            for guard in self.inner.records.range::<Vec<u8>, _>((lo, std::ops::Bound::Unbounded)) {
+                let (k, v) = guard.into_inner().map_err(io)?;
+                if !k.starts_with(under.as_bytes()) {
+                    break 'scan;
+                }
+                if Record::encoded_is_tombstone(&v) || (prefix.is_none() && k.starts_with(b"./")) {
+                    continue;
+                }
+                let key = std::str::from_utf8(&k).map_err(|_| StoreError::Corrupt("non-UTF-8 key".into()))?;
+                if !keep(key) {
+                    filtered = true;
+                    continue;
+                }
+                let rest = &key[under.len()..];
+                let entry = match rest.find('/') {
+                    Some(i) => &key[..under.len() + i + 1],
+                    None => key,
+                };
+                if keys.len() == limit {
+                    more = true;
+                    break 'scan;
+                }
+                keys.push(entry.to_string());
+                if entry.ends_with('/') {
+                    // Skip the rest of this level in one seek.
+                    from = entry.as_bytes().to_vec();
+                    from.push(0xFF);
+                    exclusive = true;
+                    continue 'scan;
+                }
+            }
+            break;
         }
         let next = if more { keys.last().cloned() } else { None };
         Ok(KeyPage { keys, next, filtered })

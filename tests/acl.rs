@@ -79,6 +79,17 @@ fn every_route_answers_by_the_tokens_rules() {
     assert_eq!(all.header("x-kvs-filtered"), Some("true"));
     let mine = call(a, t, "GET", "/kv/app?keys", None);
     assert_eq!(mine.header("x-kvs-filtered"), None);
+    // So do reads with values and one-level listings.
+    let values = call(a, t, "GET", "/kv/?recurse", None);
+    let body = values.json();
+    let keys: Vec<&str> = body["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["app/ro/k", "app/x"]);
+    assert_eq!(values.header("x-kvs-filtered"), Some("true"));
+    let level = call(a, t, "GET", "/kv/?keys&separator=/", None);
+    assert_eq!(level.json()["keys"], serde_json::json!(["app/"]), "other/ holds nothing the token reads");
+    assert_eq!(level.header("x-kvs-filtered"), Some("true"));
+    let everything = call(a, Some(MANAGEMENT), "GET", "/kv/?keys&separator=/", None).json();
+    assert_eq!(everything["keys"], serde_json::json!(["app/", "other/"]), "no ./ level for tokens");
     // Tokens never show in listings, and /kv cannot reach them.
     let everything = call(a, Some(MANAGEMENT), "GET", "/kv/?keys", None).json();
     assert_eq!(everything["keys"], serde_json::json!(["app/ro/k", "app/x", "other/k"]));

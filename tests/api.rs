@@ -293,3 +293,65 @@ fn bad_conditions_get_400_and_write_nothing() {
     }
     assert_eq!(n.get("/kv/k").text(), "1", "nothing was written");
 }
+
+#[test]
+fn recurse_reads_values_with_paging() {
+    let (_d, n) = node("");
+    for (k, v) in
+        [("users", "0"), ("users/ann", r#"{"a": 1}"#), ("users/bob", "[1,\n 2]"), ("usersx", "9"), ("users/cy", "3")]
+    {
+        assert_eq!(n.put(&format!("/kv/{k}"), v).status, 200);
+    }
+    assert_eq!(n.delete("/kv/users/cy").status, 204);
+    let all = n.get("/kv/users?recurse");
+    assert_eq!(all.status, 200, "{}", all.text());
+    let v = all.json();
+    let keys: Vec<&str> = v["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["users", "users/ann", "users/bob"], "the prefix and under it; not usersx, not deleted");
+    assert_eq!(v["items"][1]["value"], serde_json::json!({"a": 1}));
+    assert_eq!(v["items"][2]["value"], serde_json::json!([1, 2]));
+    let get = n.get("/kv/users/ann");
+    assert_eq!(format!("\"{}\"", v["items"][1]["uuid"].as_str().unwrap()), get.header("etag").unwrap());
+    assert!(v["items"][1]["version"].is_string() && v["items"][1]["timestamp"].is_u64());
+    assert_eq!(v["next"], serde_json::Value::Null);
+    // Paged: limit, then after the returned next.
+    let first = n.get("/kv/users?recurse&limit=2").json();
+    assert_eq!(first["items"].as_array().unwrap().len(), 2);
+    assert_eq!(first["next"], "users/ann");
+    let rest = n.get("/kv/users?recurse&limit=2&after=users%2Fann").json();
+    assert_eq!(rest["items"][0]["key"], "users/bob");
+    assert_eq!(rest["next"], serde_json::Value::Null);
+    // Over every key.
+    assert_eq!(n.get("/kv/?recurse").json()["items"].as_array().unwrap().len(), 4);
+    n.get("/kv/users?recurse&keys").assert_error(400);
+    n.get("/kv/users?recurse&separator=/").assert_error(400);
+}
+
+#[test]
+fn a_separator_lists_one_level_like_a_directory() {
+    let (_d, n) = node("");
+    for k in ["users/ann", "users/bob/profile", "users/bob/photos/1", "users/cy", "users/dan/x", "users2/z", "top"] {
+        assert_eq!(n.put(&format!("/kv/{k}"), "1").status, 200);
+    }
+    let level = |q: &str| n.get(&format!("/kv/{q}")).json();
+    assert_eq!(
+        level("users?keys&separator=/")["keys"],
+        serde_json::json!(["users/ann", "users/bob/", "users/cy", "users/dan/"])
+    );
+    assert_eq!(level("?keys&separator=/")["keys"], serde_json::json!(["top", "users/", "users2/"]));
+    assert_eq!(
+        level("users/bob?keys&separator=/")["keys"],
+        serde_json::json!(["users/bob/photos/", "users/bob/profile"])
+    );
+    // Paging steps over a whole level at once.
+    let page = level("users?keys&separator=/&limit=2");
+    assert_eq!(page["keys"], serde_json::json!(["users/ann", "users/bob/"]));
+    assert_eq!(page["next"], "users/bob/");
+    let page = level("users?keys&separator=/&limit=2&after=users%2Fbob%2F");
+    assert_eq!(page["keys"], serde_json::json!(["users/cy", "users/dan/"]));
+    assert_eq!(page["next"], serde_json::Value::Null);
+    // A level whose keys are all deleted is gone.
+    assert_eq!(n.delete("/kv/users/dan/x").status, 204);
+    assert_eq!(level("users?keys&separator=/")["keys"], serde_json::json!(["users/ann", "users/bob/", "users/cy"]));
+    n.get("/kv/users?keys&separator=,").assert_error(400);
+}
