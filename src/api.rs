@@ -533,6 +533,99 @@ fn written_json(w: &crate::storage::Written) -> serde_json::Value {
     json!({ "uuid": w.uuid.to_string(), "timestamp": hlc::ms(w.timestamp), "version": w.timestamp.to_string() })
 }
 
+/// Keys a prefix delete tombstones per writer request (one group commit each).
+const PREFIX_DELETE_BATCH: usize = 500;
+/// A prefix delete sends its next batch only once the writes waiting to be pushed are
+/// under this many bytes, so a large delete reaches peers at the pace they take it
+/// instead of overflowing the push queues (sync would deliver what overflowed, late).
+const PREFIX_DELETE_PUSH_BYTES: usize = 4 * 1024 * 1024;
+/// Longest a prefix delete waits for the push queues per batch (a slow or cut-off
+/// peer must not stall it; sync delivers what its queue drops).
+const PREFIX_DELETE_PUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// `DELETE /kv/<prefix>?recurse` (`/kv/?recurse&all=true` for every key): tombstones
+/// every live key equal to the prefix or under `prefix/`, in batches paced by the
+/// push queues; with client auth, only keys the token may write (`X-Kvs-Filtered`
+/// when others were left alone).
+async fn delete_prefix(
+    app: &Arc<App>,
+    caller: Option<&crate::acl::Caller>,
+    raw_prefix: &str,
+    req: &Request<Incoming>,
+    params: Vec<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let mut all = false;
+    for (k, v) in &params {
+        match (k.as_str(), v.as_str()) {
+            ("recurse", "") => {}
+            ("all", "true") => all = true,
+            ("recurse" | "all", _) => {
+                return Err(ApiError::BadRequest(format!("{k} takes no value (all: true); got {v:?}")));
+            }
+            (other, _) => return Err(ApiError::BadRequest(format!("unexpected query parameter {other:?}"))),
+        }
+    }
+    let prefix = if raw_prefix.is_empty() { None } else { Some(key(raw_prefix)?) };
+    if prefix.is_none() && !all {
+        return Err(ApiError::BadRequest("DELETE /kv/?recurse deletes every key: add &all=true to mean it".into()));
+    }
+    if prefix.is_some() && all {
+        return Err(ApiError::BadRequest("all=true goes only with DELETE /kv/?recurse".into()));
+    }
+    if !matches!(condition(req.headers())?, crate::merge::Condition::Always) {
+        return Err(ApiError::BadRequest("a prefix delete takes no If-Match / If-None-Match".into()));
+    }
+    check_writable(app)?;
+    let caller = caller.cloned();
+    let (mut deleted, mut filtered) = (0u64, false);
+    let mut after: Option<String> = None;
+    loop {
+        let (store, p, a, c) = (app.store.clone(), prefix.clone(), after.clone(), caller.clone());
+        let page = blocking(move || {
+            let writable = |k: &str| c.as_ref().is_none_or(|c| c.access(k) >= crate::acl::Access::Write);
+            store.list_keys_where(p.as_deref(), a.as_deref(), PREFIX_DELETE_BATCH, &writable)
+        })
+        .await?;
+        filtered |= page.filtered;
+        let Some(last) = page.keys.last().cloned() else { break };
+        let mine = page.keys;
+        let results = app.writer.delete_many(mine.clone()).await?;
+        let mut failure = None;
+        for (path, result) in mine.into_iter().zip(results) {
+            match result {
+                Ok(w) => {
+                    deleted += 1;
+                    app.pusher.enqueue(path, Record::tombstone(w.timestamp, w.uuid));
+                }
+                // Deleted meanwhile by someone else: nothing to do.
+                Err(StoreError::ConditionFailed(_)) => {}
+                Err(e) => failure = Some(e),
+            }
+        }
+        if let Some(e) = failure {
+            // What was deleted stays deleted and is pushed; the delete can be sent again.
+            return Err(e.into());
+        }
+        if page.next.is_none() {
+            break;
+        }
+        after = Some(last);
+        let paced = tokio::time::Instant::now() + PREFIX_DELETE_PUSH_WAIT;
+        while (app.pusher.queued_bytes() > PREFIX_DELETE_PUSH_BYTES
+            || app.pusher.queue_depth() > 4 * PREFIX_DELETE_BATCH)
+            && tokio::time::Instant::now() < paced
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        check_writable(app)?;
+    }
+    let mut resp = json_response(StatusCode::OK, &json!({ "deleted": deleted }));
+    if filtered {
+        resp.headers_mut().insert(FILTERED_HEADER, HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
 /// The condition of a write from its `If-Match` (`"<uuid>"`, the ETag a GET gave, or
 /// `*`) or `If-None-Match` (`*` only: create if absent) header.
 fn condition(headers: &hyper::HeaderMap) -> Result<crate::merge::Condition, ApiError> {
@@ -709,6 +802,10 @@ async fn delete_kv(
     raw_key: &str,
     req: &Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
+    let params = parse_query(req.uri().query())?;
+    if params.iter().any(|(k, _)| k == "recurse") {
+        return delete_prefix(app, caller, raw_key, req, params).await;
+    }
     refuse_query(req.uri().query())?;
     let path = key(raw_key)?;
     let condition = condition(req.headers())?;

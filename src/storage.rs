@@ -164,6 +164,7 @@ pub struct ApplyReport {
 /// What a writer request answers.
 enum Reply {
     Written(Written),
+    WrittenMany(Vec<Result<Written, StoreError>>),
     Applied(ApplyReport),
     Removed(usize),
     Certified(Vec<bool>),
@@ -1178,6 +1179,7 @@ impl Store {
 enum Op {
     Put { path: String, data: Bytes, condition: merge::Condition },
     Delete { path: String, condition: merge::Condition },
+    DeleteMany { paths: Vec<String> },
     Apply { records: Vec<(String, Record)>, tombstone_floor: u64, absent_floor: u64 },
     Purge { tombstones: Vec<(String, u64)> },
     Certify { tombstones: Vec<(String, u64, Uuid)> },
@@ -1252,6 +1254,16 @@ impl Writer {
     /// Records a tombstone for `path`, whether or not it held a value.
     pub async fn delete(&self, path: String) -> Result<Written, StoreError> {
         self.delete_if(path, merge::Condition::Always).await
+    }
+
+    /// Deletes each of `paths` that holds a live value when the writer takes it, all in
+    /// one group commit: per path, its tombstone, or [`StoreError::ConditionFailed`]
+    /// when it held none (nothing written for it).
+    pub async fn delete_many(&self, paths: Vec<String>) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        match self.submit(Op::DeleteMany { paths }).await? {
+            Reply::WrittenMany(w) => Ok(w),
+            _ => Err(StoreError::Closed),
+        }
     }
 
     /// [`Self::delete`] only if `condition` holds, as [`Self::put_if`].
@@ -1510,6 +1522,12 @@ impl WriterState {
                 Op::Delete { path, condition } => {
                     self.stage_client_write(&mut changes, path, None, *condition).map(Reply::Written)
                 }
+                Op::DeleteMany { paths } => Ok(Reply::WrittenMany(
+                    paths
+                        .iter()
+                        .map(|p| self.stage_client_write(&mut changes, p, None, merge::Condition::Exists))
+                        .collect(),
+                )),
                 Op::Apply { records, tombstone_floor, absent_floor } => self
                     .stage_apply(&mut changes, std::mem::take(records), *tombstone_floor, *absent_floor)
                     .map(Reply::Applied),

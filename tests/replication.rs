@@ -754,3 +754,48 @@ fn a_bootstrap_under_steady_deletes_and_purges_finishes_and_brings_nothing_back(
     assert_eq!(stat(&n2, "stale_discarded"), 0, "n2 discarded nothing");
     eprintln!("{} deletes, {purged_during} tombstones purged on n1 during n2's bootstrap", deleted.len());
 }
+
+#[test]
+fn a_prefix_delete_of_ten_thousand_keys_reaches_every_node_without_push_drops() {
+    let d = Dirs::new();
+    let (n1, n2) = two(&d, "durability: buffer\n");
+    let n3 = d.start("n3", &[&n1.addr], "durability: buffer\n");
+    wait_members_alive(&n1, &["n1", "n2", "n3"]);
+    wait_normal(&n3);
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let addr = n1.addr.clone();
+            std::thread::spawn(move || {
+                for i in (w..10_000).step_by(4) {
+                    assert_eq!(http(&addr, "PUT", &format!("/kv/bulk/k{i}"), Some(b"1")).status, 200);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    for k in ["bulk", "bulkx/stays", "other"] {
+        assert_eq!(n1.put(&format!("/kv/{k}"), "1").status, 200);
+    }
+    for n in [&n1, &n2, &n3] {
+        wait_for(DEADLINE, "every key everywhere", || (n.health()["keys"] == 10_003).then_some(()));
+    }
+    n1.call("DELETE", "/kv/?recurse", None).assert_error(400);
+    let r = n1.call("DELETE", "/kv/bulk?recurse", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["deleted"], 10_001, "bulk itself and everything under bulk/");
+    for n in [&n1, &n2, &n3] {
+        wait_for(DEADLINE, "the delete everywhere", || (n.health()["keys"] == 2).then_some(()));
+        assert_eq!(n.get("/kv/?keys").json()["keys"], serde_json::json!(["bulkx/stays", "other"]));
+    }
+    let dropped = n1.get("/metrics").text();
+    assert!(
+        dropped.lines().any(|l| l == "kvs_push_dropped_records_total 0"),
+        "the delete went at the pushes' pace: {}",
+        dropped.lines().filter(|l| l.starts_with("kvs_push")).collect::<Vec<_>>().join("; ")
+    );
+    // Everything, when asked for explicitly.
+    assert_eq!(n2.call("DELETE", "/kv/?recurse&all=true", None).json()["deleted"], 2);
+    wait_for(DEADLINE, "nothing left on n1", || (n1.health()["keys"] == 0).then_some(()));
+}
