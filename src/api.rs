@@ -246,6 +246,7 @@ fn route_name(req: &Request<Incoming>) -> &'static str {
         "/health" => "health",
         "/metrics" => "metrics",
         "/changes" => "changes",
+        "/txn" => "txn",
         "/members" | "/members/" => "members",
         routes::JOIN | routes::LEAVE => "membership",
         p if p.starts_with("/internal/") => "internal",
@@ -356,6 +357,9 @@ async fn client_route(
             Method::DELETE => delete_kv(app, caller, &raw_key, &req).await,
             _ => Err(ApiError::MethodNotAllowed(KV_METHODS)),
         };
+    }
+    if path == "/txn" {
+        return crate::txn::handle(app, caller, req).await;
     }
     if path == "/acl" || path.starts_with("/acl/") {
         return crate::acl_api::route(app, caller, req).await;

@@ -112,4 +112,5 @@ pub mod shutdown;
 pub mod stats;
 pub mod storage;
 pub mod tls;
+pub mod txn;
 pub mod wire;

@@ -96,6 +96,9 @@ pub enum StoreError {
     /// A conditional client write whose condition does not hold; nothing was written.
     /// Carries the uuid of the live value held, if any.
     ConditionFailed(Option<Uuid>),
+    /// A transaction's check (by its index among the checks) did not hold; nothing of
+    /// the transaction was written. Carries the uuid of the live value held, if any.
+    CheckFailed(usize, Option<Uuid>),
 }
 
 impl std::fmt::Display for StoreError {
@@ -121,6 +124,7 @@ impl std::fmt::Display for StoreError {
                 write!(f, "the key's current version is \"{uuid}\"; nothing was written")
             }
             StoreError::ConditionFailed(None) => write!(f, "the key holds no value; nothing was written"),
+            StoreError::CheckFailed(i, _) => write!(f, "check {i} does not hold; nothing was written"),
         }
     }
 }
@@ -1180,6 +1184,7 @@ enum Op {
     Put { path: String, data: Bytes, condition: merge::Condition },
     Delete { path: String, condition: merge::Condition },
     DeleteMany { paths: Vec<String> },
+    Txn { checks: Vec<(String, merge::Condition)>, writes: Vec<(String, Option<Bytes>)> },
     Apply { records: Vec<(String, Record)>, tombstone_floor: u64, absent_floor: u64 },
     Purge { tombstones: Vec<(String, u64)> },
     Certify { tombstones: Vec<(String, u64, Uuid)> },
@@ -1262,6 +1267,20 @@ impl Writer {
     pub async fn delete_many(&self, paths: Vec<String>) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         match self.submit(Op::DeleteMany { paths }).await? {
             Reply::WrittenMany(w) => Ok(w),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
+    /// A transaction: when every check holds for the versions held, every write (a value,
+    /// or `None` for a delete), in order, in one atomic commit; otherwise
+    /// [`StoreError::CheckFailed`] and nothing written. Each write's version, in order.
+    pub async fn transact(
+        &self,
+        checks: Vec<(String, merge::Condition)>,
+        writes: Vec<(String, Option<Bytes>)>,
+    ) -> Result<Vec<Written>, StoreError> {
+        match self.submit(Op::Txn { checks, writes }).await? {
+            Reply::WrittenMany(w) => w.into_iter().collect(),
             _ => Err(StoreError::Closed),
         }
     }
@@ -1408,6 +1427,7 @@ impl Cert {
 
 /// The per-path effect of one group: the version on disk before, and the version after
 /// (`None`: the path is removed entirely).
+#[derive(Clone)]
 struct Change {
     before: Option<Record>,
     after: Option<Record>,
@@ -1522,6 +1542,9 @@ impl WriterState {
                 Op::Delete { path, condition } => {
                     self.stage_client_write(&mut changes, path, None, *condition).map(Reply::Written)
                 }
+                Op::Txn { checks, writes } => self
+                    .stage_txn(&mut changes, checks, writes)
+                    .map(|w| Reply::WrittenMany(w.into_iter().map(Ok).collect())),
                 Op::DeleteMany { paths } => Ok(Reply::WrittenMany(
                     paths
                         .iter()
@@ -1642,6 +1665,48 @@ impl WriterState {
         }
         let written = Written { uuid: record.uuid, timestamp: record.timestamp };
         self.stage(changes, path, current, Some(record));
+        Ok(written)
+    }
+
+    /// Stages a transaction: every check against the versions as of this group so far,
+    /// then every write; a write that fails undoes the ones staged before it, so the
+    /// transaction is in the group's commit whole or not at all.
+    fn stage_txn(
+        &mut self,
+        changes: &mut HashMap<String, Change>,
+        checks: &[(String, merge::Condition)],
+        writes: &mut [(String, Option<Bytes>)],
+    ) -> Result<Vec<Written>, StoreError> {
+        for (i, (path, condition)) in checks.iter().enumerate() {
+            let current = self.current(changes, path)?;
+            if !condition.holds(current.as_ref()) {
+                let live = current.as_ref().filter(|r| !r.is_tombstone()).map(|r| r.uuid);
+                return Err(StoreError::CheckFailed(i, live));
+            }
+        }
+        let saved: Vec<(String, Option<Change>, Option<Option<Cert>>)> =
+            writes.iter().map(|(p, _)| (p.clone(), changes.get(p).cloned(), self.certs.get(p).copied())).collect();
+        let events = self.staged_events.len();
+        let mut written = Vec::with_capacity(writes.len());
+        for (path, data) in writes.iter_mut() {
+            match self.stage_client_write(changes, path, data.take(), merge::Condition::Always) {
+                Ok(w) => written.push(w),
+                Err(e) => {
+                    for (p, change, cert) in saved {
+                        match change {
+                            Some(c) => changes.insert(p.clone(), c),
+                            None => changes.remove(&p),
+                        };
+                        match cert {
+                            Some(c) => self.certs.insert(p, c),
+                            None => self.certs.remove(&p),
+                        };
+                    }
+                    self.staged_events.truncate(events);
+                    return Err(e);
+                }
+            }
+        }
         Ok(written)
     }
 
@@ -2286,6 +2351,27 @@ mod tests {
                 Err(StoreError::ConditionFailed(None))
             ));
             assert_eq!(store.get("gone").unwrap(), None, "a failed condition writes nothing");
+        });
+        writer.close(&store).unwrap();
+    }
+
+    #[test]
+    fn a_transaction_whose_later_write_fails_leaves_nothing_of_the_earlier_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        runtime().block_on(async {
+            // A version at the end of the timestamp range: no write can supersede it.
+            let last = Record::value(u64::MAX, Uuid::from_u128(9), Bytes::from_static(b"1"));
+            writer.replace("end".into(), last, None).await.unwrap();
+            let seq = store.last_seq();
+            let writes = vec![("a".to_string(), Some(Bytes::from_static(b"1"))), ("end".to_string(), None)];
+            let r = writer.transact(vec![], writes).await;
+            assert!(matches!(r, Err(StoreError::NoNewerTimestamp(_))), "{r:?}");
+            assert_eq!(store.get("a").unwrap(), None, "the first write was undone");
+            assert_eq!(store.last_seq(), seq, "and is no change");
+            // The writer goes on: the same transaction without the impossible write.
+            let w = writer.transact(vec![], vec![("a".to_string(), Some(Bytes::from_static(b"2")))]).await.unwrap();
+            assert_eq!(store.get("a").unwrap().map(|r| r.uuid), Some(w[0].uuid));
         });
         writer.close(&store).unwrap();
     }

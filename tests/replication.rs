@@ -799,3 +799,53 @@ fn a_prefix_delete_of_ten_thousand_keys_reaches_every_node_without_push_drops() 
     assert_eq!(n2.call("DELETE", "/kv/?recurse&all=true", None).json()["deleted"], 2);
     wait_for(DEADLINE, "nothing left on n1", || (n1.health()["keys"] == 0).then_some(()));
 }
+
+#[test]
+fn a_transaction_commits_whole_or_not_at_all_and_replicates() {
+    let d = Dirs::new();
+    let (n1, n2) = two(&d, "");
+    let a = n1.put("/kv/acct/a", "100").json()["uuid"].as_str().unwrap().to_string();
+    assert_eq!(n1.put("/kv/acct/b", "0").status, 200);
+    // Move 30 from a to b only if a is still the version read, and open c only if new.
+    let body = format!(
+        r#"{{"ops":[{{"op":"check","key":"acct/a","if_match":"{a}"}},{{"op":"check","key":"acct/c","absent":true}},
+            {{"op":"put","key":"acct/a","value":70}},{{"op":"put","key":"acct/b","value":30}},
+            {{"op":"put","key":"acct/c","value":{{"open": true}}}},{{"op":"delete","key":"acct/old"}}]}}"#
+    );
+    let r = n1.call("POST", "/txn", Some(body.as_bytes()));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let results = r.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 6);
+    assert_eq!(results[2]["op"], "put");
+    assert_eq!(results[5]["op"], "delete");
+    for (k, v) in [("acct/a", "70"), ("acct/b", "30"), ("acct/c", r#"{"open": true}"#)] {
+        assert_eq!(n1.get(&format!("/kv/{k}")).text(), v);
+        wait_value(&n2, &format!("/kv/{k}"), Some(v));
+    }
+    assert_eq!(format!("\"{}\"", results[2]["uuid"].as_str().unwrap()), n2.get("/kv/acct/a").header("etag").unwrap());
+    // The same transaction again: its first check no longer holds; nothing is written.
+    let r = n1.call("POST", "/txn", Some(body.as_bytes()));
+    r.assert_error(409);
+    assert_eq!(r.json()["failed"], 0);
+    assert_eq!(r.json()["current"], format!("\"{}\"", results[2]["uuid"].as_str().unwrap()));
+    assert_eq!(n1.get("/kv/acct/a").text(), "70");
+    assert_eq!(n1.get("/kv/acct/b").text(), "30");
+    // A failing second check: nothing of the puts before or after it in the list lands.
+    let body = r#"{"ops":[{"op":"put","key":"acct/d","value":1},{"op":"check","key":"acct/c","absent":true}]}"#;
+    let r = n1.call("POST", "/txn", Some(body.as_bytes()));
+    r.assert_error(409);
+    assert_eq!(r.json()["failed"], 1);
+    n1.get("/kv/acct/d").assert_error(404);
+    // Bad bodies: 400 naming the field, nothing written.
+    for bad in [
+        r#"{"ops":[{"op":"put","key":"acct/e","value":1},{"op":"put","key":"acct/e","value":2}]}"#,
+        r#"{"ops":[{"op":"put","key":"acct/e","value":1},{"op":"frobnicate","key":"x"}]}"#,
+        r#"{"ops":[{"op":"put","key":"acct/e"}]}"#,
+        r#"{"ops": "#,
+    ] {
+        let r = n1.call("POST", "/txn", Some(bad.as_bytes()));
+        r.assert_error(400);
+    }
+    n1.get("/kv/acct/e").assert_error(404);
+    n1.call("GET", "/txn", None).assert_error(405);
+}
