@@ -507,13 +507,6 @@ pub(crate) fn parse_query(query: Option<&str>) -> Result<Vec<(String, String)>, 
         .collect()
 }
 
-fn refuse_query(query: Option<&str>) -> Result<(), ApiError> {
-    match parse_query(query)?.first() {
-        Some((k, _)) => Err(ApiError::BadRequest(format!("unexpected query parameter {k:?}"))),
-        None => Ok(()),
-    }
-}
-
 /// Client writes need a writable node that is not bootstrapping.
 pub(crate) fn check_writable(app: &App) -> Result<(), ApiError> {
     if app.config.read_only {
@@ -788,7 +781,7 @@ async fn put_kv(
     raw_key: &str,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    refuse_query(req.uri().query())?;
+    let need = ack_level(app, req.uri().query())?;
     let path = key(raw_key)?;
     let condition = condition(req.headers())?;
     allow(app, caller, &path, crate::acl::Access::Write)?;
@@ -796,8 +789,49 @@ async fn put_kv(
     let (body, _permit) = read_body_within(req, app.config.max_value_bytes, &CLIENT_BUDGET).await?;
     check_json(body.clone()).await?;
     let written = app.writer.put_if(path.clone(), body.clone(), condition).await?;
-    app.pusher.enqueue(path, Record::value(written.timestamp, written.uuid, body));
-    Ok(json_response(StatusCode::OK, &written_json(&written)))
+    let ack = need.map(|_| crate::push::Ack::new());
+    app.pusher.enqueue_acked(path, Record::value(written.timestamp, written.uuid, body), ack.clone());
+    let mut answer = written_json(&written);
+    let status = acknowledged(app, need, ack, &mut answer).await;
+    Ok(json_response(status, &answer))
+}
+
+/// `?ack=<n>|all` (the only query a single-key write takes): how many nodes, this one
+/// included, must have applied the write before it is answered 200; `all`: every
+/// alive member now. `None` without it.
+pub(crate) fn ack_level(app: &App, query: Option<&str>) -> Result<Option<usize>, ApiError> {
+    let members = app.cluster.alive_count();
+    let mut need = None;
+    for (k, v) in parse_query(query)? {
+        if k != "ack" {
+            return Err(ApiError::BadRequest(format!("unexpected query parameter {k:?}")));
+        }
+        let n = match v.as_str() {
+            "all" => members,
+            n => n.parse::<usize>().ok().filter(|n| (1..=members).contains(n)).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "ack must be all or a number of nodes from 1 to the {members} alive members, got {v:?}"
+                ))
+            })?,
+        };
+        need = Some(n);
+    }
+    Ok(need)
+}
+
+/// Waits (up to `ack_timeout_ms`) until `need` nodes have applied a write, adds
+/// `"acked"` to its answer, and says the status: 200 when they have, 202 when not
+/// (the write stays either way).
+pub(crate) async fn acknowledged(
+    app: &App,
+    need: Option<usize>,
+    ack: Option<Arc<crate::push::Ack>>,
+    answer: &mut serde_json::Value,
+) -> StatusCode {
+    let (Some(need), Some(ack)) = (need, ack) else { return StatusCode::OK };
+    let acked = 1 + ack.wait(need.saturating_sub(1), app.config.ack_timeout).await;
+    answer["acked"] = json!(acked);
+    if acked >= need { StatusCode::OK } else { StatusCode::ACCEPTED }
 }
 
 async fn delete_kv(
@@ -810,13 +844,20 @@ async fn delete_kv(
     if params.iter().any(|(k, _)| k == "recurse") {
         return delete_prefix(app, caller, raw_key, req, params).await;
     }
-    refuse_query(req.uri().query())?;
+    let need = ack_level(app, req.uri().query())?;
     let path = key(raw_key)?;
     let condition = condition(req.headers())?;
     allow(app, caller, &path, crate::acl::Access::Write)?;
     check_writable(app)?;
     let written = app.writer.delete_if(path.clone(), condition).await?;
-    app.pusher.enqueue(path, Record::tombstone(written.timestamp, written.uuid));
+    let ack = need.map(|_| crate::push::Ack::new());
+    app.pusher.enqueue_acked(path, Record::tombstone(written.timestamp, written.uuid), ack.clone());
+    if need.is_some() {
+        // Asked to wait: the answer says how many nodes have the delete.
+        let mut answer = written_json(&written);
+        let status = acknowledged(app, need, ack, &mut answer).await;
+        return Ok(json_response(status, &answer));
+    }
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
     resp.headers_mut().insert(TIMESTAMP_HEADER, HeaderValue::from(hlc::ms(written.timestamp)));

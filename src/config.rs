@@ -123,6 +123,7 @@ struct RawConfig {
     changes_retention_hours: f64,
     max_watchers: u64,
     changes_stall_timeout: f64,
+    ack_timeout_ms: u64,
     trusted_proxies: Vec<String>,
     cluster_key_file: Option<PathBuf>,
     client_auth: bool,
@@ -162,6 +163,7 @@ impl Default for RawConfig {
             changes_retention_hours: 24.0,
             max_watchers: 10_000,
             changes_stall_timeout: 30.0,
+            ack_timeout_ms: 2000,
             trusted_proxies: Vec::new(),
             cluster_key_file: None,
             client_auth: false,
@@ -233,6 +235,8 @@ pub struct Config {
     /// A change stream whose client takes nothing for this long while there is
     /// something to send is ended with an error event.
     pub changes_stall_timeout: Duration,
+    /// Longest a write with `?ack=` waits for its peers before answering 202.
+    pub ack_timeout: Duration,
     /// Proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` headers are believed.
     pub trusted_proxies: Vec<IpAddr>,
     /// The cluster keys (`cluster_key_file`, read at start): node-to-node requests
@@ -563,6 +567,9 @@ impl RawConfig {
                 format!("must be between 0.000278 (one second) and 87600, got {}", self.changes_retention_hours),
             );
         }
+        if !(1..=60_000).contains(&self.ack_timeout_ms) {
+            return field_err("ack_timeout_ms", format!("must be between 1 and 60000, got {}", self.ack_timeout_ms));
+        }
         if !(1..=1_000_000).contains(&self.max_watchers) {
             return field_err("max_watchers", format!("must be between 1 and 1000000, got {}", self.max_watchers));
         }
@@ -607,6 +614,7 @@ impl RawConfig {
             changes_retention: Duration::from_secs_f64(self.changes_retention_hours * 3600.0),
             max_watchers: self.max_watchers as usize,
             changes_stall_timeout,
+            ack_timeout: Duration::from_millis(self.ack_timeout_ms),
             trusted_proxies,
             cluster_keys,
             management_token,
@@ -708,6 +716,9 @@ max_watchers: 10000
 # Seconds a change stream (SSE) may go without its client taking any bytes while
 # there is something to send; then it ends with an error event (the client resumes).
 changes_stall_timeout: 30
+# Longest a write sent with ?ack=<n>|all waits, in milliseconds (1 to 60000), for that
+# many nodes to have applied it; then it answers 202 with the count (the write stays).
+ack_timeout_ms: 2000
 # IP addresses of reverse proxies whose X-Forwarded-For/-Proto headers are believed.
 trusted_proxies: []
 # File of cluster keys (base64, one a line; make one with `kvs keygen`); a relative

@@ -39,10 +39,51 @@ pub const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a stopping node spends handing its queued writes to its peers.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many peers have applied one write, for a client that asked for acknowledgement
+/// (`?ack=`): a peer counts once its push answer for a batch holding the write came
+/// back with nothing held back (it then holds this version or a newer one: the peer
+/// answers after its commit). A dropped batch or a failed push never counts.
+#[derive(Default)]
+pub struct Ack {
+    peers: AtomicUsize,
+    changed: Notify,
+}
+
+impl Ack {
+    /// A new count at 0.
+    pub fn new() -> Arc<Ack> {
+        Arc::new(Ack::default())
+    }
+
+    fn add(&self) {
+        self.peers.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until `peers` peers have applied the write, or `timeout`; returns how many
+    /// have.
+    pub async fn wait(&self, peers: usize, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let now = self.peers.load(Ordering::SeqCst);
+            if now >= peers {
+                return now;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.peers.load(Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// A queued write: path, record, and the acknowledgement count to move, if asked.
+type Queued = (String, Record, Option<Arc<Ack>>);
+
 /// The handle the API pushes writes through.
 #[derive(Clone)]
 pub struct Pusher {
-    queue: mpsc::Sender<(String, Record)>,
+    queue: mpsc::Sender<Queued>,
     stats: Arc<Stats>,
     /// Bytes in `queue`.
     queued: Arc<AtomicUsize>,
@@ -52,7 +93,7 @@ pub struct Pusher {
 
 /// What [`run`] takes from the [`Pusher`].
 pub struct Intake {
-    rx: mpsc::Receiver<(String, Record)>,
+    rx: mpsc::Receiver<Queued>,
     queued: Arc<AtomicUsize>,
     peer_queued: Arc<AtomicUsize>,
 }
@@ -82,6 +123,11 @@ impl Pusher {
 
     /// Queues a committed write for every alive peer. Never waits.
     pub fn enqueue(&self, path: String, record: Record) {
+        self.enqueue_acked(path, record, None)
+    }
+
+    /// [`Self::enqueue`], moving `ack` for each peer that applies the write.
+    pub fn enqueue_acked(&self, path: String, record: Record, ack: Option<Arc<Ack>>) {
         let n = size(&path, &record);
         // An empty queue takes a record of any size (one value may exceed the budget).
         let before = self.queued.fetch_add(n, Ordering::Relaxed);
@@ -90,14 +136,17 @@ impl Pusher {
             self.stats.push_dropped.add(1);
             return;
         }
-        if self.queue.try_send((path, record)).is_err() {
+        if self.queue.try_send((path, record, ack)).is_err() {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             self.stats.push_dropped.add(1);
         }
     }
 }
 
-/// One peer's queue of encoded batches `(records, bytes)`, bounded by
+/// An encoded batch for one peer: how many records, the bytes, the acks it moves.
+type Batch = (usize, Bytes, Vec<Arc<Ack>>);
+
+/// One peer's queue of encoded batches `(records, bytes, acks)`, bounded by
 /// [`PEER_QUEUE_BYTES`]: a full queue drops its oldest batches.
 struct PeerQueue {
     state: Mutex<PeerQueueState>,
@@ -107,7 +156,7 @@ struct PeerQueue {
 
 #[derive(Default)]
 struct PeerQueueState {
-    batches: VecDeque<(usize, Bytes)>,
+    batches: VecDeque<Batch>,
     bytes: usize,
     closed: bool,
 }
@@ -122,15 +171,15 @@ impl PeerQueue {
     }
 
     /// Adds a batch; returns how many records were dropped to make room.
-    fn push(&self, records: usize, batch: Bytes) -> usize {
+    fn push(&self, records: usize, batch: Bytes, acks: Vec<Arc<Ack>>) -> usize {
         let mut dropped = 0;
         {
             let mut q = self.lock();
             q.bytes += batch.len();
             self.total.fetch_add(batch.len(), Ordering::Relaxed);
-            q.batches.push_back((records, batch));
+            q.batches.push_back((records, batch, acks));
             while q.bytes > PEER_QUEUE_BYTES && q.batches.len() > 1 {
-                if let Some((n, old)) = q.batches.pop_front() {
+                if let Some((n, old, _)) = q.batches.pop_front() {
                     q.bytes -= old.len();
                     self.total.fetch_sub(old.len(), Ordering::Relaxed);
                     dropped += n;
@@ -143,24 +192,25 @@ impl PeerQueue {
 
     /// Takes the oldest batches, up to [`protocol::MAX_BATCH_BYTES`] (at least one),
     /// waiting for one; `None` once closed and empty.
-    async fn take(&self) -> Option<(usize, Vec<Bytes>)> {
+    async fn take(&self) -> Option<(usize, Vec<Bytes>, Vec<Arc<Ack>>)> {
         loop {
             {
                 let mut q = self.lock();
-                let (mut records, mut taken, mut bytes) = (0, Vec::new(), 0usize);
-                while let Some((_, b)) = q.batches.front() {
+                let (mut records, mut taken, mut bytes, mut acks) = (0, Vec::new(), 0usize, Vec::new());
+                while let Some((_, b, _)) = q.batches.front() {
                     if !taken.is_empty() && bytes + b.len() > protocol::MAX_BATCH_BYTES {
                         break;
                     }
-                    let Some((n, b)) = q.batches.pop_front() else { break };
+                    let Some((n, b, a)) = q.batches.pop_front() else { break };
                     bytes += b.len();
                     records += n;
                     taken.push(b);
+                    acks.extend(a);
                 }
                 if !taken.is_empty() {
                     q.bytes -= bytes;
                     self.total.fetch_sub(bytes, Ordering::Relaxed);
-                    return Some((records, taken));
+                    return Some((records, taken, acks));
                 }
                 if q.closed {
                     return None;
@@ -209,7 +259,7 @@ pub async fn run(intake: Intake, cluster: Arc<Cluster>, stats: Arc<Stats>, mut s
                 }
             }
         }
-        let taken: usize = batch.iter().map(|(p, r)| size(p, r)).sum();
+        let taken: usize = batch.iter().map(|(p, r, _)| size(p, r)).sum();
         let peers = cluster.alive_peers();
         links.retain(|id, link| {
             let keep = peers.iter().any(|p| &p.id == id && p.address == link.address);
@@ -219,19 +269,20 @@ pub async fn run(intake: Intake, cluster: Arc<Cluster>, stats: Arc<Stats>, mut s
             keep
         });
         // Encoded in batches of at most MAX_BATCH_BYTES (one record may be larger).
-        let mut chunks: Vec<(usize, Bytes)> = Vec::new();
+        let mut chunks: Vec<Batch> = Vec::new();
         let mut buf = BytesMut::new();
-        let mut in_buf = 0;
-        for (path, record) in batch.drain(..) {
+        let (mut in_buf, mut acks) = (0, Vec::new());
+        for (path, record, ack) in batch.drain(..) {
             if in_buf > 0 && buf.len() + size(&path, &record) > protocol::MAX_BATCH_BYTES {
-                chunks.push((in_buf, buf.split().freeze()));
+                chunks.push((in_buf, buf.split().freeze(), std::mem::take(&mut acks)));
                 in_buf = 0;
             }
             wire::put(&mut buf, &path, &record);
+            acks.extend(ack);
             in_buf += 1;
         }
         if in_buf > 0 {
-            chunks.push((in_buf, buf.freeze()));
+            chunks.push((in_buf, buf.freeze(), acks));
         }
         // Out of the intake queue's budget now; the peers' queues hold them.
         queued.fetch_sub(taken, Ordering::Relaxed);
@@ -242,8 +293,8 @@ pub async fn run(intake: Intake, cluster: Arc<Cluster>, stats: Arc<Stats>, mut s
                 senders.spawn(send_to_peer(peer.address.clone(), queue.clone(), cluster.clone(), stats.clone()));
                 PeerLink { address: peer.address.clone(), queue }
             });
-            for (records, body) in &chunks {
-                let dropped = link.queue.push(*records, body.clone());
+            for (records, body, acks) in &chunks {
+                let dropped = link.queue.push(*records, body.clone(), acks.clone());
                 stats.push_dropped.add(dropped as u64);
             }
         }
@@ -262,7 +313,7 @@ pub async fn run(intake: Intake, cluster: Arc<Cluster>, stats: Arc<Stats>, mut s
 /// Sends everything queued for one peer, coalescing queued batches into requests of
 /// at most [`protocol::MAX_BATCH_BYTES`], until its queue is closed and empty.
 async fn send_to_peer(address: String, queue: Arc<PeerQueue>, cluster: Arc<Cluster>, stats: Arc<Stats>) {
-    while let Some((records, batches)) = queue.take().await {
+    while let Some((records, batches, acks)) = queue.take().await {
         let body = if batches.len() == 1 {
             batches.into_iter().next().unwrap_or_default()
         } else {
@@ -272,7 +323,18 @@ async fn send_to_peer(address: String, queue: Arc<PeerQueue>, cluster: Arc<Clust
         };
         let lc = cluster.last_contact();
         match cluster.client().push(&address, body, PUSH_TIMEOUT, lc).await {
-            Ok(_) => stats.pushed.add(records as u64),
+            Ok(answer) => {
+                stats.pushed.add(records as u64);
+                // Only a batch the peer took whole acknowledges its writes (a record
+                // held back as from the future is not applied there).
+                let whole = || {
+                    serde_json::from_slice::<serde_json::Value>(&answer.body)
+                        .is_ok_and(|v| v["held_back"] == 0 && v["refused"] == 0)
+                };
+                if !acks.is_empty() && whole() {
+                    acks.iter().for_each(|a| a.add());
+                }
+            }
             Err(e) => {
                 stats.push_failed.add(1);
                 tracing::debug!(peer = %address, error = %e, records, "push failed; sync will repair");
@@ -304,19 +366,19 @@ mod tests {
         let mb = Bytes::from(vec![0u8; 1024 * 1024]);
         let mut dropped = 0;
         for _ in 0..40 {
-            dropped += q.push(10, mb.clone());
+            dropped += q.push(10, mb.clone(), Vec::new());
         }
         assert_eq!(dropped, 8 * 10, "40 MiB into a 32 MiB queue: the 8 oldest go");
         assert_eq!(total.load(Ordering::Relaxed), PEER_QUEUE_BYTES);
         let huge = Bytes::from(vec![0u8; PEER_QUEUE_BYTES + 1]);
-        assert_eq!(q.push(1, huge), 32 * 10, "one batch larger than the budget still goes out, alone");
+        assert_eq!(q.push(1, huge, Vec::new()), 32 * 10, "one batch larger than the budget still goes out, alone");
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let (records, batches) = rt.block_on(q.take()).unwrap();
+        let (records, batches, _) = rt.block_on(q.take()).unwrap();
         assert_eq!((records, batches.len()), (1, 1));
-        q.push(3, mb.clone());
-        q.push(4, mb);
+        q.push(3, mb.clone(), Vec::new());
+        q.push(4, mb, Vec::new());
         q.close();
-        let (records, batches) = rt.block_on(q.take()).unwrap();
+        let (records, batches, _) = rt.block_on(q.take()).unwrap();
         assert_eq!((records, batches.len()), (7, 2), "coalesced up to MAX_BATCH_BYTES");
         assert!(rt.block_on(q.take()).is_none(), "closed and empty");
         assert_eq!(total.load(Ordering::Relaxed), 0);

@@ -126,9 +126,7 @@ pub async fn handle(
     if req.method() != hyper::Method::POST {
         return Err(ApiError::MethodNotAllowed(crate::api::POST_METHOD));
     }
-    if let Some(q) = req.uri().query().filter(|q| !q.is_empty()) {
-        return Err(ApiError::BadRequest(format!("unexpected query {q:?}")));
-    }
+    let need = crate::api::ack_level(app, req.uri().query())?;
     check_writable(app)?;
     let max = MAX_BODY_BYTES.max(app.config.max_value_bytes);
     let (body, _permit) = read_body_within(req, max, &crate::api::CLIENT_BUDGET).await?;
@@ -168,12 +166,15 @@ pub async fn handle(
         Err(e) => return Err(e.into()),
     };
     let mut results = Vec::with_capacity(ops.len());
-    let mut versions = writes.into_iter().zip(written);
+    // One count per write; the transaction is acknowledged by as many nodes as its
+    // least acknowledged write.
+    let acks: Vec<_> = (0..written.len()).map(|_| need.map(|_| crate::push::Ack::new())).collect();
+    let mut versions = writes.into_iter().zip(written).zip(acks.iter().cloned());
     for op in &ops {
         match op {
             TxnOp::Check(k, _) => results.push(json!({ "op": "check", "key": k, "ok": true })),
             TxnOp::Put(..) | TxnOp::Delete(_) => {
-                let Some(((key, data), w)) = versions.next() else { break };
+                let Some((((key, data), w), ack)) = versions.next() else { break };
                 let record = match data {
                     Some(d) => Record::value(w.timestamp, w.uuid, d),
                     None => Record::tombstone(w.timestamp, w.uuid),
@@ -183,11 +184,29 @@ pub async fn handle(
                     "op": op, "key": key, "uuid": w.uuid.to_string(),
                     "timestamp": crate::hlc::ms(w.timestamp), "version": w.timestamp.to_string(),
                 }));
-                app.pusher.enqueue(key, record);
+                app.pusher.enqueue_acked(key, record, ack);
             }
         }
     }
-    Ok(json_response(StatusCode::OK, &json!({ "results": results })))
+    let mut answer = json!({ "results": results });
+    // Acknowledged when every write is: the least of the writes' counts.
+    let mut status = StatusCode::OK;
+    if let Some(need) = need {
+        // One deadline for all the writes: their pushes go out together.
+        let deadline = tokio::time::Instant::now() + app.config.ack_timeout;
+        let mut least = usize::MAX;
+        for ack in acks.into_iter().flatten() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            least = least.min(1 + ack.wait(need - 1, left).await);
+        }
+        // A transaction of checks only writes nothing: this node is all it needs.
+        let acked = if least == usize::MAX { 1 } else { least };
+        if acked < need {
+            status = StatusCode::ACCEPTED;
+        }
+        answer["acked"] = json!(acked);
+    }
+    Ok(json_response(status, &answer))
 }
 
 #[cfg(test)]

@@ -849,3 +849,42 @@ fn a_transaction_commits_whole_or_not_at_all_and_replicates() {
     n1.get("/kv/acct/e").assert_error(404);
     n1.call("GET", "/txn", None).assert_error(405);
 }
+
+#[test]
+fn ack_all_answers_once_every_node_has_the_write_and_202_when_one_cannot() {
+    let d = Dirs::new();
+    let extra = "ack_timeout_ms: 700\n";
+    let (n1, n2) = two(&d, extra);
+    let n3 = d.start("n3", &[&n1.addr], extra);
+    wait_members_alive(&n1, &["n1", "n2", "n3"]);
+    wait_normal(&n3);
+    for i in 0..20 {
+        let r = n1.call("PUT", &format!("/kv/acked/{i}?ack=all"), Some(b"1"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["acked"], 3);
+        // Read-your-write on any node, right away.
+        for n in [&n2, &n3] {
+            assert_eq!(n.get(&format!("/kv/acked/{i}")).text(), "1", "write {i} on {}", n.addr);
+        }
+    }
+    let r = n1.call("DELETE", "/kv/acked/0?ack=2", None);
+    assert_eq!((r.status, r.json()["acked"].as_u64()), (200, Some(2)), "{}", r.text());
+    let txn = br#"{"ops":[{"op":"put","key":"acked/t","value":1},{"op":"delete","key":"acked/1"}]}"#;
+    let r = n1.call("POST", "/txn?ack=all", Some(txn));
+    assert_eq!((r.status, r.json()["acked"].as_u64()), (200, Some(3)), "{}", r.text());
+    assert_eq!(n3.get("/kv/acked/t").text(), "1");
+    n3.get("/kv/acked/1").assert_error(404);
+    for bad in ["ack=0", "ack=4", "ack=most", "ack=1&bogus=1"] {
+        n1.call("PUT", &format!("/kv/acked/bad?{bad}"), Some(b"1")).assert_error(400);
+    }
+    n1.get("/kv/acked/bad").assert_error(404);
+    // n3 paused: still a member for now, but it cannot apply: 202 with the count; the
+    // write stays, and reaches n3 once it runs again.
+    signal(n3.pid(), "STOP");
+    let r = n1.call("PUT", "/kv/acked/late?ack=all", Some(b"2"));
+    signal(n3.pid(), "CONT");
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["acked"], 2);
+    assert_eq!(n1.get("/kv/acked/late").text(), "2");
+    wait_value(&n3, "/kv/acked/late", Some("2"));
+}

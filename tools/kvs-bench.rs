@@ -55,7 +55,7 @@ fn parse_opts() -> Res<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,antientropy,bootstrap,restart] [--keys N]"
+                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,antientropy,bootstrap,restart] [--keys N]"
                 );
                 std::process::exit(0);
             }
@@ -824,6 +824,44 @@ impl Bench {
         Ok(())
     }
 
+    /// PUT (buffer) at 1 and 32 connections to one node of three, without `?ack` and
+    /// with `?ack=all` (answered once both peers applied the write), alternating three
+    /// times; medians.
+    async fn ack(&mut self) -> Res<()> {
+        let dir = self.tmp.path().join("ack");
+        let cluster = "durability: buffer\ngossip_interval_min: 0.2\ngossip_interval_max: 0.4\nfailure_timeout: 3\nremoval_timeout: 6\n";
+        let (a, _) = start_kvs(&dir.join("a"), &format!("node_id: a\n{cluster}"))?;
+        let seed = format!("seed_nodes: [\"{}\"]\n{cluster}", a.addr);
+        let (b, _) = start_kvs(&dir.join("b"), &format!("node_id: b\n{seed}"))?;
+        let (c, _) = start_kvs(&dir.join("c"), &format!("node_id: c\n{seed}"))?;
+        for n in [&a, &b, &c] {
+            wait_health(&n.addr, "3 members", |h| h["member_count"] == 3 && h["mode"] == "normal").await?;
+        }
+        let space = if self.opts.quick { 10_000 } else { 100_000 };
+        for conns in [1, 32] {
+            let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..3 {
+                for (k, runs) in runs.iter_mut().enumerate() {
+                    let suffix = if k == 0 { "" } else { "?ack=all" };
+                    let make =
+                        move |r: &mut StdRng| (Method::PUT, format!("{}{suffix}", key_path(r, space)), value(100));
+                    runs.push(load(&a.addr, conns, self.opts.load_secs, make).await?);
+                }
+            }
+            let median = |v: &mut Vec<Load>| {
+                v.sort_by(|x, y| x.rps().total_cmp(&y.rps()));
+                v.swap_remove(v.len() / 2)
+            };
+            let (plain, acked) = (median(&mut runs[0]), median(&mut runs[1]));
+            let mut j = acked.to_json();
+            j["x_no_ack"] = json!((acked.rps() / plain.rps() * 100.0).round() / 100.0);
+            self.record(&format!("put buffer c={conns} 3 nodes"), plain.to_json());
+            self.record(&format!("put buffer c={conns} 3 nodes ack=all"), j);
+        }
+        drop((a, b, c));
+        Ok(())
+    }
+
     /// Push lag, without and with a cluster key (every node-to-node request signed
     /// and verified).
     async fn lag(&mut self) -> Res<()> {
@@ -1021,6 +1059,9 @@ fn main() -> std::process::ExitCode {
             }
             if bench.wants("changes") {
                 bench.changes().await?;
+            }
+            if bench.wants("ack") {
+                bench.ack().await?;
             }
             if bench.wants("antientropy") {
                 bench.antientropy().await?;
