@@ -141,7 +141,8 @@ impl ApiError {
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Storage(StoreError::NoNewerTimestamp(_)) => StatusCode::CONFLICT,
             ApiError::Storage(StoreError::ConditionFailed(_)) => StatusCode::PRECONDITION_FAILED,
-            ApiError::Storage(StoreError::Closed)
+            ApiError::Storage(StoreError::CheckFailed(..)) => StatusCode::CONFLICT,
+            ApiError::Storage(StoreError::Closed | StoreError::ClockStepped(_))
             | ApiError::Syncing
             | ApiError::Clock(..)
             | ApiError::Busy(_)
@@ -786,11 +787,13 @@ async fn put_kv(
     let condition = condition(req.headers())?;
     allow(app, caller, &path, crate::acl::Access::Write)?;
     check_writable(app)?;
-    let (body, _permit) = read_body_within(req, app.config.max_value_bytes, &CLIENT_BUDGET).await?;
+    let (body, permit) = read_body_within(req, app.config.max_value_bytes, &CLIENT_BUDGET).await?;
     check_json(body.clone()).await?;
     let written = app.writer.put_if(path.clone(), body.clone(), condition).await?;
-    let ack = need.map(|_| crate::push::Ack::new());
-    app.pusher.enqueue_acked(path, Record::value(written.timestamp, written.uuid, body), ack.clone());
+    // The body is committed: its share of the budget is free during an ack wait.
+    drop(permit);
+    let ack = need.map(|_| crate::push::Ack::new(&app.cluster));
+    let ack = app.pusher.enqueue_acked(path, Record::value(written.timestamp, written.uuid, body), ack);
     let mut answer = written_json(&written);
     let status = acknowledged(app, need, ack, &mut answer).await;
     Ok(json_response(status, &answer))
@@ -828,8 +831,12 @@ pub(crate) async fn acknowledged(
     ack: Option<Arc<crate::push::Ack>>,
     answer: &mut serde_json::Value,
 ) -> StatusCode {
-    let (Some(need), Some(ack)) = (need, ack) else { return StatusCode::OK };
-    let acked = 1 + ack.wait(need.saturating_sub(1), app.config.ack_timeout).await;
+    let Some(need) = need else { return StatusCode::OK };
+    // No ack: the write could not be queued for push, so only this node has it.
+    let acked = match ack {
+        Some(ack) => 1 + ack.wait(need.saturating_sub(1), app.config.ack_timeout).await,
+        None => 1,
+    };
     answer["acked"] = json!(acked);
     if acked >= need { StatusCode::OK } else { StatusCode::ACCEPTED }
 }
@@ -850,8 +857,8 @@ async fn delete_kv(
     allow(app, caller, &path, crate::acl::Access::Write)?;
     check_writable(app)?;
     let written = app.writer.delete_if(path.clone(), condition).await?;
-    let ack = need.map(|_| crate::push::Ack::new());
-    app.pusher.enqueue_acked(path, Record::tombstone(written.timestamp, written.uuid), ack.clone());
+    let ack = need.map(|_| crate::push::Ack::new(&app.cluster));
+    let ack = app.pusher.enqueue_acked(path, Record::tombstone(written.timestamp, written.uuid), ack);
     if need.is_some() {
         // Asked to wait: the answer says how many nodes have the delete.
         let mut answer = written_json(&written);

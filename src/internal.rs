@@ -166,6 +166,8 @@ async fn internal_data<B: ReadBody>(app: &Arc<App>, req: Request<B>) -> Result<H
                     "skipped": report.skipped,
                     "held_back": report.future,
                     "refused": decoded.refused.len(),
+                    "collisions": report.collisions.len(),
+                    "reawakened": report.reawakened,
                 }),
             ))
         }

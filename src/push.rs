@@ -40,24 +40,34 @@ pub const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How many peers have applied one write, for a client that asked for acknowledgement
-/// (`?ack=`): a peer counts once its push answer for a batch holding the write came
-/// back with nothing held back (it then holds this version or a newer one: the peer
-/// answers after its commit). A dropped batch or a failed push never counts.
-#[derive(Default)]
+/// (`?ack=`): a peer counts once its push answer for a batch holding the write says
+/// it stored or already held every record (nothing held back, refused, reawakened or
+/// in a timestamp collision: it then holds this version or a newer one, since the peer
+/// answers after its commit). A dropped batch or a failed push never counts; only the
+/// peers alive when the write was acknowledged here count, each once.
 pub struct Ack {
-    peers: AtomicUsize,
+    /// Addresses of the peers that may count, and whether each has.
+    peers: Mutex<HashMap<String, bool>>,
+    counted: AtomicUsize,
     changed: Notify,
 }
 
 impl Ack {
-    /// A new count at 0.
-    pub fn new() -> Arc<Ack> {
-        Arc::new(Ack::default())
+    /// A new count at 0, for the peers alive now.
+    pub fn new(cluster: &Cluster) -> Arc<Ack> {
+        let peers = cluster.alive_peers().into_iter().map(|p| (p.address, false)).collect();
+        Arc::new(Ack { peers: Mutex::new(peers), counted: AtomicUsize::new(0), changed: Notify::new() })
     }
 
-    fn add(&self) {
-        self.peers.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_waiters();
+    fn add(&self, peer: &str) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(seen) = peers.get_mut(peer)
+            && !*seen
+        {
+            *seen = true;
+            self.counted.fetch_add(1, Ordering::SeqCst);
+            self.changed.notify_waiters();
+        }
     }
 
     /// Waits until `peers` peers have applied the write, or `timeout`; returns how many
@@ -66,12 +76,12 @@ impl Ack {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
-            let now = self.peers.load(Ordering::SeqCst);
+            let now = self.counted.load(Ordering::SeqCst);
             if now >= peers {
                 return now;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.peers.load(Ordering::SeqCst);
+                return self.counted.load(Ordering::SeqCst);
             }
         }
     }
@@ -123,23 +133,27 @@ impl Pusher {
 
     /// Queues a committed write for every alive peer. Never waits.
     pub fn enqueue(&self, path: String, record: Record) {
-        self.enqueue_acked(path, record, None)
+        self.enqueue_acked(path, record, None);
     }
 
-    /// [`Self::enqueue`], moving `ack` for each peer that applies the write.
-    pub fn enqueue_acked(&self, path: String, record: Record, ack: Option<Arc<Ack>>) {
+    /// [`Self::enqueue`], moving `ack` for each peer that applies the write. Returns
+    /// the ack to wait on, or `None` when the write was not queued (no peer will
+    /// count it: the caller answers at once).
+    pub fn enqueue_acked(&self, path: String, record: Record, ack: Option<Arc<Ack>>) -> Option<Arc<Ack>> {
         let n = size(&path, &record);
         // An empty queue takes a record of any size (one value may exceed the budget).
         let before = self.queued.fetch_add(n, Ordering::Relaxed);
         if before > 0 && before + n > QUEUE_BYTES {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             self.stats.push_dropped.add(1);
-            return;
+            return None;
         }
-        if self.queue.try_send((path, record, ack)).is_err() {
+        if self.queue.try_send((path, record, ack.clone())).is_err() {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             self.stats.push_dropped.add(1);
+            return None;
         }
+        ack
     }
 }
 
@@ -329,10 +343,10 @@ async fn send_to_peer(address: String, queue: Arc<PeerQueue>, cluster: Arc<Clust
                 // held back as from the future is not applied there).
                 let whole = || {
                     serde_json::from_slice::<serde_json::Value>(&answer.body)
-                        .is_ok_and(|v| v["held_back"] == 0 && v["refused"] == 0)
+                        .is_ok_and(|v| ["held_back", "refused", "collisions", "reawakened"].iter().all(|k| v[*k] == 0))
                 };
                 if !acks.is_empty() && whole() {
-                    acks.iter().for_each(|a| a.add());
+                    acks.iter().for_each(|a| a.add(&address));
                 }
             }
             Err(e) => {

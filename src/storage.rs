@@ -1687,6 +1687,7 @@ impl WriterState {
         let saved: Vec<(String, Option<Change>, Option<Option<Cert>>)> =
             writes.iter().map(|(p, _)| (p.clone(), changes.get(p).cloned(), self.certs.get(p).copied())).collect();
         let events = self.staged_events.len();
+        let clock = self.clock.clone();
         let mut written = Vec::with_capacity(writes.len());
         for (path, data) in writes.iter_mut() {
             match self.stage_client_write(changes, path, data.take(), merge::Condition::Always) {
@@ -1703,6 +1704,7 @@ impl WriterState {
                         };
                     }
                     self.staged_events.truncate(events);
+                    self.clock = clock;
                     return Err(e);
                 }
             }

@@ -129,8 +129,14 @@ pub async fn handle(
     let need = crate::api::ack_level(app, req.uri().query())?;
     check_writable(app)?;
     let max = MAX_BODY_BYTES.max(app.config.max_value_bytes);
-    let (body, _permit) = read_body_within(req, max, &crate::api::CLIENT_BUDGET).await?;
+    let (body, permit) = read_body_within(req, max, &crate::api::CLIENT_BUDGET).await?;
     let ops = parse(&body).map_err(ApiError::BadRequest)?;
+    // Each value within max_value_bytes, as a PUT's: peers refuse larger records, so
+    // a larger one would live on this node only.
+    let limit = app.config.max_value_bytes;
+    if ops.iter().any(|o| matches!(o, TxnOp::Put(_, v) if v.len() as u64 > limit)) {
+        return Err(ApiError::TooLarge(limit));
+    }
     let (mut checks, mut writes) = (Vec::new(), Vec::new());
     for op in &ops {
         match op {
@@ -148,7 +154,10 @@ pub async fn handle(
             }
         }
     }
-    let written = match app.writer.transact(checks, writes.clone()).await {
+    let committed = app.writer.transact(checks, writes.clone()).await;
+    // Committed or refused: the body's share of the budget is free for any ack wait.
+    drop(permit);
+    let written = match committed {
         Ok(w) => w,
         Err(StoreError::CheckFailed(i, current)) => {
             // The check's index among all the ops, as the client numbered them.
@@ -168,8 +177,10 @@ pub async fn handle(
     let mut results = Vec::with_capacity(ops.len());
     // One count per write; the transaction is acknowledged by as many nodes as its
     // least acknowledged write.
-    let acks: Vec<_> = (0..written.len()).map(|_| need.map(|_| crate::push::Ack::new())).collect();
+    let acks: Vec<_> = (0..written.len()).map(|_| need.map(|_| crate::push::Ack::new(&app.cluster))).collect();
     let mut versions = writes.into_iter().zip(written).zip(acks.iter().cloned());
+    // A write that could not be queued for push is acknowledged by this node only.
+    let mut unqueued = false;
     for op in &ops {
         match op {
             TxnOp::Check(k, _) => results.push(json!({ "op": "check", "key": k, "ok": true })),
@@ -184,7 +195,9 @@ pub async fn handle(
                     "op": op, "key": key, "uuid": w.uuid.to_string(),
                     "timestamp": crate::hlc::ms(w.timestamp), "version": w.timestamp.to_string(),
                 }));
-                app.pusher.enqueue_acked(key, record, ack);
+                if app.pusher.enqueue_acked(key, record, ack).is_none() && need.is_some() {
+                    unqueued = true;
+                }
             }
         }
     }
@@ -197,10 +210,11 @@ pub async fn handle(
         let mut least = usize::MAX;
         for ack in acks.into_iter().flatten() {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let left = if unqueued { std::time::Duration::ZERO } else { left };
             least = least.min(1 + ack.wait(need - 1, left).await);
         }
-        // A transaction of checks only writes nothing: this node is all it needs.
-        let acked = if least == usize::MAX { 1 } else { least };
+        // A transaction of checks only writes nothing: nothing to wait for.
+        let acked = if least == usize::MAX { need } else { least };
         if acked < need {
             status = StatusCode::ACCEPTED;
         }

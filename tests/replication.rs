@@ -847,6 +847,10 @@ fn a_transaction_commits_whole_or_not_at_all_and_replicates() {
         r.assert_error(400);
     }
     n1.get("/kv/acct/e").assert_error(404);
+    // A value over max_value_bytes (peers would refuse it): 413, nothing written.
+    let big = format!(r#"{{"ops":[{{"op":"put","key":"acct/e","value":"{}"}}]}}"#, "x".repeat(1_100_000));
+    n1.call("POST", "/txn", Some(big.as_bytes())).assert_error(413);
+    n1.get("/kv/acct/e").assert_error(404);
     n1.call("GET", "/txn", None).assert_error(405);
 }
 
@@ -874,6 +878,10 @@ fn ack_all_answers_once_every_node_has_the_write_and_202_when_one_cannot() {
     assert_eq!((r.status, r.json()["acked"].as_u64()), (200, Some(3)), "{}", r.text());
     assert_eq!(n3.get("/kv/acked/t").text(), "1");
     n3.get("/kv/acked/1").assert_error(404);
+    // Checks only: nothing to wait for.
+    let checks = br#"{"ops":[{"op":"check","key":"acked/none","absent":true}]}"#;
+    let r = n1.call("POST", "/txn?ack=all", Some(checks));
+    assert_eq!((r.status, r.json()["acked"].as_u64()), (200, Some(3)), "{}", r.text());
     for bad in ["ack=0", "ack=4", "ack=most", "ack=1&bogus=1"] {
         n1.call("PUT", &format!("/kv/acked/bad?{bad}"), Some(b"1")).assert_error(400);
     }
