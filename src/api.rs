@@ -873,7 +873,7 @@ async fn delete_kv(
 }
 
 /// Bodies above this are validated on the blocking pool, off the async workers.
-const INLINE_JSON_BYTES: usize = 64 * 1024;
+pub(crate) const INLINE_JSON_BYTES: usize = 64 * 1024;
 
 /// [`validate_json`] for a client body, on the blocking pool when it is large.
 async fn check_json(body: Bytes) -> Result<(), ApiError> {

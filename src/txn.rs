@@ -130,7 +130,13 @@ pub async fn handle(
     check_writable(app)?;
     let max = MAX_BODY_BYTES.max(app.config.max_value_bytes);
     let (body, permit) = read_body_within(req, max, &crate::api::CLIENT_BUDGET).await?;
-    let ops = parse(&body).map_err(ApiError::BadRequest)?;
+    // Parsing a large body is CPU work: off the async workers, as a PUT's JSON check.
+    let ops = if body.len() <= crate::api::INLINE_JSON_BYTES {
+        parse(&body)
+    } else {
+        tokio::task::spawn_blocking(move || parse(&body)).await.map_err(|_| ApiError::Busy("shutting down"))?
+    }
+    .map_err(ApiError::BadRequest)?;
     // Each value within max_value_bytes, as a PUT's: peers refuse larger records, so
     // a larger one would live on this node only.
     let limit = app.config.max_value_bytes;

@@ -110,10 +110,7 @@ fn a_replaced_version_is_marked_superseded_and_pages_follow_limit() {
 #[test]
 fn replicated_changes_appear_on_the_other_nodes_feeds() {
     let d = Dirs::new();
-    let (n1, n2) = two(&d, "");
-    let n3 = d.start("n3", &[&n1.addr], "");
-    wait_members_alive(&n1, &["n1", "n2", "n3"]);
-    wait_normal(&n3);
+    let (n1, n2, n3) = three(&d, "");
     let cursors: Vec<u64> = [&n2, &n3].iter().map(|n| last_seq(n)).collect();
     let polls: Vec<_> =
         [&n2, &n3].iter().zip(&cursors).map(|(n, c)| long_poll(n, format!("since={c}&prefix=users&wait=60"))).collect();

@@ -19,17 +19,6 @@ fn wait_sync_rounds(n: &Node, rounds: u64) {
     wait_for(DEADLINE, "sync rounds", || (stat(n, "sync_ok") >= start + rounds).then_some(()));
 }
 
-fn three(d: &Dirs, extra: &str) -> (Node, Node, Node) {
-    let n1 = d.start("n1", &[], extra);
-    let n2 = d.start("n2", &[&n1.addr], extra);
-    let n3 = d.start("n3", &[&n1.addr], extra);
-    for n in [&n1, &n2, &n3] {
-        wait_members_alive(n, &["n1", "n2", "n3"]);
-        wait_normal(n);
-    }
-    (n1, n2, n3)
-}
-
 #[test]
 fn writes_and_deletes_replicate_by_push() {
     let d = Dirs::new();
@@ -758,10 +747,7 @@ fn a_bootstrap_under_steady_deletes_and_purges_finishes_and_brings_nothing_back(
 #[test]
 fn a_prefix_delete_of_ten_thousand_keys_reaches_every_node_without_push_drops() {
     let d = Dirs::new();
-    let (n1, n2) = two(&d, "durability: buffer\n");
-    let n3 = d.start("n3", &[&n1.addr], "durability: buffer\n");
-    wait_members_alive(&n1, &["n1", "n2", "n3"]);
-    wait_normal(&n3);
+    let (n1, n2, n3) = three(&d, "durability: buffer\n");
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let addr = n1.addr.clone();
@@ -857,11 +843,7 @@ fn a_transaction_commits_whole_or_not_at_all_and_replicates() {
 #[test]
 fn ack_all_answers_once_every_node_has_the_write_and_202_when_one_cannot() {
     let d = Dirs::new();
-    let extra = "ack_timeout_ms: 700\n";
-    let (n1, n2) = two(&d, extra);
-    let n3 = d.start("n3", &[&n1.addr], extra);
-    wait_members_alive(&n1, &["n1", "n2", "n3"]);
-    wait_normal(&n3);
+    let (n1, n2, n3) = three(&d, "ack_timeout_ms: 700\n");
     for i in 0..20 {
         let r = n1.call("PUT", &format!("/kv/acked/{i}?ack=all"), Some(b"1"));
         assert_eq!(r.status, 200, "{}", r.text());

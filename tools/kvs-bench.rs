@@ -601,17 +601,23 @@ impl Bench {
                     runs[k].push(load_spec(spec, 32, secs, make).await?);
                 }
             }
-            let median = |v: &mut Vec<Load>| {
-                v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
-                v.swap_remove(ROUNDS / 2)
-            };
-            let (first, second) = (median(&mut runs[0]), median(&mut runs[1]));
-            let mut j = second.to_json();
-            j[ratio] = json!((second.rps() / first.rps() * 100.0).round() / 100.0);
-            self.record(&format!("{name} {}", labels[0]), first.to_json());
-            self.record(&format!("{name} {}", labels[1]), j);
+            self.record_medians(runs, [&format!("{name} {}", labels[0]), &format!("{name} {}", labels[1])], ratio);
         }
         Ok(())
+    }
+
+    /// Records the median run (by throughput) of each of two alternated series, the
+    /// second with its throughput as a ratio of the first's under `ratio`.
+    fn record_medians(&mut self, mut runs: [Vec<Load>; 2], names: [&str; 2], ratio: &str) {
+        let median = |v: &mut Vec<Load>| {
+            v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
+            v.swap_remove(v.len() / 2)
+        };
+        let (first, second) = (median(&mut runs[0]), median(&mut runs[1]));
+        let mut j = second.to_json();
+        j[ratio] = json!((second.rps() / first.rps() * 100.0).round() / 100.0);
+        self.record(names[0], first.to_json());
+        self.record(names[1], j);
     }
 
     /// GET and PUT (buffer) at 32 connections on a node without client auth and on
@@ -811,15 +817,11 @@ impl Bench {
                     }
                 }
             }
-            let median = |v: &mut Vec<Load>| {
-                v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
-                v.swap_remove(v.len() / 2)
-            };
-            let (without, with) = (median(&mut runs[0]), median(&mut runs[1]));
-            let mut j = with.to_json();
-            j["x_no_watchers"] = json!((with.rps() / without.rps() * 100.0).round() / 100.0);
-            self.record(&format!("{name} no watchers"), without.to_json());
-            self.record(&format!("{name} 1000 watchers"), j);
+            self.record_medians(
+                runs,
+                [&format!("{name} no watchers"), &format!("{name} 1000 watchers")],
+                "x_no_watchers",
+            );
         }
         Ok(())
     }
@@ -848,15 +850,8 @@ impl Bench {
                     runs.push(load(&a.addr, conns, self.opts.load_secs, make).await?);
                 }
             }
-            let median = |v: &mut Vec<Load>| {
-                v.sort_by(|x, y| x.rps().total_cmp(&y.rps()));
-                v.swap_remove(v.len() / 2)
-            };
-            let (plain, acked) = (median(&mut runs[0]), median(&mut runs[1]));
-            let mut j = acked.to_json();
-            j["x_no_ack"] = json!((acked.rps() / plain.rps() * 100.0).round() / 100.0);
-            self.record(&format!("put buffer c={conns} 3 nodes"), plain.to_json());
-            self.record(&format!("put buffer c={conns} 3 nodes ack=all"), j);
+            let names = [format!("put buffer c={conns} 3 nodes"), format!("put buffer c={conns} 3 nodes ack=all")];
+            self.record_medians(runs, [&names[0], &names[1]], "x_no_ack");
         }
         drop((a, b, c));
         Ok(())

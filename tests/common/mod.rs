@@ -397,6 +397,19 @@ pub fn two(d: &Dirs, extra: &str) -> (Node, Node) {
     (n1, n2)
 }
 
+/// Three nodes, n2 and n3 seeded with n1; returns once each lists all three alive and
+/// is bootstrapped.
+pub fn three(d: &Dirs, extra: &str) -> (Node, Node, Node) {
+    let n1 = d.start("n1", &[], extra);
+    let n2 = d.start("n2", &[&n1.addr], extra);
+    let n3 = d.start("n3", &[&n1.addr], extra);
+    for n in [&n1, &n2, &n3] {
+        wait_members_alive(n, &["n1", "n2", "n3"]);
+        wait_normal(n);
+    }
+    (n1, n2, n3)
+}
+
 /// Config lines for a cluster node with sub-second intervals.
 pub fn cluster_config(id: &str, seeds: &[&str]) -> String {
     let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
