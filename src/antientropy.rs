@@ -68,6 +68,16 @@ impl Version {
     pub fn of(path: &str, r: &Record) -> Version {
         Version { path: path.to_string(), timestamp: r.timestamp, uuid: r.uuid, tombstone: r.is_tombstone() }
     }
+
+    /// Whether this is the expiry tombstone of `version` ([`crate::ttl::expiry_tombstone`]).
+    /// A summary does not say whether `version` has an expiry; the writer's
+    /// [`crate::record::compare`] checks that when the record arrives.
+    pub fn is_expiry_of(&self, version: &Version) -> bool {
+        self.tombstone
+            && !version.tombstone
+            && self.timestamp == version.timestamp
+            && self.uuid == crate::ttl::expiry_uuid(version.uuid)
+    }
 }
 
 /// What one sync round must move, from the initiator's side.
@@ -120,6 +130,9 @@ pub fn plan(mine: &[Version], theirs: &[Version], tombstone_floor: u64, ceiling:
                     std::cmp::Ordering::Greater => p.send.push(a.path.clone()),
                     std::cmp::Ordering::Less if b.timestamp > ceiling => p.held_back += 1,
                     std::cmp::Ordering::Less => p.fetch.push(b.path.clone()),
+                    // An expiry tombstone follows its version (ARCHITECTURE.md, "Expiry").
+                    std::cmp::Ordering::Equal if b.is_expiry_of(a) => p.fetch.push(b.path.clone()),
+                    std::cmp::Ordering::Equal if a.is_expiry_of(b) => p.send.push(a.path.clone()),
                     std::cmp::Ordering::Equal if a.uuid != b.uuid => p.collisions.push(a.path.clone()),
                     std::cmp::Ordering::Equal => {}
                 }
@@ -189,7 +202,40 @@ mod tests {
         let ts = rng.random_range(1..20u64);
         let uuid = Uuid::from_u128(rng.random_range(0..3u128) + u128::from(ts) * 10);
         let data = if rng.random_range(0..4u8) == 0 { None } else { Some(Bytes::from(format!("{ts}"))) };
-        (path, Record { timestamp: ts, uuid, data })
+        (path, Record { timestamp: ts, uuid, data, expires: None })
+    }
+
+    #[test]
+    fn a_version_and_its_expiry_tombstone_merge_the_same_in_any_order() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let expiring = Record { expires: Some(100), ..Record::value(5, Uuid::from_u128(1), Bytes::from("1")) };
+        let versions = [
+            expiring.clone(),
+            crate::ttl::expiry_tombstone(&expiring),
+            Record::value(4, Uuid::from_u128(2), Bytes::from("2")),
+            Record::value(6, Uuid::from_u128(3), Bytes::from("3")),
+        ];
+        for _ in 0..100 {
+            let n = rng.random_range(1..=versions.len());
+            let mut picked: Vec<Record> = versions.iter().take(n).cloned().collect();
+            let mut a = Model::default();
+            for r in &picked {
+                a.apply("k", r);
+            }
+            rand::seq::SliceRandom::shuffle(picked.as_mut_slice(), &mut rng);
+            let mut b = Model::default();
+            for r in &picked {
+                b.apply("k", r);
+            }
+            assert_eq!(a.records, b.records, "{picked:?}");
+            // Never a collision between the version and its tombstone: the plan moves one.
+            if n >= 2 {
+                let (v, t) = (Version::of("k", &versions[0]), Version::of("k", &versions[1]));
+                let p = plan(std::slice::from_ref(&v), std::slice::from_ref(&t), 0, u64::MAX);
+                assert_eq!((p.fetch, p.collisions.len()), (vec!["k".to_string()], 0));
+                assert_eq!(plan(&[t], &[v], 0, u64::MAX).send, vec!["k".to_string()]);
+            }
+        }
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub const FILTERED_HEADER: &str = "x-kvs-filtered";
 /// Header carrying a version's full HLC timestamp ([`crate::hlc`]), for comparing two
 /// versions exactly.
 pub const VERSION_HEADER: &str = "x-kvs-version";
+/// Header carrying when a version written with a TTL expires, in Unix ms.
+pub const EXPIRES_HEADER: &str = "x-kvs-expires";
 
 /// The response type of every handler but the change stream's.
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -528,7 +530,12 @@ pub(crate) fn check_writable(app: &App) -> Result<(), ApiError> {
 /// The JSON answer to a client write: `timestamp` in Unix ms, `version` the full HLC
 /// (a string: it does not fit a JSON number's 53 bits).
 fn written_json(w: &crate::storage::Written) -> serde_json::Value {
-    json!({ "uuid": w.uuid.to_string(), "timestamp": hlc::ms(w.timestamp), "version": w.timestamp.to_string() })
+    let mut answer =
+        json!({ "uuid": w.uuid.to_string(), "timestamp": hlc::ms(w.timestamp), "version": w.timestamp.to_string() });
+    if let Some(expires) = w.expires {
+        answer["expires"] = json!(expires);
+    }
+    answer
 }
 
 /// Keys a prefix delete tombstones per writer request (one group commit each).
@@ -683,7 +690,10 @@ async fn get_kv(
     // one bounded lookup. The handoff to the blocking pool cost more than the read
     // itself (see BENCHMARKS.md). Scans (listing, sync) still run on the blocking pool.
     let record = app.store.get(&path)?;
-    let Some(record) = record else { return Err(ApiError::NotFound("key")) };
+    // A value past its expiry is absent, like a tombstone (ARCHITECTURE.md, "Expiry").
+    let Some(record) = record.filter(|r| r.is_live_at(crate::clock::now_ms())) else {
+        return Err(ApiError::NotFound("key"));
+    };
     let Some(data) = record.data else { return Err(ApiError::NotFound("key")) };
     let mut resp = Response::new(Full::new(data));
     let h = resp.headers_mut();
@@ -693,6 +703,9 @@ async fn get_kv(
     }
     h.insert(TIMESTAMP_HEADER, HeaderValue::from(hlc::ms(record.timestamp)));
     h.insert(VERSION_HEADER, HeaderValue::from(record.timestamp));
+    if let Some(expires) = record.expires {
+        h.insert(EXPIRES_HEADER, HeaderValue::from(expires));
+    }
     Ok(resp)
 }
 
@@ -747,9 +760,12 @@ async fn list_keys(
             .items
             .iter()
             .filter_map(|(k, r)| {
-                let head = json!({ "key": k, "uuid": r.uuid.to_string(), "timestamp": hlc::ms(r.timestamp),
-                    "version": r.timestamp.to_string() })
-                .to_string();
+                let mut head = json!({ "key": k, "uuid": r.uuid.to_string(), "timestamp": hlc::ms(r.timestamp),
+                    "version": r.timestamp.to_string() });
+                if let Some(expires) = r.expires {
+                    head["expires"] = json!(expires);
+                }
+                let head = head.to_string();
                 // The stored value is validated JSON: it goes in as it is.
                 let value = std::str::from_utf8(r.data.as_deref()?).ok()?;
                 Some(format!("{},\"value\":{value}}}", &head[..head.len() - 1]))
@@ -782,30 +798,41 @@ async fn put_kv(
     raw_key: &str,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let need = ack_level(app, req.uri().query())?;
+    let (need, ttl_ms) = write_query(app, req.uri().query(), true)?;
     let path = key(raw_key)?;
     let condition = condition(req.headers())?;
     allow(app, caller, &path, crate::acl::Access::Write)?;
     check_writable(app)?;
     let (body, permit) = read_body_within(req, app.config.max_value_bytes, &CLIENT_BUDGET).await?;
     check_json(body.clone()).await?;
-    let written = app.writer.put_if(path.clone(), body.clone(), condition).await?;
+    let written = app.writer.put_if(path.clone(), body.clone(), ttl_ms, condition).await?;
     // The body is committed: its share of the budget is free during an ack wait.
     drop(permit);
     let ack = need.map(|_| crate::push::Ack::new(&app.cluster));
-    let ack = app.pusher.enqueue_acked(path, Record::value(written.timestamp, written.uuid, body), ack);
+    let record = Record { expires: written.expires, ..Record::value(written.timestamp, written.uuid, body) };
+    let ack = app.pusher.enqueue_acked(path, record, ack);
     let mut answer = written_json(&written);
     let status = acknowledged(app, need, ack, &mut answer).await;
     Ok(json_response(status, &answer))
 }
 
-/// `?ack=<n>|all` (the only query a single-key write takes): how many nodes, this one
+/// `?ack=<n>|all` (the only query a delete and `/txn` take): how many nodes, this one
 /// included, must have applied the write before it is answered 200; `all`: every
 /// alive member now. `None` without it.
 pub(crate) fn ack_level(app: &App, query: Option<&str>) -> Result<Option<usize>, ApiError> {
+    Ok(write_query(app, query, false)?.0)
+}
+
+/// A single-key write's query: `ack` ([`ack_level`]) and, when `ttl_allowed` (PUT),
+/// `ttl=<seconds>` ([`crate::ttl::parse_ttl`], answered in ms).
+fn write_query(app: &App, query: Option<&str>, ttl_allowed: bool) -> Result<(Option<usize>, Option<u64>), ApiError> {
     let members = app.cluster.alive_count();
-    let mut need = None;
+    let (mut need, mut ttl_ms) = (None, None);
     for (k, v) in parse_query(query)? {
+        if k == "ttl" && ttl_allowed {
+            ttl_ms = Some(crate::ttl::parse_ttl(&v).map_err(ApiError::BadRequest)?);
+            continue;
+        }
         if k != "ack" {
             return Err(ApiError::BadRequest(format!("unexpected query parameter {k:?}")));
         }
@@ -819,7 +846,7 @@ pub(crate) fn ack_level(app: &App, query: Option<&str>) -> Result<Option<usize>,
         };
         need = Some(n);
     }
-    Ok(need)
+    Ok((need, ttl_ms))
 }
 
 /// Waits (up to `ack_timeout_ms`) until `need` nodes have applied a write, adds

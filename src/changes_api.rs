@@ -186,11 +186,12 @@ fn read_page(
         }
         let json = if values && !event.delete {
             match store.get(&event.key)? {
-                // The version is still the current one: its value.
-                Some(r) if r.uuid == event.uuid && r.data.is_some() => {
+                // The version is still the current one, and not expired: its value.
+                Some(r) if r.uuid == event.uuid && r.is_live_at(crate::clock::now_ms()) => {
                     event_json(&event, Shown::Value(r.data.as_deref().unwrap_or_default()))
                 }
-                // Replaced since: a later event carries what replaced it.
+                // Replaced (or expired) since: a later event carries what replaced it
+                // (an expiry: its tombstone, once swept).
                 _ => event_json(&event, Shown::Superseded),
             }
         } else {

@@ -4,8 +4,9 @@
 //! # Layout
 //! - [`config`]: the YAML config, every key's default and rule, the generated default file.
 //! - [`path`]: key syntax: percent-decoding and validation.
-//! - [`record`]: a stored version `{uuid, timestamp, data | tombstone}` and the rule
-//!   that orders two versions.
+//! - [`record`]: a stored version `{uuid, timestamp, data | tombstone, expires}` and
+//!   the rule that orders two versions. [`ttl`]: expiry rules (the TTL's range, the
+//!   expiry tombstone every node derives), no I/O.
 //! - [`hlc`]: version timestamps, a hybrid logical clock bounded by
 //!   `max_clock_offset_ms`, no I/O. [`merge`]: the writer's decisions (a client write's
 //!   version, whether a replicated record applies, a vote winner replaces, a tombstone
@@ -112,5 +113,6 @@ pub mod shutdown;
 pub mod stats;
 pub mod storage;
 pub mod tls;
+pub mod ttl;
 pub mod txn;
 pub mod wire;

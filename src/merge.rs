@@ -33,9 +33,10 @@ pub enum Condition {
 
 impl Condition {
     /// Whether a write with this condition may go ahead over `held` (the held
-    /// version; a tombstone, like nothing, is no live value).
-    pub fn holds(self, held: Option<&Record>) -> bool {
-        let live = held.filter(|r| !r.is_tombstone());
+    /// version; a tombstone, like nothing or a value expired at `wall_ms`, is no live
+    /// value).
+    pub fn holds(self, held: Option<&Record>, wall_ms: u64) -> bool {
+        let live = held.filter(|r| r.is_live_at(wall_ms));
         match self {
             Condition::Always => true,
             Condition::Exists => live.is_some(),
@@ -46,18 +47,21 @@ impl Condition {
 }
 
 /// The version a client write creates over `held`: a fresh uuid and a timestamp from
-/// [`Hlc::stamp_over`], so it supersedes whatever the node holds for the path. `None`
-/// when no timestamp can (the held one is the last there is): the write must be
-/// refused, not acknowledged and lost.
+/// [`Hlc::stamp_over`], so it supersedes whatever the node holds for the path (an
+/// expired value included: its expiry orders nothing). A value written with a TTL
+/// (`ttl_ms`) expires that long after its timestamp ([`crate::ttl::expires_at`]).
+/// `None` when no timestamp can (the held one is the last there is): the write must
+/// be refused, not acknowledged and lost.
 pub fn client_version(
     clock: &mut Hlc,
     held: Option<&Record>,
     wall_ms: u64,
     uuid: Uuid,
-    data: Option<Bytes>,
+    (data, ttl_ms): (Option<Bytes>, Option<u64>),
 ) -> Option<Record> {
     let timestamp = clock.stamp_over(held.map(|r| r.timestamp), wall_ms)?;
-    Some(Record { timestamp, uuid, data })
+    let expires = ttl_ms.filter(|_| data.is_some()).map(|ttl| crate::ttl::expires_at(timestamp, ttl));
+    Some(Record { timestamp, uuid, data, expires })
 }
 
 /// Limits on which replicated records are taken: for paths held nowhere here, and
@@ -154,7 +158,12 @@ mod tests {
     const WALL: u64 = 1_700_000_000_000;
 
     fn rec(ts: u64, id: u128, data: Option<&'static str>) -> Record {
-        Record { timestamp: ts, uuid: Uuid::from_u128(id), data: data.map(|d| Bytes::from_static(d.as_bytes())) }
+        Record {
+            timestamp: ts,
+            uuid: Uuid::from_u128(id),
+            data: data.map(|d| Bytes::from_static(d.as_bytes())),
+            expires: None,
+        }
     }
 
     #[test]
@@ -169,8 +178,13 @@ mod tests {
             (Condition::Absent, [true, false, true]),
         ];
         for (condition, want) in cases {
-            let got = [condition.holds(None), condition.holds(Some(&value)), condition.holds(Some(&tomb))];
+            let got =
+                [condition.holds(None, WALL), condition.holds(Some(&value), WALL), condition.holds(Some(&tomb), WALL)];
             assert_eq!(got, want, "{condition:?} over nothing, a value, a tombstone");
+            // A value past its expiry is judged as a tombstone is; before it, as a value.
+            let expiring = Record { expires: Some(WALL), ..value.clone() };
+            assert_eq!(condition.holds(Some(&expiring), WALL), want[2], "{condition:?} over an expired value");
+            assert_eq!(condition.holds(Some(&expiring), WALL - 1), want[1], "{condition:?} before the expiry");
         }
     }
 
@@ -178,20 +192,36 @@ mod tests {
     fn a_client_write_supersedes_the_held_version_and_stays_on_real_time() {
         let mut clock = Hlc::new(500);
         let future = rec(from_ms(WALL + 120_000), 1, Some("1"));
-        let v = client_version(&mut clock, Some(&future), WALL, Uuid::from_u128(2), None).unwrap();
+        let v = client_version(&mut clock, Some(&future), WALL, Uuid::from_u128(2), (None, None)).unwrap();
         assert_eq!(compare(Some(&future), &v), Ordering::Newer);
         assert!(v.is_tombstone());
-        let fresh = client_version(&mut clock, None, WALL, Uuid::from_u128(3), Some(Bytes::from_static(b"1"))).unwrap();
+        let fresh =
+            client_version(&mut clock, None, WALL, Uuid::from_u128(3), (Some(Bytes::from_static(b"1")), None)).unwrap();
         assert_eq!(ms(fresh.timestamp), WALL);
+        assert_eq!(fresh.expires, None);
+    }
+
+    #[test]
+    fn a_ttl_write_expires_after_its_own_timestamp_and_a_later_write_clears_it() {
+        let mut clock = Hlc::new(500);
+        let data = || Some(Bytes::from_static(b"1"));
+        let v = client_version(&mut clock, None, WALL, Uuid::from_u128(1), (data(), Some(2_000))).unwrap();
+        assert_eq!(v.expires, Some(WALL + 2_000));
+        // Over the expired value: ordered after it, with no expiry of its own.
+        let after = client_version(&mut clock, Some(&v), WALL + 5_000, Uuid::from_u128(2), (data(), None)).unwrap();
+        assert_eq!((compare(Some(&v), &after), after.expires), (Ordering::Newer, None));
+        // A delete never carries an expiry.
+        let del = client_version(&mut clock, Some(&after), WALL + 5_000, Uuid::from_u128(3), (None, Some(1))).unwrap();
+        assert_eq!(del.expires, None);
     }
 
     #[test]
     fn a_version_at_the_end_of_time_refuses_the_write_instead_of_losing_it() {
         let mut clock = Hlc::new(500);
         let end = rec(u64::MAX, 1, Some("1"));
-        assert_eq!(client_version(&mut clock, Some(&end), WALL, Uuid::from_u128(2), None), None);
+        assert_eq!(client_version(&mut clock, Some(&end), WALL, Uuid::from_u128(2), (None, None)), None);
         let almost = rec(u64::MAX - 1, 1, Some("1"));
-        let v = client_version(&mut clock, Some(&almost), WALL, Uuid::from_u128(2), None).unwrap();
+        let v = client_version(&mut clock, Some(&almost), WALL, Uuid::from_u128(2), (None, None)).unwrap();
         assert_eq!(v.timestamp, u64::MAX);
         assert!(ms(clock.now(WALL)) == WALL, "the clock did not follow either");
     }

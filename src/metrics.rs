@@ -188,6 +188,7 @@ impl Collector for NodeCollector {
         counter(&mut e, "sync_bytes", "Body bytes exchanged by regular sync", s.sync_bytes.get())?;
         counter(&mut e, "bootstrap_records", "Records fetched by bootstrap", s.bootstrap_fetched.get())?;
         counter(&mut e, "tombstones_purged", "Tombstones purged after the grace period", s.tombstones_purged.get())?;
+        counter(&mut e, "expired", "Values past their TTL replaced by their expiry tombstones", s.expired.get())?;
         counter(&mut e, "collisions", "Timestamp collisions found", s.collisions.get())?;
         counter(
             &mut e,

@@ -417,6 +417,7 @@ async fn serve(
     tasks.spawn(resolve::run(collisions, voting, shutdown.clone()));
     tasks.spawn(replication.clone().sync_loop(shutdown.clone()));
     tasks.spawn(replication.clone().catchup_loop(shutdown.clone()));
+    tasks.spawn(replication.clone().expiry_loop(shutdown.clone()));
     tasks.spawn(replication.maintenance_loop(shutdown.clone(), maintenance_interval));
     tasks.spawn(crate::changes_api::trim_loop(app.writer.clone(), app.config.changes_retention, shutdown.clone()));
     if let Some(reload) = embedding.reload {

@@ -63,6 +63,8 @@ pub struct Stats {
     pub bootstrap_reached: AtomicU64,
     /// Tombstones purged after the grace period, every member having confirmed.
     pub tombstones_purged: Counter,
+    /// Values replaced by their expiry tombstones ([`crate::ttl`]).
+    pub expired: Counter,
     /// Purge rounds skipped because a member was down.
     pub purges_held_back: Counter,
     /// Records refused because a certificate said their delete was purged (the delete
@@ -102,6 +104,7 @@ impl Stats {
             "catchup_records": self.catchup_records.get(),
             "bootstrap_fetched": self.bootstrap_fetched.get(),
             "tombstones_purged": self.tombstones_purged.get(),
+            "expired": self.expired.get(),
             "purges_held_back": self.purges_held_back.get(),
             "reawakened": self.reawakened.get(),
             "stale_discarded": self.stale_discarded.get(),

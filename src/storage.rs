@@ -13,6 +13,8 @@
 //!   key counts, tombstone purge horizon, membership identity, the change feed's seq).
 //! - `changes`: key seq (8 bytes, big-endian) → [`crate::changes::Event`]: every
 //!   version the writer stored, numbered, for `GET /changes`.
+//! - `expiry`: key `expires (8 bytes, Unix ms, big-endian) ++ path` → uuid (16): the
+//!   values written with a TTL, by expiry, for the expiry sweep ([`crate::ttl`]).
 //!
 //! Every change goes through one writer thread ([`Writer`]). It takes all requests
 //! waiting in its queue, stages them in one atomic fjall batch (record, index and
@@ -68,9 +70,11 @@ const META_CLEAN_STOP: &[u8] = b"clean_stop";
 /// before can match a seq after.
 const FEED_EPOCH_JUMP: u64 = 1 << 32;
 /// The data dir format this kvs writes. 1: timestamps were Unix ms (kvs 0.1 before
-/// the HLC); 2: timestamps are HLCs ([`crate::hlc`]). Older formats are upgraded in
-/// place at start; newer ones are refused.
-pub const FORMAT_VERSION: u64 = 2;
+/// the HLC); 2: timestamps are HLCs ([`crate::hlc`]); 3: records may carry an expiry
+/// (kind 3, [`Record::encode`]) and the `expiry` keyspace indexes them. Older formats
+/// are upgraded in place at start (2 to 3 only marks the dir: a format-2 dir holds no
+/// kind-3 record); newer ones are refused.
+pub const FORMAT_VERSION: u64 = 3;
 /// Records rewritten per batch by the format upgrade.
 const UPGRADE_CHUNK: usize = 10_000;
 
@@ -144,6 +148,8 @@ pub struct Written {
     pub uuid: Uuid,
     /// The new version's timestamp (an HLC, [`crate::hlc`]).
     pub timestamp: u64,
+    /// When the new version expires (Unix ms), if written with a TTL.
+    pub expires: Option<u64>,
 }
 
 /// The outcome of applying replicated records.
@@ -227,6 +233,8 @@ struct Inner {
     dormant: Keyspace,
     /// The change feed's log: seq → [`crate::changes::Event`].
     changes: Keyspace,
+    /// Values with an expiry: expires (8, BE) · path → uuid.
+    expiry: Keyspace,
     /// The last seq committed; moves after the commit, before the wake-ups.
     last_seq: AtomicU64,
     /// The oldest cursor the log can serve (ARCHITECTURE.md "Change feed").
@@ -500,9 +508,11 @@ impl Store {
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io)?;
         let dormant = db.keyspace("dormant", KeyspaceCreateOptions::default).map_err(io)?;
         let changes = db.keyspace("changes", KeyspaceCreateOptions::default).map_err(io)?;
+        let expiry = db.keyspace("expiry", KeyspaceCreateOptions::default).map_err(io)?;
         match read_u64(&meta, META_FORMAT)? {
             0 if fresh => meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes()).map_err(io)?,
             0 | 1 => upgrade_from_ms(&db, [&records, &by_time, &by_bucket, &summary, &meta])?,
+            2 => meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes()).map_err(io)?,
             FORMAT_VERSION => {}
             newer => return Err(StoreError::Format(newer)),
         }
@@ -575,6 +585,7 @@ impl Store {
                 meta,
                 dormant,
                 changes,
+                expiry,
                 last_seq: AtomicU64::new(last_seq),
                 change_floor: AtomicU64::new(change_floor),
                 feed_id: feed_id.to_string(),
@@ -812,6 +823,8 @@ impl Store {
     ) -> Result<LivePage, StoreError> {
         let mut items: Vec<(String, Option<Record>)> = Vec::new();
         let (mut more, mut filtered, mut bytes) = (false, false, 0usize);
+        // Values expired by now are absent, like tombstones (ARCHITECTURE.md, "Expiry").
+        let wall = now_ms();
         let mut take = |key: &str, v: &[u8], items: &mut Vec<(String, Option<Record>)>| -> Result<bool, StoreError> {
             if items.len() == limit || (bytes >= max_bytes && !items.is_empty()) {
                 return Ok(false);
@@ -830,7 +843,7 @@ impl Store {
         if let Some(p) = prefix
             && after.is_none_or(|a| a < p)
             && let Some(bytes) = self.inner.records.get(p).map_err(io)?
-            && !Record::encoded_is_tombstone(&bytes)
+            && Record::encoded_is_live_at(&bytes, wall)
         {
             take(p, &bytes, &mut items)?;
         }
@@ -847,7 +860,7 @@ impl Store {
             {
                 break;
             }
-            if Record::encoded_is_tombstone(&v) || (prefix.is_none() && k.starts_with(b"./")) {
+            if !Record::encoded_is_live_at(&v, wall) || (prefix.is_none() && k.starts_with(b"./")) {
                 continue;
             }
             let key = std::str::from_utf8(&k).map_err(|_| StoreError::Corrupt("non-UTF-8 key".into()))?;
@@ -884,6 +897,7 @@ impl Store {
     ) -> Result<KeyPage, StoreError> {
         let under = prefix.map_or(String::new(), |p| format!("{p}/"));
         let (mut keys, mut more, mut filtered) = (Vec::<String>::new(), false, false);
+        let wall = now_ms();
         // Where the scan starts: after `after`, and past everything under it when it
         // is a level (UTF-8 never holds the byte 0xFF, so `level ++ 0xFF` sorts after
         // every key under the level).
@@ -909,7 +923,7 @@ impl Store {
                 if !k.starts_with(under.as_bytes()) {
                     break 'scan;
                 }
-                if Record::encoded_is_tombstone(&v) || (prefix.is_none() && k.starts_with(b"./")) {
+                if !Record::encoded_is_live_at(&v, wall) || (prefix.is_none() && k.starts_with(b"./")) {
                     continue;
                 }
                 let key = std::str::from_utf8(&k).map_err(|_| StoreError::Corrupt("non-UTF-8 key".into()))?;
@@ -997,6 +1011,21 @@ impl Store {
                     break;
                 }
             }
+        }
+        Ok(out)
+    }
+
+    /// Values whose expiry is at or before `wall_ms`, soonest first, at most `limit`, as
+    /// `(path, uuid, expires)`: what the expiry sweep replaces with their expiry
+    /// tombstones.
+    pub fn due_expiries(&self, wall_ms: u64, limit: usize) -> Result<Vec<(String, Uuid, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.inner.expiry.range(..wall_ms.saturating_add(1).to_be_bytes()).take(limit) {
+            let (k, v) = guard.into_inner().map_err(|e| self.fail(io(e)))?;
+            let (expires, path) = split_time_key(&k).map_err(|e| self.fail(e))?;
+            let uuid =
+                Uuid::from_slice(&v).map_err(|_| self.fail(StoreError::Corrupt("undecodable expiry entry".into())))?;
+            out.push((path, uuid, expires));
         }
         Ok(out)
     }
@@ -1151,6 +1180,7 @@ impl Store {
             &inner.meta,
             &inner.dormant,
             &inner.changes,
+            &inner.expiry,
         ] {
             ks.rotate_memtable_and_wait().map_err(|e| self.fail(io(e)))?;
         }
@@ -1181,10 +1211,11 @@ impl Store {
 }
 
 enum Op {
-    Put { path: String, data: Bytes, condition: merge::Condition },
+    Put { path: String, data: Bytes, ttl_ms: Option<u64>, condition: merge::Condition },
     Delete { path: String, condition: merge::Condition },
     DeleteMany { paths: Vec<String> },
-    Txn { checks: Vec<(String, merge::Condition)>, writes: Vec<(String, Option<Bytes>)> },
+    Txn { checks: Vec<(String, merge::Condition)>, writes: Vec<TxnWrite> },
+    Expire { versions: Vec<(String, Uuid, u64)> },
     Apply { records: Vec<(String, Record)>, tombstone_floor: u64, absent_floor: u64 },
     Purge { tombstones: Vec<(String, u64)> },
     Certify { tombstones: Vec<(String, u64, Uuid)> },
@@ -1194,6 +1225,9 @@ enum Op {
     TrimChanges { before_wall: u64, limit: usize },
     Close,
 }
+
+/// One write of a transaction: path, value (`None`: a delete), TTL in ms.
+pub type TxnWrite = (String, Option<Bytes>, Option<u64>);
 
 struct Request {
     op: Op,
@@ -1223,6 +1257,7 @@ impl Writer {
             staged_events: Vec::new(),
             reset_feed: false,
             trimmed: Vec::new(),
+            stale_expiries: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("kvs-writer".into())
@@ -1246,14 +1281,31 @@ impl Writer {
 
     /// Stores `data` as the new version of `path`.
     pub async fn put(&self, path: String, data: Bytes) -> Result<Written, StoreError> {
-        self.put_if(path, data, merge::Condition::Always).await
+        self.put_if(path, data, None, merge::Condition::Always).await
     }
 
-    /// [`Self::put`] only if `condition` holds for the version held when the writer
-    /// takes it ([`StoreError::ConditionFailed`] otherwise, nothing written): the check
-    /// and the write are one step of the writer.
-    pub async fn put_if(&self, path: String, data: Bytes, condition: merge::Condition) -> Result<Written, StoreError> {
-        self.written(Op::Put { path, data, condition }).await
+    /// [`Self::put`], expiring `ttl_ms` after its timestamp when given, and only if
+    /// `condition` holds for the version held when the writer takes it
+    /// ([`StoreError::ConditionFailed`] otherwise, nothing written): the check and the
+    /// write are one step of the writer.
+    pub async fn put_if(
+        &self,
+        path: String,
+        data: Bytes,
+        ttl_ms: Option<u64>,
+        condition: merge::Condition,
+    ) -> Result<Written, StoreError> {
+        self.written(Op::Put { path, data, ttl_ms, condition }).await
+    }
+
+    /// The expiry sweep: replaces each listed version (path, uuid, expires, from
+    /// [`Store::due_expiries`]) that is still held and has expired with its expiry
+    /// tombstone ([`crate::ttl::expiry_tombstone`]); how many were replaced.
+    pub async fn expire(&self, versions: Vec<(String, Uuid, u64)>) -> Result<usize, StoreError> {
+        match self.submit(Op::Expire { versions }).await? {
+            Reply::Removed(n) => Ok(n),
+            _ => Err(StoreError::Closed),
+        }
     }
 
     /// Records a tombstone for `path`, whether or not it held a value.
@@ -1272,12 +1324,12 @@ impl Writer {
     }
 
     /// A transaction: when every check holds for the versions held, every write (a value,
-    /// or `None` for a delete), in order, in one atomic commit; otherwise
+    /// or `None` for a delete, with its TTL), in order, in one atomic commit; otherwise
     /// [`StoreError::CheckFailed`] and nothing written. Each write's version, in order.
     pub async fn transact(
         &self,
         checks: Vec<(String, merge::Condition)>,
-        writes: Vec<(String, Option<Bytes>)>,
+        writes: Vec<TxnWrite>,
     ) -> Result<Vec<Written>, StoreError> {
         match self.submit(Op::Txn { checks, writes }).await? {
             Reply::WrittenMany(w) => w.into_iter().collect(),
@@ -1397,6 +1449,8 @@ struct WriterState {
     reset_feed: bool,
     /// Change log entries the group trims (retention).
     trimmed: Vec<u64>,
+    /// `expiry` index entries of versions no longer held, removed by the group.
+    stale_expiries: Vec<Vec<u8>>,
 }
 
 /// The certificate of a purged delete: the tombstone's timestamp and uuid.
@@ -1454,8 +1508,16 @@ impl Inner {
         }
         // Both are hidden APIs of fjall 3.1 (Cargo.lock pins it); rotate_memtable is
         // what clean shutdown already uses to write memtables out.
-        let keyspaces =
-            [&self.records, &self.by_time, &self.by_bucket, &self.summary, &self.meta, &self.dormant, &self.changes];
+        let keyspaces = [
+            &self.records,
+            &self.by_time,
+            &self.by_bucket,
+            &self.summary,
+            &self.meta,
+            &self.dormant,
+            &self.changes,
+            &self.expiry,
+        ];
         // Only when nothing is sealed or queued: a flush under way is waited for, not
         // joined by more small tables.
         if self.db.outstanding_flushes() == 0 && keyspaces.iter().all(|ks| ks.sealed_memtable_count() == 0) {
@@ -1534,21 +1596,23 @@ impl WriterState {
         self.staged_events.clear();
         self.reset_feed = false;
         self.trimmed.clear();
+        self.stale_expiries.clear();
         for req in group.iter_mut() {
             let r = match &mut req.op {
-                Op::Put { path, data, condition } => self
-                    .stage_client_write(&mut changes, path, Some(std::mem::take(data)), *condition)
+                Op::Put { path, data, ttl_ms, condition } => self
+                    .stage_client_write(&mut changes, path, (Some(std::mem::take(data)), *ttl_ms), *condition)
                     .map(Reply::Written),
                 Op::Delete { path, condition } => {
-                    self.stage_client_write(&mut changes, path, None, *condition).map(Reply::Written)
+                    self.stage_client_write(&mut changes, path, (None, None), *condition).map(Reply::Written)
                 }
+                Op::Expire { versions } => self.stage_expire(&mut changes, versions).map(Reply::Removed),
                 Op::Txn { checks, writes } => self
                     .stage_txn(&mut changes, checks, writes)
                     .map(|w| Reply::WrittenMany(w.into_iter().map(Ok).collect())),
                 Op::DeleteMany { paths } => Ok(Reply::WrittenMany(
                     paths
                         .iter()
-                        .map(|p| self.stage_client_write(&mut changes, p, None, merge::Condition::Exists))
+                        .map(|p| self.stage_client_write(&mut changes, p, (None, None), merge::Condition::Exists))
                         .collect(),
                 )),
                 Op::Apply { records, tombstone_floor, absent_floor } => self
@@ -1640,14 +1704,15 @@ impl WriterState {
         &mut self,
         changes: &mut HashMap<String, Change>,
         path: &str,
-        data: Option<Bytes>,
+        value: (Option<Bytes>, Option<u64>),
         condition: merge::Condition,
     ) -> Result<Written, StoreError> {
         let current = self.current(changes, path)?;
+        let wall = now_ms();
         // Against the version as of this group so far: an earlier write in the group
         // to the same key counts, so two conditional writes never both pass.
-        if !condition.holds(current.as_ref()) {
-            let live = current.as_ref().filter(|r| !r.is_tombstone()).map(|r| r.uuid);
+        if !condition.holds(current.as_ref(), wall) {
+            let live = current.as_ref().filter(|r| r.is_live_at(wall)).map(|r| r.uuid);
             return Err(StoreError::ConditionFailed(live));
         }
         // Over a purged delete, the write is ordered after it, as over the tombstone.
@@ -1658,12 +1723,12 @@ impl WriterState {
         if let Some(step) = self.store.inner.steps.stepped() {
             return Err(StoreError::ClockStepped(step));
         }
-        let record = merge::client_version(&mut self.clock, held.as_ref(), now_ms(), Uuid::new_v4(), data)
+        let record = merge::client_version(&mut self.clock, held.as_ref(), wall, Uuid::new_v4(), value)
             .ok_or_else(|| StoreError::NoNewerTimestamp(path.to_string()))?;
         if cert.is_some() {
             self.certs.insert(path.to_string(), None);
         }
-        let written = Written { uuid: record.uuid, timestamp: record.timestamp };
+        let written = Written { uuid: record.uuid, timestamp: record.timestamp, expires: record.expires };
         self.stage(changes, path, current, Some(record));
         Ok(written)
     }
@@ -1675,22 +1740,23 @@ impl WriterState {
         &mut self,
         changes: &mut HashMap<String, Change>,
         checks: &[(String, merge::Condition)],
-        writes: &mut [(String, Option<Bytes>)],
+        writes: &mut [TxnWrite],
     ) -> Result<Vec<Written>, StoreError> {
+        let wall = now_ms();
         for (i, (path, condition)) in checks.iter().enumerate() {
             let current = self.current(changes, path)?;
-            if !condition.holds(current.as_ref()) {
-                let live = current.as_ref().filter(|r| !r.is_tombstone()).map(|r| r.uuid);
+            if !condition.holds(current.as_ref(), wall) {
+                let live = current.as_ref().filter(|r| r.is_live_at(wall)).map(|r| r.uuid);
                 return Err(StoreError::CheckFailed(i, live));
             }
         }
         let saved: Vec<(String, Option<Change>, Option<Option<Cert>>)> =
-            writes.iter().map(|(p, _)| (p.clone(), changes.get(p).cloned(), self.certs.get(p).copied())).collect();
+            writes.iter().map(|(p, ..)| (p.clone(), changes.get(p).cloned(), self.certs.get(p).copied())).collect();
         let events = self.staged_events.len();
         let clock = self.clock.clone();
         let mut written = Vec::with_capacity(writes.len());
-        for (path, data) in writes.iter_mut() {
-            match self.stage_client_write(changes, path, data.take(), merge::Condition::Always) {
+        for (path, data, ttl_ms) in writes.iter_mut() {
+            match self.stage_client_write(changes, path, (data.take(), *ttl_ms), merge::Condition::Always) {
                 Ok(w) => written.push(w),
                 Err(e) => {
                     for (p, change, cert) in saved {
@@ -1758,6 +1824,33 @@ impl WriterState {
             }
         }
         Ok(report)
+    }
+
+    /// Stages the expiry tombstone of each listed version that is still held and has
+    /// expired ([`crate::ttl::may_expire`]); a version rewritten since it was listed
+    /// is left alone.
+    fn stage_expire(
+        &mut self,
+        changes: &mut HashMap<String, Change>,
+        versions: &[(String, Uuid, u64)],
+    ) -> Result<usize, StoreError> {
+        let wall = now_ms();
+        let mut expired = 0;
+        for (path, uuid, expires) in versions {
+            let current = self.current(changes, path)?;
+            if crate::ttl::may_expire(current.as_ref(), *uuid, wall)
+                && let Some(version) = &current
+            {
+                let tombstone = crate::ttl::expiry_tombstone(version);
+                self.stage(changes, path, current, Some(tombstone));
+                expired += 1;
+            } else if current.as_ref().is_none_or(|r| r.uuid != *uuid || r.expires != Some(*expires)) {
+                // An entry for a version no longer held (never left by a commit, which
+                // moves the index with the record): removed, so it cannot block the sweep.
+                self.stale_expiries.push(time_key(*expires, path));
+            }
+        }
+        Ok(expired)
     }
 
     fn stage_purge(
@@ -1854,6 +1947,10 @@ impl WriterState {
             (inner.counts.live_keys.load(Ordering::Relaxed), inner.counts.tombstones.load(Ordering::Relaxed));
         let mut leaf_updates: HashMap<u16, u64> = HashMap::new();
         let mut newest = inner.newest.load(Ordering::Relaxed);
+        // First: a version the group stores may have the same entry.
+        for stale in &self.stale_expiries {
+            batch.remove(&inner.expiry, stale.as_slice());
+        }
         {
             let leaves = inner.leaves.lock().unwrap_or_else(|p| p.into_inner());
             let mut xor_leaf = |path: &str, r: &Record| {
@@ -1867,8 +1964,17 @@ impl WriterState {
                 // The counts are of client keys: kvs's own records (tokens) are not.
                 let counted = u64::from(!crate::path::is_reserved(path));
                 if let Some(before) = &c.before {
-                    // One entry per path in each index: the old ones go in the same batch.
-                    batch.remove(&inner.by_time, time_key(before.timestamp, path));
+                    // One entry per path in each index: the old ones go in the same batch
+                    // (not when the new one has the same key: a vote's winner or an
+                    // expiry tombstone keeps the timestamp, and its insert replaces it).
+                    if c.after.as_ref().is_none_or(|a| a.timestamp != before.timestamp) {
+                        batch.remove(&inner.by_time, time_key(before.timestamp, path));
+                    }
+                    if let Some(expires) = before.expires
+                        && c.after.as_ref().and_then(|a| a.expires) != Some(expires)
+                    {
+                        batch.remove(&inner.expiry, time_key(expires, path));
+                    }
                     xor_leaf(path, before);
                     if before.is_tombstone() { tombs -= counted } else { live -= counted }
                 }
@@ -1886,6 +1992,9 @@ impl WriterState {
                         batch.insert(&inner.records, path.as_str(), after.encode());
                         batch.insert(&inner.by_time, time_key(after.timestamp, path), uuid_kind(after));
                         batch.insert(&inner.by_bucket, bucket_key(path), bucket_version(after));
+                        if let Some(expires) = after.expires {
+                            batch.insert(&inner.expiry, time_key(expires, path), after.uuid.as_bytes().as_slice());
+                        }
                     }
                     None => {
                         batch.remove(&inner.records, path.as_str());
@@ -2328,7 +2437,8 @@ mod tests {
             for i in 0..100 {
                 let w = writer.clone();
                 let c = merge::Condition::Matches(first.uuid);
-                pending.push(tokio::spawn(async move { w.put_if("k".into(), Bytes::from(i.to_string()), c).await }));
+                pending
+                    .push(tokio::spawn(async move { w.put_if("k".into(), Bytes::from(i.to_string()), None, c).await }));
             }
             let mut passed = Vec::new();
             for p in pending {
@@ -2343,11 +2453,11 @@ mod tests {
             // Create-only: refused over a value, taken over a delete.
             let absent = merge::Condition::Absent;
             assert!(matches!(
-                writer.put_if("k".into(), Bytes::from_static(b"1"), absent).await,
+                writer.put_if("k".into(), Bytes::from_static(b"1"), None, absent).await,
                 Err(StoreError::ConditionFailed(Some(u))) if u == passed[0].uuid
             ));
             writer.delete("k".into()).await.unwrap();
-            writer.put_if("k".into(), Bytes::from_static(b"2"), absent).await.unwrap();
+            writer.put_if("k".into(), Bytes::from_static(b"2"), None, absent).await.unwrap();
             assert!(matches!(
                 writer.delete_if("gone".into(), merge::Condition::Exists).await,
                 Err(StoreError::ConditionFailed(None))
@@ -2366,15 +2476,70 @@ mod tests {
             let last = Record::value(u64::MAX, Uuid::from_u128(9), Bytes::from_static(b"1"));
             writer.replace("end".into(), last, None).await.unwrap();
             let seq = store.last_seq();
-            let writes = vec![("a".to_string(), Some(Bytes::from_static(b"1"))), ("end".to_string(), None)];
+            let writes = vec![("a".to_string(), Some(Bytes::from_static(b"1")), None), ("end".to_string(), None, None)];
             let r = writer.transact(vec![], writes).await;
             assert!(matches!(r, Err(StoreError::NoNewerTimestamp(_))), "{r:?}");
             assert_eq!(store.get("a").unwrap(), None, "the first write was undone");
             assert_eq!(store.last_seq(), seq, "and is no change");
             // The writer goes on: the same transaction without the impossible write.
-            let w = writer.transact(vec![], vec![("a".to_string(), Some(Bytes::from_static(b"2")))]).await.unwrap();
+            let w =
+                writer.transact(vec![], vec![("a".to_string(), Some(Bytes::from_static(b"2")), None)]).await.unwrap();
             assert_eq!(store.get("a").unwrap().map(|r| r.uuid), Some(w[0].uuid));
         });
+        writer.close(&store).unwrap();
+    }
+
+    #[test]
+    fn an_expired_value_is_absent_to_reads_and_the_sweep_turns_it_into_its_expiry_tombstone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let v = |s: &'static str| Bytes::from_static(s.as_bytes());
+        runtime().block_on(async {
+            let expiring = writer.put_if("a/x".into(), v("1"), Some(1), merge::Condition::Always).await.unwrap();
+            let long = writer.put_if("a/y".into(), v("2"), Some(3_600_000), merge::Condition::Always).await.unwrap();
+            let rewritten = writer.put_if("a/z".into(), v("3"), Some(1), merge::Condition::Always).await.unwrap();
+            // A write without a TTL over an expiring value clears the expiry.
+            writer.put("a/z".into(), v("4")).await.unwrap();
+            assert_eq!(expiring.expires, Some(hlc::ms(expiring.timestamp) + 1));
+            assert!(long.expires.is_some());
+            assert_eq!(store.get("a/z").unwrap().unwrap().expires, None);
+            // Wait for the 1 ms TTL to pass (a deadline, not a bare sleep).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while now_ms() <= hlc::ms(rewritten.timestamp) + 1 {
+                assert!(std::time::Instant::now() < deadline, "the wall clock did not move");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            // Absent to listings and to conditions before any sweep.
+            assert_eq!(store.list_keys(Some("a"), None, 10).unwrap().keys, ["a/y", "a/z"]);
+            let refused = writer.put_if("a/x".into(), v("5"), None, merge::Condition::Exists).await;
+            assert!(matches!(refused, Err(StoreError::ConditionFailed(None))), "{refused:?}");
+            // The index lists only a/x (a/z's entry went with its rewrite).
+            let due = store.due_expiries(now_ms(), 10).unwrap();
+            assert_eq!(due, vec![("a/x".to_string(), expiring.uuid, expiring.expires.unwrap())]);
+            let seq_before = store.last_seq();
+            assert_eq!(writer.expire(due.clone()).await.unwrap(), 1);
+            let tomb = store.get("a/x").unwrap().unwrap();
+            assert_eq!(
+                tomb,
+                crate::ttl::expiry_tombstone(&Record {
+                    expires: expiring.expires,
+                    ..Record::value(expiring.timestamp, expiring.uuid, v("1"))
+                })
+            );
+            assert!(store.due_expiries(now_ms(), 10).unwrap().is_empty(), "the index entry went with it");
+            assert_eq!(writer.expire(due).await.unwrap(), 0, "a second sweep changes nothing");
+            // The change feed reports it as a delete with the tombstone's version.
+            let events = feed(&store, seq_before);
+            assert_eq!(events, vec![(seq_before + 1, "a/x".to_string(), true)]);
+            // A stale index entry (no such version held) is removed, not retried forever.
+            assert_eq!(writer.expire(vec![("a/q".into(), Uuid::from_u128(7), 1)]).await.unwrap(), 0);
+        });
+        writer.close(&store).unwrap();
+        drop((store, writer));
+        // The expiry survives a restart, in the record and in the index.
+        let (store, writer) = open(dir.path());
+        assert!(store.get("a/y").unwrap().unwrap().expires.is_some());
+        assert_eq!(store.due_expiries(u64::MAX, 10).unwrap().len(), 1);
         writer.close(&store).unwrap();
     }
 }

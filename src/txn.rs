@@ -42,13 +42,15 @@ struct RawOp<'a> {
     if_match: Option<String>,
     #[serde(default)]
     absent: Option<bool>,
+    #[serde(borrow, default)]
+    ttl: Option<&'a RawValue>,
 }
 
 /// One operation, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxnOp {
-    /// Store `value` (JSON, as sent) at the key.
-    Put(String, Bytes),
+    /// Store `value` (JSON, as sent) at the key, expiring after the TTL (ms) if given.
+    Put(String, Bytes, Option<u64>),
     /// Delete the key.
     Delete(String),
     /// Go ahead only if the condition holds for the key.
@@ -76,17 +78,21 @@ pub fn parse(body: &[u8]) -> Result<Vec<TxnOp>, String> {
                 }
                 let value = raw.value.ok_or_else(|| format!("ops[{i}].value: a put needs a value"))?;
                 validate_json(value.get().as_bytes()).map_err(|e| format!("ops[{i}].value: {e}"))?;
-                TxnOp::Put(key.clone(), Bytes::copy_from_slice(value.get().as_bytes()))
+                let ttl = match raw.ttl {
+                    Some(t) => Some(crate::ttl::parse_ttl(t.get()).map_err(|e| format!("ops[{i}].{e}"))?),
+                    None => None,
+                };
+                TxnOp::Put(key.clone(), Bytes::copy_from_slice(value.get().as_bytes()), ttl)
             }
             "delete" => {
-                if raw.value.is_some() || raw.if_match.is_some() || raw.absent.is_some() {
-                    return Err(unexpected("value/if_match/absent"));
+                if raw.value.is_some() || raw.if_match.is_some() || raw.absent.is_some() || raw.ttl.is_some() {
+                    return Err(unexpected("value/if_match/absent/ttl"));
                 }
                 TxnOp::Delete(key.clone())
             }
             "check" => {
-                if raw.value.is_some() {
-                    return Err(unexpected("value"));
+                if raw.value.is_some() || raw.ttl.is_some() {
+                    return Err(unexpected("value/ttl"));
                 }
                 let condition =
                     match (&raw.if_match, raw.absent) {
@@ -140,7 +146,7 @@ pub async fn handle(
     // Each value within max_value_bytes, as a PUT's: peers refuse larger records, so
     // a larger one would live on this node only.
     let limit = app.config.max_value_bytes;
-    if ops.iter().any(|o| matches!(o, TxnOp::Put(_, v) if v.len() as u64 > limit)) {
+    if ops.iter().any(|o| matches!(o, TxnOp::Put(_, v, _) if v.len() as u64 > limit)) {
         return Err(ApiError::TooLarge(limit));
     }
     let (mut checks, mut writes) = (Vec::new(), Vec::new());
@@ -150,13 +156,13 @@ pub async fn handle(
                 allow(app, caller, k, crate::acl::Access::Read)?;
                 checks.push((k.clone(), *c));
             }
-            TxnOp::Put(k, v) => {
+            TxnOp::Put(k, v, ttl) => {
                 allow(app, caller, k, crate::acl::Access::Write)?;
-                writes.push((k.clone(), Some(v.clone())));
+                writes.push((k.clone(), Some(v.clone()), *ttl));
             }
             TxnOp::Delete(k) => {
                 allow(app, caller, k, crate::acl::Access::Write)?;
-                writes.push((k.clone(), None));
+                writes.push((k.clone(), None, None));
             }
         }
     }
@@ -191,16 +197,20 @@ pub async fn handle(
         match op {
             TxnOp::Check(k, _) => results.push(json!({ "op": "check", "key": k, "ok": true })),
             TxnOp::Put(..) | TxnOp::Delete(_) => {
-                let Some((((key, data), w), ack)) = versions.next() else { break };
+                let Some((((key, data, _), w), ack)) = versions.next() else { break };
                 let record = match data {
-                    Some(d) => Record::value(w.timestamp, w.uuid, d),
+                    Some(d) => Record { expires: w.expires, ..Record::value(w.timestamp, w.uuid, d) },
                     None => Record::tombstone(w.timestamp, w.uuid),
                 };
                 let op = if record.is_tombstone() { "delete" } else { "put" };
-                results.push(json!({
+                let mut result = json!({
                     "op": op, "key": key, "uuid": w.uuid.to_string(),
                     "timestamp": crate::hlc::ms(w.timestamp), "version": w.timestamp.to_string(),
-                }));
+                });
+                if let Some(expires) = w.expires {
+                    result["expires"] = json!(expires);
+                }
+                results.push(result);
                 if app.pusher.enqueue_acked(key, record, ack).is_none() && need.is_some() {
                     unqueued = true;
                 }
@@ -238,7 +248,7 @@ mod tests {
         let ops = parse(
             br#"{"ops":[{"op":"check","key":"a","if_match":"\"00000000-0000-0000-0000-000000000001\""},
                 {"op":"check","key":"b","absent":true},{"op":"put","key":"a","value":{"x": [1, 2]}},
-                {"op":"delete","key":"c"}]}"#,
+                {"op":"delete","key":"c"},{"op":"put","key":"d","value":1,"ttl":60}]}"#,
         )
         .unwrap();
         assert_eq!(
@@ -246,8 +256,9 @@ mod tests {
             vec![
                 TxnOp::Check("a".into(), Condition::Matches(uuid::Uuid::from_u128(1))),
                 TxnOp::Check("b".into(), Condition::Absent),
-                TxnOp::Put("a".into(), Bytes::from_static(br#"{"x": [1, 2]}"#)),
+                TxnOp::Put("a".into(), Bytes::from_static(br#"{"x": [1, 2]}"#), None),
                 TxnOp::Delete("c".into()),
+                TxnOp::Put("d".into(), Bytes::from_static(b"1"), Some(60_000)),
             ]
         );
     }
@@ -266,7 +277,11 @@ mod tests {
             (r#"{"ops":[{"op":"delete","key":"a//b"}]}"#.into(), "ops[0].key"),
             (r#"{"ops":[{"op":"delete","key":"./acl/tokens/x"}]}"#.into(), "ops[0].key"),
             (r#"{"ops":[{"op":"delete","key":"a","value":1}]}"#.into(), "ops[0]: value"),
-            (r#"{"ops":[{"op":"put","key":"a","value":1,"ttl":5}]}"#.into(), "body"),
+            (r#"{"ops":[{"op":"put","key":"a","value":1,"ttl":0}]}"#.into(), "ops[0].ttl"),
+            (r#"{"ops":[{"op":"put","key":"a","value":1,"ttl":"5"}]}"#.into(), "ops[0].ttl"),
+            (r#"{"ops":[{"op":"put","key":"a","value":1,"ttl":1.5}]}"#.into(), "ops[0].ttl"),
+            (r#"{"ops":[{"op":"delete","key":"a","ttl":5}]}"#.into(), "ops[0]: value/if_match/absent/ttl"),
+            (r#"{"ops":[{"op":"put","key":"a","value":1,"expires":5}]}"#.into(), "body"),
             (r#"[1]"#.into(), "body"),
         ] {
             let err = parse(body.as_bytes()).unwrap_err();

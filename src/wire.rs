@@ -2,7 +2,9 @@
 //! bootstrap). A batch is a sequence of frames:
 //!
 //! `path length (u16 BE) · path · timestamp (u64 BE) · uuid (16) · kind (1: value,
-//! 2: tombstone) · data length (u32 BE) · data`
+//! 2: tombstone, 3: value with expiry) · data length (u32 BE) · data`
+//!
+//! For kind 3, `data` is the expiry (u64 BE, Unix ms) followed by the value.
 //!
 //! Binary keeps a value's bytes exactly as the client sent them and costs no escaping.
 //! [`decode`] checks every record like client input (key rules, size, JSON). A record
@@ -23,19 +25,33 @@ pub const CONTENT_TYPE: &str = "application/x-kvs-records";
 
 /// Bytes one record takes in a batch.
 pub fn encoded_len(path: &str, r: &Record) -> usize {
-    2 + path.len() + 8 + 16 + 1 + 4 + r.data.as_ref().map_or(0, |d| d.len())
+    2 + path.len() + 8 + 16 + 1 + 4 + r.data.as_ref().map_or(0, |d| d.len()) + expiry(r).map_or(0, |_| 8)
+}
+
+/// The expiry a record's frame carries (values only).
+fn expiry(r: &Record) -> Option<u64> {
+    r.expires.filter(|_| !r.is_tombstone())
 }
 
 /// Appends one record to a batch.
 pub fn put(buf: &mut BytesMut, path: &str, r: &Record) {
     let data = r.data.as_deref().unwrap_or_default();
-    buf.reserve(2 + path.len() + 8 + 16 + 1 + 4 + data.len());
+    buf.reserve(encoded_len(path, r));
     buf.put_u16(path.len() as u16);
     buf.put_slice(path.as_bytes());
     buf.put_u64(r.timestamp);
     buf.put_slice(r.uuid.as_bytes());
-    buf.put_u8(if r.is_tombstone() { 2 } else { 1 });
-    buf.put_u32(data.len() as u32);
+    match expiry(r) {
+        Some(expires) => {
+            buf.put_u8(3);
+            buf.put_u32((data.len() + 8) as u32);
+            buf.put_u64(expires);
+        }
+        None => {
+            buf.put_u8(if r.is_tombstone() { 2 } else { 1 });
+            buf.put_u32(data.len() as u32);
+        }
+    }
     buf.put_slice(data);
 }
 
@@ -89,29 +105,37 @@ pub fn decode(mut bytes: Bytes, max_value: u64) -> Result<Decoded, String> {
         out.framed = n;
         out.last = Some((timestamp, String::from_utf8_lossy(&raw_path).into_owned()));
         match check(&raw_path, kind, data, max_value) {
-            Ok((path, data)) => out.records.push((path, Record { timestamp, uuid, data })),
+            Ok((path, data, expires)) => out.records.push((path, Record { timestamp, uuid, data, expires })),
             Err(reason) => out.refused.push((String::from_utf8_lossy(&raw_path).into_owned(), reason)),
         }
     }
     Ok(out)
 }
 
+/// One record's checked path, value (`None`: a tombstone) and expiry.
+type Checked = (String, Option<Bytes>, Option<u64>);
+
 /// Checks one framed record like client input.
-fn check(raw_path: &[u8], kind: u8, data: Bytes, max_value: u64) -> Result<(String, Option<Bytes>), String> {
+fn check(raw_path: &[u8], kind: u8, mut data: Bytes, max_value: u64) -> Result<Checked, String> {
     let path = std::str::from_utf8(raw_path).map_err(|_| "path is not UTF-8".to_string())?;
     validate_stored_key(path).map_err(|e| format!("path: {e}"))?;
+    let expires = match kind {
+        3 if data.len() < 8 => return Err("value with expiry: shorter than its expiry".into()),
+        3 => Some(data.get_u64()),
+        _ => None,
+    };
     let data = match kind {
-        1 if data.len() as u64 > max_value => {
+        1 | 3 if data.len() as u64 > max_value => {
             return Err(format!("value of {} bytes is larger than max_value_bytes ({max_value})", data.len()));
         }
-        1 => {
+        1 | 3 => {
             validate_json(&data).map_err(|e| format!("value is not valid JSON: {e}"))?;
             Some(data)
         }
         2 if data.is_empty() => None,
         _ => return Err("bad kind".into()),
     };
-    Ok((path.to_string(), data))
+    Ok((path.to_string(), data, expires))
 }
 
 /// [`decode`] on the blocking pool: JSON validation of a large batch takes
@@ -130,6 +154,10 @@ mod tests {
         vec![
             ("a/b".into(), Record::value(5, Uuid::from_u128(1), Bytes::from(" {\"x\": [1, 2]} "))),
             ("c".into(), Record::tombstone(6, Uuid::from_u128(2))),
+            (
+                "d".into(),
+                Record { expires: Some(1_700_000_000_000), ..Record::value(7, Uuid::from_u128(3), Bytes::from("[]")) },
+            ),
         ]
     }
 
@@ -140,8 +168,14 @@ mod tests {
         assert_eq!(decode(enc, 1024).unwrap().records, s);
         assert_eq!(decode(Bytes::new(), 10).unwrap(), Decoded::default());
         let d = decode(encode(s.iter().map(|(p, r)| (p.as_str(), r))), 1).unwrap();
-        assert_eq!((d.records.len(), d.refused.len(), d.framed), (1, 1, 2));
-        assert_eq!(d.last, Some((6, "c".to_string())), "the cursor passes refused records");
+        assert_eq!((d.records.len(), d.refused.len(), d.framed), (1, 2, 3));
+        assert_eq!(d.last, Some((7, "d".to_string())), "the cursor passes refused records");
+        // The expiry is not counted in the value's size.
+        assert_eq!(decode(encode([(s[2].0.as_str(), &s[2].1)]), 2).unwrap().records.len(), 1);
+        assert_eq!(
+            encode(s.iter().map(|(p, r)| (p.as_str(), r))).len(),
+            s.iter().map(|(p, r)| encoded_len(p, r)).sum::<usize>()
+        );
     }
 
     #[test]
@@ -149,7 +183,8 @@ mod tests {
         let s = sample();
         let enc = encode(s.iter().map(|(p, r)| (p.as_str(), r)));
         let first_len = encode([(s[0].0.as_str(), &s[0].1)]).len();
-        for cut in (1..enc.len()).filter(|&c| c != first_len) {
+        let second_end = first_len + encode([(s[1].0.as_str(), &s[1].1)]).len();
+        for cut in (1..enc.len()).filter(|&c| c != first_len && c != second_end) {
             assert!(decode(enc.slice(..cut), 1024).is_err(), "truncated at {cut}");
         }
         assert_eq!(
@@ -178,5 +213,12 @@ mod tests {
         put(&mut bad_kind, "after", &Record::tombstone(1, Uuid::nil()));
         let d = decode(bad_kind.freeze(), 10).unwrap();
         assert_eq!((d.records.len(), d.refused.len()), (1, 1));
+        // Kind 3 whose data is shorter than an expiry: that record is refused.
+        let mut short = BytesMut::new();
+        put(&mut short, "k", &Record::value(1, Uuid::nil(), Bytes::from("1")));
+        let kind_at = short.len() - 6;
+        short[kind_at] = 3;
+        let d = decode(short.freeze(), 10).unwrap();
+        assert!(d.refused[0].1.contains("expiry"), "{:?}", d.refused);
     }
 }

@@ -165,6 +165,7 @@ impl Net {
                         timestamp: version_of_header(&held),
                         uuid: uuid::Uuid::new_v4(),
                         data: Some(bytes::Bytes::from(value.to_string())),
+                        expires: None,
                     };
                     let batch = kvs::wire::encode([(key, &record)]);
                     let r = peer_post(self.addr(i), kvs::protocol::routes::PUSH, &batch);

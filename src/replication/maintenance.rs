@@ -17,6 +17,11 @@ const PURGE_BATCH: usize = 1_000;
 /// Records removed per writer batch when discarding.
 const REMOVE_CHUNK: usize = 10_000;
 
+/// How often the expiry sweep looks for values past their TTL.
+const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Values the expiry sweep turns into tombstones per writer request.
+const EXPIRY_BATCH: usize = 1_000;
+
 impl Replication {
     /// Bootstraps if needed, then runs maintenance every `interval` until shutdown:
     /// purge expired tombstones, persist the last contact, and discard stale records
@@ -139,6 +144,39 @@ impl Replication {
         self.stats.tombstones_purged.add(n as u64);
         if n > 0 {
             tracing::debug!(purged = n, "purged tombstones every member has");
+        }
+        Ok(())
+    }
+
+    /// The expiry sweep, every [`EXPIRY_SWEEP_INTERVAL`] until shutdown: values past
+    /// their TTL become their expiry tombstones ([`crate::ttl`], ARCHITECTURE.md
+    /// "Expiry"). Reads already treat them as absent; the sweep makes the delete a
+    /// change (the change feed reports it) and lets the purge reclaim the space.
+    pub async fn expiry_loop(self: Arc<Self>, mut shutdown: Shutdown) {
+        while pause(EXPIRY_SWEEP_INTERVAL, &mut shutdown).await {
+            if let Err(e) = self.sweep_expired(&mut shutdown).await {
+                tracing::error!(error = %e, "expiry sweep failed");
+            }
+        }
+    }
+
+    pub(super) async fn sweep_expired(&self, shutdown: &mut Shutdown) -> Result<(), StoreError> {
+        // A clock that is off (or unchecked, or just stepped) expires nothing: a year
+        // ahead, it would turn a year of live values into tombstones for good.
+        while self.cluster.clock_refusal().is_none() && !shutdown.is_triggered() {
+            let store = self.store.clone();
+            let due = blocking(move || store.due_expiries(now_ms(), EXPIRY_BATCH)).await?;
+            if due.is_empty() {
+                return Ok(());
+            }
+            let full = due.len() == EXPIRY_BATCH;
+            let n = self.writer.expire(due).await?;
+            self.stats.expired.add(n as u64);
+            // Nothing expired from a full batch: the writer's clock is behind the one
+            // that listed them (a step back); the next sweep tries again.
+            if !full || n == 0 {
+                return Ok(());
+            }
         }
         Ok(())
     }
