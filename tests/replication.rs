@@ -3,22 +3,6 @@
 mod common;
 use common::*;
 
-fn stat(n: &Node, name: &str) -> u64 {
-    n.health()["replication"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
-}
-
-fn wait_keys(n: &Node, count: u64) {
-    wait_for(DEADLINE, &format!("{count} keys on {}", n.addr), || {
-        (n.health()["keys"].as_u64()? == count).then_some(())
-    });
-}
-
-/// Waits until `n` has completed `rounds` more regular sync rounds.
-fn wait_sync_rounds(n: &Node, rounds: u64) {
-    let start = stat(n, "sync_ok");
-    wait_for(DEADLINE, "sync rounds", || (stat(n, "sync_ok") >= start + rounds).then_some(()));
-}
-
 #[test]
 fn writes_and_deletes_replicate_by_push() {
     let d = Dirs::new();
@@ -195,10 +179,6 @@ fn a_node_away_past_the_grace_period_does_not_resurrect_deletes() {
 
 /// Waits until `ms` milliseconds of wall-clock time have passed since `since`: the
 /// scenario itself is "longer than the grace period".
-fn wait_past(since: std::time::Instant, ms: u64) {
-    wait_for(DEADLINE, "the grace period to pass", || (since.elapsed().as_millis() as u64 > ms).then_some(()));
-}
-
 #[test]
 fn a_cold_restart_of_every_node_past_the_grace_period_keeps_every_key() {
     let d = Dirs::new();

@@ -150,10 +150,72 @@ fn a_write_just_before_expiry_on_another_node_is_kept() {
         feed_of(&n3, "job/lock").iter().any(|(op, uuid, _)| op == "put" && *uuid == rewrite_uuid).then_some(())
     });
     for n in [&n1, &n2, &n3] {
-        wait_gossip_rounds(n, 10);
+        wait_sync_rounds(n, 3);
     }
     for n in [&n1, &n2, &n3] {
         assert_eq!(n.get("/kv/job/lock").text(), "\"n2\"", "{}", n.addr);
         assert_eq!(n.get("/kv/job/lock").header("x-kvs-expires"), None);
     }
+}
+
+#[test]
+fn a_node_with_a_clock_far_ahead_expires_nothing_for_the_cluster() {
+    let d = Dirs::new();
+    let (n1, n2) = two(&d, "");
+    let dir = d.0.path().join("n3");
+    let config = config_in(&dir, &cluster_config("n3", &[&n1.addr]));
+    let n3 = Node::start_config_env(&dir, &config, &[("KVS_FAULT_CLOCK_OFFSET_MS", "30000")]);
+    wait_normal(&n3);
+    wait_for(DEADLINE, "n3's clock to be judged off", || (n3.health()["clock"]["ok"] == false).then_some(()));
+    let put = n1.put("/kv/cache/page?ttl=20", "\"html\"");
+    assert_eq!(put.status, 200, "{}", put.text());
+    let uuid = put.json()["uuid"].as_str().unwrap().to_string();
+    // n3 holds it, and by its own clock (30 s ahead) it has expired: its reads say so.
+    wait_for(DEADLINE, "n3 to hold the value", || {
+        feed_of(&n3, "cache/page").iter().any(|(op, u, _)| op == "put" && *u == uuid).then_some(())
+    });
+    n3.get("/kv/cache/page").assert_error(404);
+    // Its sweep (every second) turns nothing into a tombstone: a clock it cannot trust
+    // would delete for the whole cluster.
+    wait_gossip_rounds(&n3, 20);
+    assert_eq!(metric(&n3, "kvs_expired_total"), 0);
+    assert!(feed_of(&n3, "cache/page").iter().all(|(op, ..)| op == "put"));
+    for n in [&n1, &n2] {
+        assert_eq!(n.get("/kv/cache/page").text(), "\"html\"", "{}", n.addr);
+    }
+}
+
+#[test]
+fn an_expired_value_on_a_node_that_was_away_during_the_purge_stays_absent() {
+    let d = Dirs::new();
+    let extra = "tombstone_grace_hours: 0.0014";
+    let (n1, n2, mut n3) = three(&d, extra);
+    let put = n1.put("/kv/otp/123?ttl=1", "\"secret\"");
+    let uuid = put.json()["uuid"].as_str().unwrap().to_string();
+    wait_value(&n3, "/kv/otp/123", Some("\"secret\""));
+    // n3 goes away holding the version; the others expire it and, once n3 is removed,
+    // purge the expiry tombstone (its timestamp is the version's: past the grace soon).
+    n3.kill9();
+    for n in [&n1, &n2] {
+        wait_for(DEADLINE, "the expiry swept and purged", || {
+            let events = feed_of(n, "otp/123");
+            (events.len() == 2 && n.health()["tombstones"] == 0).then_some(())
+        });
+    }
+    // n3 returns with the expired version: absent there at once, and everywhere after.
+    n3.restart();
+    n3.get("/kv/otp/123").assert_error(404);
+    wait_members_alive(&n1, &["n1", "n2", "n3"]);
+    for n in [&n1, &n2, &n3] {
+        wait_sync_rounds(n, 3);
+    }
+    for n in [&n1, &n2, &n3] {
+        n.get("/kv/otp/123").assert_error(404);
+        assert!(n.get("/kv/otp?keys").json()["keys"].as_array().unwrap().is_empty());
+    }
+    // n3 swept its copy too: the same tombstone as the others made.
+    let tomb = kvs::ttl::expiry_uuid(uuid.parse().unwrap()).to_string();
+    wait_for(DEADLINE, "n3's expiry tombstone", || {
+        feed_of(&n3, "otp/123").iter().any(|(op, u, _)| op == "delete" && *u == tomb).then_some(())
+    });
 }

@@ -473,3 +473,26 @@ impl Node {
         status
     }
 }
+
+/// A replication counter from `n`'s `/health`.
+pub fn stat(n: &Node, name: &str) -> u64 {
+    n.health()["replication"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+/// Waits until `n` holds `count` live keys.
+pub fn wait_keys(n: &Node, count: u64) {
+    wait_for(DEADLINE, &format!("{count} keys on {}", n.addr), || {
+        (n.health()["keys"].as_u64()? == count).then_some(())
+    });
+}
+
+/// Waits until `n` has completed `rounds` more regular sync rounds.
+pub fn wait_sync_rounds(n: &Node, rounds: u64) {
+    let start = stat(n, "sync_ok");
+    wait_for(DEADLINE, "sync rounds", || (stat(n, "sync_ok") >= start + rounds).then_some(()));
+}
+
+/// Waits until `ms` have passed since `since` (a grace period, a TTL).
+pub fn wait_past(since: std::time::Instant, ms: u64) {
+    wait_for(DEADLINE, "the grace period to pass", || (since.elapsed().as_millis() as u64 > ms).then_some(()));
+}
