@@ -7,7 +7,8 @@
 //! ```
 //! Scenarios: `ceiling` (a minimal hyper server with a fixed 64-byte JSON body, run as
 //! a separate process like kvs), `get`, `put` (sync and buffer durability, 100-byte
-//! and 10 KB values), `lag` (3 nodes), `antientropy`, `bootstrap`, `restart`. Sizes are
+//! and 10 KB values), `lag` (3 nodes), `auth`, `tls`, `changes`, `ack`, `ttl`,
+//! `antientropy`, `bootstrap`, `restart`. Sizes are
 //! flags; `--quick` shrinks them so the whole run takes about a minute.
 
 use bytes::Bytes;
@@ -55,7 +56,7 @@ fn parse_opts() -> Res<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,antientropy,bootstrap,restart] [--keys N]"
+                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,ttl,antientropy,bootstrap,restart] [--keys N]"
                 );
                 std::process::exit(0);
             }
@@ -359,6 +360,17 @@ async fn preload(addr: &str, keys: usize, size: usize) -> Res<()> {
 }
 
 async fn preload_as(addr: &str, token: Option<&str>, keys: usize, size: usize) -> Res<()> {
+    preload_with(addr, token, keys, size, ("", "")).await
+}
+
+/// [`preload_as`] with the keys under `/kv/<prefix>users/...` and `query` after each.
+async fn preload_with(
+    addr: &str,
+    token: Option<&str>,
+    keys: usize,
+    size: usize,
+    (prefix, query): (&'static str, &'static str),
+) -> Res<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..16 {
         let addr = addr.to_string();
@@ -366,7 +378,7 @@ async fn preload_as(addr: &str, token: Option<&str>, keys: usize, size: usize) -
         tasks.spawn(async move {
             let mut c = Conn::open_as(&addr, token.as_deref()).await?;
             for i in (w..keys).step_by(16) {
-                let p = format!("/kv/users/u{}/items/i{}", i % 10_000, i);
+                let p = format!("/kv/{prefix}users/u{}/items/i{}{query}", i % 10_000, i);
                 c.call(Method::PUT, &p, value(size)).await?;
             }
             Ok::<_, Err>(())
@@ -857,6 +869,40 @@ impl Bench {
         Ok(())
     }
 
+    /// The cost of TTL on the request path: PUT (buffer) at 32 connections without and
+    /// with `?ttl=3600` (a version with an expiry also writes an `expiry` index entry),
+    /// then GET of the keys written each way (a read checks the expiry), alternating
+    /// five times on one node; medians.
+    async fn ttl(&mut self) -> Res<()> {
+        let (node, _) = start_kvs(&self.tmp.path().join("ttl"), "durability: buffer\n")?;
+        let space = if self.opts.quick { 10_000 } else { 100_000 };
+        // Every key read exists (a 404 costs less than a read).
+        preload(&node.addr, space, 100).await?;
+        preload_with(&node.addr, None, space, 100, ("ttl/", "?ttl=3600")).await?;
+        for (op, name) in [(Method::PUT, "put buffer c=32"), (Method::GET, "get c=32")] {
+            let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..5 {
+                for (k, runs) in runs.iter_mut().enumerate() {
+                    let op = op.clone();
+                    let make = move |r: &mut StdRng| {
+                        let key = key_path(r, space);
+                        match (k, op == Method::PUT) {
+                            (0, true) => (Method::PUT, key, value(100)),
+                            (_, true) => {
+                                (Method::PUT, format!("{}?ttl=3600", key.replacen("/kv/", "/kv/ttl/", 1)), value(100))
+                            }
+                            (0, false) => (Method::GET, key, Bytes::new()),
+                            (_, false) => (Method::GET, key.replacen("/kv/", "/kv/ttl/", 1), Bytes::new()),
+                        }
+                    };
+                    runs.push(load(&node.addr, 32, self.opts.load_secs, make).await?);
+                }
+            }
+            self.record_medians(runs, [name, &format!("{name} ttl")], "x_no_ttl");
+        }
+        Ok(())
+    }
+
     /// Push lag, without and with a cluster key (every node-to-node request signed
     /// and verified).
     async fn lag(&mut self) -> Res<()> {
@@ -1057,6 +1103,9 @@ fn main() -> std::process::ExitCode {
             }
             if bench.wants("ack") {
                 bench.ack().await?;
+            }
+            if bench.wants("ttl") {
+                bench.ttl().await?;
             }
             if bench.wants("antientropy") {
                 bench.antientropy().await?;

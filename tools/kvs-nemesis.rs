@@ -26,7 +26,10 @@
 //! Workload: unique-key PUTs; DELETEs of keys acknowledged more than the pair gap ago;
 //! single-writer registers, each write sent to another node than the one before, more
 //! than the pair gap (2 × `max_clock_offset_ms` + 100 ms) after the previous write
-//! finished, so real-time order must win. Outcomes: ok (2xx), failed (a definite
+//! finished, so real-time order must win; keys written with a TTL of 1 to 3 s, half
+//! of them rewritten without a TTL to another node a pair gap after the TTL write was
+//! acknowledged (the rewrite must survive the expiry; every other one must be gone).
+//! Outcomes: ok (2xx), failed (a definite
 //! refusal: 4xx or 503), unknown (a timeout or a broken connection:
 //! it may or may not have applied; never counted as lost).
 //!
@@ -34,7 +37,8 @@
 //! and the checker waits for convergence
 //! (the same keys and register values on every node; over 5 s is reported as slow, no
 //! convergence within 60 s is an anomaly), then reports **lost** writes,
-//! **resurrected** deletes, register order violations, clock drift after bursts,
+//! **resurrected** deletes, expired keys still present, lost rewrites of expiring
+//! keys, register order violations, clock drift after bursts,
 //! availability, panics and unexpected exits. It prints the seed, removes every rule,
 //! process, user and directory it made (also on Ctrl-C or a panic), and exits 1 on any
 //! anomaly, 2 when it cannot run (not root, no iptables or libfaketime).
@@ -391,6 +395,16 @@ struct UniqueKey {
     delete: Option<Outcome>,
 }
 
+/// A key written with a short TTL (1 to 3 s), and maybe rewritten without one (to
+/// another node, a pair gap after the TTL write was acknowledged).
+#[derive(Default)]
+struct ExpiringKey {
+    put: Option<Outcome>,
+    /// When the TTL write's expiry passes at the latest (by this process's clock).
+    expires_by: Option<Instant>,
+    rewrite: Option<Outcome>,
+}
+
 #[derive(Default)]
 struct Register {
     /// (value, outcome) in the order written.
@@ -407,6 +421,7 @@ struct Tally {
 #[derive(Default)]
 struct History {
     keys: BTreeMap<String, UniqueKey>,
+    expiring: BTreeMap<String, ExpiringKey>,
     registers: BTreeMap<String, Register>,
     /// Per fault kind ("none" between faults): op outcomes.
     availability: BTreeMap<&'static str, Tally>,
@@ -457,6 +472,8 @@ async fn client_loop(shared: Arc<Shared>, id: usize, seed: u64) {
     let mut mine: Vec<String> = Vec::new();
     let mut register_ready = Instant::now();
     let mut register_node = 0usize;
+    // Expiring keys acknowledged, to rewrite without a TTL: (key, acknowledged, node).
+    let mut to_rewrite: Vec<(String, Instant, usize)> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
         let node = rng.random_range(0..shared.addrs.len());
         let roll = rng.random_range(0..100u32);
@@ -480,6 +497,38 @@ async fn client_loop(shared: Arc<Shared>, id: usize, seed: u64) {
                 .push((next_value, outcome));
             shared.tally(outcome);
             register_ready = Instant::now() + PAIR_GAP;
+        } else if roll < 10 {
+            // A key with a short TTL, or the rewrite (no TTL, another node) of one
+            // acknowledged a pair gap ago: the rewrite must survive the expiry.
+            if let Some(pos) = to_rewrite.iter().position(|(_, t, _)| t.elapsed() >= PAIR_GAP) {
+                let (key, _, ttl_node) = to_rewrite.swap_remove(pos);
+                let n = shared.addrs.len();
+                let other = if n > 1 { (ttl_node + 1 + rng.random_range(0..n - 1)) % n } else { ttl_node };
+                let (outcome, _) =
+                    request(&shared.client, Method::PUT, &shared.addrs[other], &format!("/kv/{key}"), "\"kept\"").await;
+                if let Some(e) = shared.history.lock().unwrap_or_else(|p| p.into_inner()).expiring.get_mut(&key) {
+                    e.rewrite = Some(outcome);
+                }
+                shared.tally(outcome);
+            } else {
+                let key = format!("t/{id}/{next_key}");
+                next_key += 1;
+                let ttl = rng.random_range(1..=3u64);
+                let (outcome, _) =
+                    request(&shared.client, Method::PUT, &shared.addrs[node], &format!("/kv/{key}?ttl={ttl}"), "1")
+                        .await;
+                // The version's timestamp is at most the answer's arrival plus the clock
+                // bound: its expiry passes by then plus the TTL.
+                let expires_by = Instant::now() + Duration::from_secs(ttl) + Duration::from_millis(MAX_OFFSET_MS);
+                shared.history.lock().unwrap_or_else(|p| p.into_inner()).expiring.insert(
+                    key.clone(),
+                    ExpiringKey { put: Some(outcome), expires_by: Some(expires_by), rewrite: None },
+                );
+                if outcome == Outcome::Ok && rng.random_range(0..2u32) == 0 {
+                    to_rewrite.push((key, Instant::now(), node));
+                }
+                shared.tally(outcome);
+            }
         } else if roll < 40 {
             // Delete one of this client's keys acknowledged at least a pair gap ago.
             let ready = {
@@ -587,6 +636,30 @@ impl Fault {
             Fault::Skew => "clock-skew",
             Fault::Burst => "write-burst",
         }
+    }
+}
+
+/// Waits until every node's clock has been checked and found within the bound (its
+/// `/health` `clock.ok` and `clock.checked`).
+async fn wait_clocks_checked(shared: &Shared, nodes: usize, deadline: Duration) -> Res<()> {
+    let until = Instant::now() + deadline;
+    'wait: loop {
+        for node in 0..nodes {
+            let ok =
+                match shared.client.call(Method::GET, &shared.addrs[node], "/health", Bytes::new(), OP_TIMEOUT).await {
+                    Ok((s, b)) if s.is_success() => serde_json::from_slice::<serde_json::Value>(&b)
+                        .is_ok_and(|h| h["clock"]["ok"] == true && h["clock"]["checked"] == true),
+                    _ => false,
+                };
+            if !ok {
+                if Instant::now() > until {
+                    return Err(format!("n{node}'s clock was not checked within {deadline:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue 'wait;
+            }
+        }
+        return Ok(());
     }
 }
 
@@ -867,6 +940,33 @@ fn check(history: &History, keys: &BTreeSet<String>, registers: &BTreeMap<String
     if lost > 10 || resurrected > 10 {
         anomalies.push(format!("... {lost} lost and {resurrected} resurrected in all"));
     }
+    // Expiring keys: an acknowledged rewrite (no TTL) is kept; a TTL write that may have
+    // applied and was not rewritten (or whose rewrite was refused) has expired.
+    let (mut expired, mut revived, mut rewritten, mut rewrites_lost) = (0, 0, 0, 0);
+    for (k, e) in &history.expiring {
+        let present = keys.contains(k);
+        match (e.put, e.rewrite) {
+            (_, Some(Outcome::Ok)) => {
+                rewritten += 1;
+                if !present {
+                    rewrites_lost += 1;
+                    if rewrites_lost <= 10 {
+                        anomalies.push(format!("lost: {k} (rewrite without TTL acknowledged)"));
+                    }
+                }
+            }
+            (Some(Outcome::Ok | Outcome::Unknown), None | Some(Outcome::Failed)) => {
+                expired += 1;
+                if present {
+                    revived += 1;
+                    if revived <= 10 {
+                        anomalies.push(format!("expired key present: {k}"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
     let mut register_writes = 0;
     for (name, r) in &history.registers {
         register_writes += r.writes.len();
@@ -896,6 +996,10 @@ fn check(history: &History, keys: &BTreeSet<String>, registers: &BTreeMap<String
         report,
         "registers: {} with {register_writes} writes, order violations counted above",
         history.registers.len()
+    );
+    let _ = writeln!(
+        report,
+        "expiring keys: {expired} expired, {revived} present after their expiry; {rewritten} rewritten without TTL, {rewrites_lost} lost"
     );
     (anomalies, report)
 }
@@ -995,12 +1099,21 @@ async fn run_all(o: Opts, lab: Arc<Mutex<Lab>>) -> Res<Verdict> {
     }
     wait_healthy(&shared, &(0..o.nodes).collect::<Vec<_>>(), Duration::from_secs(30)).await?;
     let history = std::mem::take(&mut *shared.history.lock().unwrap_or_else(|p| p.into_inner()));
+    // Every TTL has passed and every node's expiry sweep (once a second, on a checked
+    // clock) has run since: the change feeds then show each expiry as a delete.
+    // That wait is left out of the convergence time, which is replication's.
+    let waited = Instant::now();
+    let expires_by = history.expiring.values().filter_map(|e| e.expires_by).max();
+    wait_clocks_checked(&shared, o.nodes, Duration::from_secs(30)).await?;
+    let swept = Instant::now().max(expires_by.unwrap_or_else(Instant::now)) + Duration::from_millis(2_500);
+    tokio::time::sleep_until(swept.into()).await;
+    let healed = healed + waited.elapsed();
     let mut report = String::new();
     match converge(&shared, o.nodes, o.gc, healed, Duration::from_secs(60)).await {
         Ok((took, keys, registers)) => {
             let _ = writeln!(
                 report,
-                "converged {:.2} s after the heal, restarts included ({} keys on every node)",
+                "converged {:.2} s after the heal, restarts included, the wait for expiry sweeps not ({} keys on every node)",
                 took.as_secs_f64(),
                 keys.len()
             );
