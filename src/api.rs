@@ -37,6 +37,9 @@ pub const FILTERED_HEADER: &str = "x-kvs-filtered";
 /// Header carrying a version's full HLC timestamp ([`crate::hlc`]), for comparing two
 /// versions exactly.
 pub const VERSION_HEADER: &str = "x-kvs-version";
+/// Condition header: write only if the version held is older than this version
+/// (`merge::Condition::OlderThan`): what `kvsctl import` sends.
+pub const IF_OLDER_THAN_HEADER: &str = "x-kvs-if-older-than";
 /// Header carrying when a version written with a TTL expires, in Unix ms.
 pub const EXPIRES_HEADER: &str = "x-kvs-expires";
 
@@ -645,6 +648,17 @@ fn condition(headers: &hyper::HeaderMap) -> Result<crate::merge::Condition, ApiE
                 _ => Err(ApiError::BadRequest(format!("{name} given more than once"))),
             }
         };
+    let older = header::HeaderName::from_static(IF_OLDER_THAN_HEADER);
+    if let Some(v) = text(older, "X-Kvs-If-Older-Than")? {
+        if headers.contains_key(header::IF_MATCH) || headers.contains_key(header::IF_NONE_MATCH) {
+            return Err(ApiError::BadRequest(
+                "use X-Kvs-If-Older-Than alone, without If-Match or If-None-Match".into(),
+            ));
+        }
+        return v.parse().map(Condition::OlderThan).map_err(|_| {
+            ApiError::BadRequest(format!("X-Kvs-If-Older-Than must be a version (X-Kvs-Version of a GET); got {v:?}"))
+        });
+    }
     match (text(header::IF_MATCH, "If-Match")?, text(header::IF_NONE_MATCH, "If-None-Match")?) {
         (None, None) => Ok(Condition::Always),
         (Some(_), Some(_)) => Err(ApiError::BadRequest("use If-Match or If-None-Match, not both".into())),

@@ -29,12 +29,16 @@ pub enum Condition {
     Matches(Uuid),
     /// `If-None-Match: *`: no live value is held (absent or deleted): create only.
     Absent,
+    /// `X-Kvs-If-Older-Than: <version>`: the version held, whatever it is (a value, a
+    /// delete, an expired value, a purged delete's certificate), is older than this
+    /// timestamp, or nothing is held: an import never overwrites a newer version.
+    OlderThan(u64),
 }
 
 impl Condition {
     /// Whether a write with this condition may go ahead over `held` (the held
-    /// version; a tombstone, like nothing or a value expired at `wall_ms`, is no live
-    /// value).
+    /// version, or the tombstone of a purged delete's certificate; a tombstone, like
+    /// nothing or a value expired at `wall_ms`, is no live value).
     pub fn holds(self, held: Option<&Record>, wall_ms: u64) -> bool {
         let live = held.filter(|r| r.is_live_at(wall_ms));
         match self {
@@ -42,6 +46,7 @@ impl Condition {
             Condition::Exists => live.is_some(),
             Condition::Matches(uuid) => live.is_some_and(|r| r.uuid == uuid),
             Condition::Absent => live.is_none(),
+            Condition::OlderThan(ts) => held.is_none_or(|r| r.timestamp < ts),
         }
     }
 }
@@ -185,6 +190,12 @@ mod tests {
             let expiring = Record { expires: Some(WALL), ..value.clone() };
             assert_eq!(condition.holds(Some(&expiring), WALL), want[2], "{condition:?} over an expired value");
             assert_eq!(condition.holds(Some(&expiring), WALL - 1), want[1], "{condition:?} before the expiry");
+        }
+        // Older-than judges any version held, deletes included.
+        for (held, ts, want) in
+            [(None, 1, true), (Some(&value), 6, true), (Some(&value), 5, false), (Some(&tomb), 6, false)]
+        {
+            assert_eq!(Condition::OlderThan(ts).holds(held, WALL), want, "{held:?} older than {ts}");
         }
     }
 

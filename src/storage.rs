@@ -1709,15 +1709,15 @@ impl WriterState {
     ) -> Result<Written, StoreError> {
         let current = self.current(changes, path)?;
         let wall = now_ms();
-        // Against the version as of this group so far: an earlier write in the group
-        // to the same key counts, so two conditional writes never both pass.
-        if !condition.holds(current.as_ref(), wall) {
-            let live = current.as_ref().filter(|r| r.is_live_at(wall)).map(|r| r.uuid);
-            return Err(StoreError::ConditionFailed(live));
-        }
         // Over a purged delete, the write is ordered after it, as over the tombstone.
         let cert = if current.is_none() { self.current_cert(path)? } else { None };
         let held = current.clone().or_else(|| cert.map(|c| c.tombstone()));
+        // Against the version as of this group so far: an earlier write in the group
+        // to the same key counts, so two conditional writes never both pass.
+        if !condition.holds(held.as_ref(), wall) {
+            let live = current.as_ref().filter(|r| r.is_live_at(wall)).map(|r| r.uuid);
+            return Err(StoreError::ConditionFailed(live));
+        }
         // Checked here, at stamping time, not only when the request arrived: the body
         // and the queue may have taken long enough for the clock to step meanwhile.
         if let Some(step) = self.store.inner.steps.stepped() {

@@ -254,3 +254,44 @@ fn tokens_and_keygen() {
     wait_for(DEADLINE, "the revoked token refused", || (as_app(&["get", "app/x"]) == 1).then_some(()));
     assert_eq!(ctl(a, &[&admin[..], &["token", "create", "--name", "x", "--rule", "nope"]].concat(), None).code, 1);
 }
+
+#[test]
+fn export_then_import_merges_and_never_overwrites_newer_writes_or_deletes() {
+    let d = Dirs::new();
+    let (a, b) = (d.start("a", &[], ""), d.start("b", &[], ""));
+    for (k, v) in [("app/1", "1"), ("app/2", "2"), ("app/3", "3"), ("other/x", "9")] {
+        assert_eq!(a.put(&format!("/kv/{k}"), v).status, 200);
+    }
+    assert_eq!(a.put("/kv/app/t?ttl=3600", "\"t\"").status, 200);
+    let exported = ok(ctl(&a.addr, &["export", "app"], None)).stdout;
+    assert_eq!(exported.lines().count(), 4, "{exported}");
+    let file = d.0.path().join("app.jsonl");
+    // One more line: a version that expired since the export.
+    let stale = r#"{"key":"app/gone","value":1,"version":"1","uuid":"x","timestamp":0,"expires":1}"#;
+    std::fs::write(&file, format!("{exported}{stale}\n")).unwrap();
+    // On b, after the export: a newer value of app/2, and app/3 written then deleted.
+    assert_eq!(b.put("/kv/app/2", "\"newer on b\"").status, 200);
+    assert_eq!(b.put("/kv/app/3", "\"b\"").status, 200);
+    assert_eq!(b.delete("/kv/app/3").status, 204);
+    let r = ok(ctl(&b.addr, &["--json", "import", file.to_str().unwrap()], None)).json();
+    assert_eq!(r, serde_json::json!({"imported": 2, "skipped_newer": 2, "skipped_expired": 1}));
+    assert_eq!(b.get("/kv/app/1").text(), "1");
+    assert_eq!(b.get("/kv/app/2").text(), "\"newer on b\"", "a newer write is kept");
+    b.get("/kv/app/3").assert_error(404);
+    b.get("/kv/app/gone").assert_error(404);
+    b.get("/kv/other/x").assert_error(404);
+    let expires = b.get("/kv/app/t").header("x-kvs-expires").unwrap().parse::<u64>().unwrap();
+    let original = a.get("/kv/app/t").header("x-kvs-expires").unwrap().parse::<u64>().unwrap();
+    assert!(expires >= original && expires <= original + 2_000, "the TTL left is kept: {original} -> {expires}");
+    // Again: everything there is now newer than the export.
+    let again = ok(ctl(&b.addr, &["--json", "import", file.to_str().unwrap()], None)).json();
+    assert_eq!(again["imported"], 0);
+    // A broken line: exit 1 naming it; what came before stays.
+    std::fs::write(&file, format!("{}\n{{nope\n", exported.lines().next().unwrap())).unwrap();
+    let broken = ctl(&b.addr, &["import", file.to_str().unwrap()], None);
+    assert_eq!(broken.code, 1);
+    assert!(broken.stderr.contains("app.jsonl:2"), "{}", broken.stderr);
+    // The condition header by itself: a bad version is a 400.
+    let bad = raw(&b.addr, &request("PUT", "/kv/app/1", &[("X-Kvs-If-Older-Than", "soon")], Some(b"1")), false);
+    bad.assert_error(400);
+}

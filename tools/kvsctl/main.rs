@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use client::{Answer, Client};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
-use std::io::{Read, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -128,6 +128,11 @@ enum Command {
     Token(TokenCommand),
     /// Print a new cluster key (for cluster_key_file).
     Keygen,
+    /// Write every key under PREFIX (all keys without one) as JSON lines on stdout.
+    Export { prefix: Option<String> },
+    /// Write the keys of an export (FILE, or - for stdin) through the API, each only
+    /// where the cluster holds nothing newer (no newer value, no newer delete).
+    Import { file: String },
 }
 
 #[derive(Subcommand)]
@@ -221,6 +226,8 @@ async fn run(cli: Cli) -> Res<()> {
         Command::Status => status(&c, &out).await,
         Command::Token(t) => token(&c, &out, t).await,
         Command::Keygen => Ok(()),
+        Command::Export { prefix } => export(&c, prefix.as_deref()).await,
+        Command::Import { file } => import(&c, &out, &file).await,
     }
 }
 
@@ -682,4 +689,92 @@ fn rules_text(rules: &Value) -> String {
         .map(|r| format!("{}={}", r["prefix"].as_str().unwrap_or_default(), r["access"].as_str().unwrap_or_default()))
         .collect();
     parts.join(",")
+}
+
+/// A counter on stderr while long work runs, when stderr is a terminal.
+fn progress(what: &'static str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_message(what);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg}: {pos} keys ({per_sec})") {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+async fn export(c: &Client, prefix: Option<&str>) -> Res<()> {
+    let base = match prefix.map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()) {
+        Some(p) => kv_path(p)?,
+        None => "/kv/".to_string(),
+    };
+    let bar = progress("exported");
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut after: Option<String> = None;
+    loop {
+        let page = match &after {
+            Some(a) => format!("{base}?recurse&limit=1000&after={}", kvs::path::percent_encode(a)),
+            None => format!("{base}?recurse&limit=1000"),
+        };
+        let v = ok(c.call(Method::GET, &page, Bytes::new()).await?)?.json();
+        for item in v["items"].as_array().into_iter().flatten() {
+            writeln!(stdout, "{item}").map_err(|e| format!("stdout: {e}"))?;
+            bar.inc(1);
+        }
+        match v["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    stdout.flush().map_err(|e| format!("stdout: {e}"))?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
+async fn import(c: &Client, out: &Out, file: &str) -> Res<()> {
+    let reader: Box<dyn BufRead> = if file == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(|e| format!("{file}: {e}"))?))
+    };
+    let bar = progress("imported");
+    let (mut imported, mut newer, mut expired) = (0u64, 0u64, 0u64);
+    for (i, line) in reader.lines().enumerate() {
+        let at = format!("{file}:{}", i + 1);
+        let line = line.map_err(|e| format!("{at}: {e}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item: Value = serde_json::from_str(&line).map_err(|e| format!("{at}: not JSON: {e}"))?;
+        let key = item["key"].as_str().ok_or_else(|| format!("{at}: no \"key\""))?;
+        let version = item["version"].as_str().ok_or_else(|| format!("{at}: no \"version\""))?;
+        version.parse::<u64>().map_err(|_| format!("{at}: \"version\" is not a version: {version:?}"))?;
+        let value = item.get("value").ok_or_else(|| format!("{at}: no \"value\""))?;
+        // What is left of a TTL; an expired one is not written at all.
+        let ttl = match item["expires"].as_u64() {
+            Some(e) if e <= kvs::clock::now_ms() => {
+                expired += 1;
+                continue;
+            }
+            Some(e) => Some(e.saturating_sub(kvs::clock::now_ms()).div_ceil(1000).max(1)),
+            None => None,
+        };
+        let path = format!("{}{}", kv_path(key)?, query(&[("ttl", ttl.map(|t| t.to_string()))]));
+        let condition = vec![("x-kvs-if-older-than", version.to_string())];
+        let a = c.call_with(Method::PUT, &path, Bytes::from(value.to_string()), condition).await?;
+        match a.status {
+            StatusCode::PRECONDITION_FAILED => newer += 1,
+            s if s.is_success() => imported += 1,
+            _ => return Err(Fail::Error(format!("{at}: {key}: {}", a.error()))),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if out.json {
+        out.json(&json!({ "imported": imported, "skipped_newer": newer, "skipped_expired": expired }));
+    } else {
+        println!("imported {imported}; skipped {newer} held newer there, {expired} expired");
+    }
+    Ok(())
 }
