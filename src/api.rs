@@ -126,6 +126,9 @@ pub enum ApiError {
     Stalled(Duration),
     /// The node's clock is off the cluster's, or not yet compared (503).
     Clock(ClockRefusal, u64),
+    /// A read of a value with an expiry while the node's clock cannot be trusted to
+    /// judge it (503).
+    ClockExpiry,
     /// Storage failed (500) or is shutting down (503); a failed condition (412).
     Storage(StoreError),
 }
@@ -150,6 +153,7 @@ impl ApiError {
             ApiError::Storage(StoreError::Closed | StoreError::ClockStepped(_))
             | ApiError::Syncing
             | ApiError::Clock(..)
+            | ApiError::ClockExpiry
             | ApiError::Busy(_)
             | ApiError::Stalled(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -185,6 +189,9 @@ impl ApiError {
                 "this node's clock is {offset} ms off the cluster's (max_clock_offset_ms is {max}); \
                  it refuses writes until its clock is right; use another node"
             ),
+            ApiError::ClockExpiry => "this node's clock is off the cluster's (or not yet compared with it), so it \
+                cannot tell whether this key, written with a TTL, has expired; retry shortly or use another node"
+                .into(),
             ApiError::Storage(e) => e.to_string(),
         }
     }
@@ -211,6 +218,7 @@ impl ApiError {
             ApiError::Storage(StoreError::Closed | StoreError::ClockStepped(_))
                 | ApiError::Syncing
                 | ApiError::Clock(..)
+                | ApiError::ClockExpiry
                 | ApiError::Busy(_)
                 | ApiError::Stalled(_)
         ) {
@@ -704,6 +712,11 @@ async fn get_kv(
     // one bounded lookup. The handoff to the blocking pool cost more than the read
     // itself (see BENCHMARKS.md). Scans (listing, sync) still run on the blocking pool.
     let record = app.store.get(&path)?;
+    // Whether a value with an expiry has expired is the clock's to say: not a clock
+    // that is off (ARCHITECTURE.md, "Expiry", rule 1).
+    if record.as_ref().is_some_and(|r| r.indexed_expiry().is_some()) && app.cluster.clock_refusal().is_some() {
+        return Err(ApiError::ClockExpiry);
+    }
     // A value past its expiry is absent, like a tombstone (ARCHITECTURE.md, "Expiry").
     let Some(record) = record.filter(|r| r.is_live_at(crate::clock::now_ms())) else {
         return Err(ApiError::NotFound("key"));

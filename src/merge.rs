@@ -12,7 +12,7 @@
 //! - [`may_replace`]: whether a vote's winner replaces the held version.
 //! - [`may_purge`], [`may_discard`]: whether maintenance may drop the held version.
 
-use crate::hlc::Hlc;
+use crate::hlc::{self, Hlc};
 use crate::record::{Ordering, Record, compare};
 use bytes::Bytes;
 use uuid::Uuid;
@@ -116,6 +116,12 @@ pub enum Decision {
 /// of the certificate of a purged delete of the path, if this node keeps one.
 pub fn decide_apply(held: Option<&Record>, dormant: Option<u64>, incoming: &Record, floors: Floors) -> Decision {
     if incoming.timestamp > floors.future {
+        return Decision::Future;
+    }
+    // An expiry tombstone whose expiry is beyond the same bound was made by a node whose
+    // clock runs ahead: held back until this node's clock is near the expiry, so one
+    // wrong clock cannot expire values early everywhere (ARCHITECTURE.md, "Expiry").
+    if incoming.is_tombstone() && incoming.expires.is_some_and(|e| hlc::from_ms(e) > floors.future) {
         return Decision::Future;
     }
     match compare(held, incoming) {
@@ -235,6 +241,18 @@ mod tests {
         let v = client_version(&mut clock, Some(&almost), WALL, Uuid::from_u128(2), (None, None)).unwrap();
         assert_eq!(v.timestamp, u64::MAX);
         assert!(ms(clock.now(WALL)) == WALL, "the clock did not follow either");
+    }
+
+    #[test]
+    fn an_expiry_tombstone_is_held_back_until_its_expiry_is_within_the_clock_bound() {
+        let v = Record { expires: Some(WALL + 60_000), ..rec(from_ms(WALL), 1, Some("1")) };
+        let t = crate::ttl::expiry_tombstone(&v);
+        let floors = |wall: u64| Floors { future: Hlc::new(500).ceiling(wall), ..Floors::default() };
+        assert_eq!(decide_apply(Some(&v), None, &t, floors(WALL)), Decision::Future, "a minute early");
+        assert_eq!(decide_apply(Some(&v), None, &t, floors(WALL + 59_000)), Decision::Store, "within 2.5 bounds");
+        // An ordinary delete at the same timestamp is judged by its timestamp only.
+        let delete = rec(from_ms(WALL) + 1, 2, None);
+        assert_eq!(decide_apply(Some(&v), None, &delete, floors(WALL)), Decision::Store);
     }
 
     #[test]

@@ -14,6 +14,9 @@ const KIND_VALUE: u8 = 1;
 const KIND_TOMBSTONE: u8 = 2;
 /// A value with an expiry: the expiry (8 bytes, Unix ms, BE) comes before the data.
 const KIND_EXPIRING: u8 = 3;
+/// An expiry tombstone ([`crate::ttl::expiry_tombstone`]): the expiry of the version
+/// it replaced (8 bytes, Unix ms, BE), no data.
+const KIND_EXPIRED: u8 = 4;
 const HEADER_LEN: usize = 1 + 8 + 16;
 
 /// One version of one key.
@@ -25,8 +28,9 @@ pub struct Record {
     pub uuid: Uuid,
     /// The JSON bytes exactly as the client sent them; `None` for a tombstone.
     pub data: Option<Bytes>,
-    /// Unix ms from which this value reads as absent (`PUT ?ttl`); `None`: never. Only
-    /// values carry one.
+    /// Unix ms from which this value reads as absent (`PUT ?ttl`); `None`: never. On a
+    /// tombstone: the expiry of the version it replaced (an expiry tombstone), which
+    /// lets every receiver judge it by its own clock.
     pub expires: Option<u64>,
 }
 
@@ -87,27 +91,37 @@ impl Record {
         self.data.is_some() && self.expires.is_some_and(|e| wall_ms >= e)
     }
 
-    /// True if this is the expiry tombstone of `version` ([`crate::ttl::expiry_tombstone`]).
+    /// True if this is the expiry tombstone of `version` ([`crate::ttl::expiry_tombstone`]):
+    /// derived from it, and carrying its expiry (or none: the tombstone brought back
+    /// from a purge certificate, which keeps only timestamp and uuid).
     pub fn is_expiry_of(&self, version: &Record) -> bool {
         self.is_tombstone()
             && version.expires.is_some()
+            && self.expires.is_none_or(|e| Some(e) == version.expires)
             && self.timestamp == version.timestamp
             && self.uuid == crate::ttl::expiry_uuid(version.uuid)
     }
 
-    /// Storage encoding: kind (1 byte), timestamp (8, big-endian), uuid (16), for kind
-    /// 3 the expiry (8, big-endian), data.
+    /// The expiry this record puts in the `expiry` index: a value's (tombstones have
+    /// nothing left to expire).
+    pub fn indexed_expiry(&self) -> Option<u64> {
+        self.expires.filter(|_| !self.is_tombstone())
+    }
+
+    /// Storage encoding: kind (1 byte), timestamp (8, big-endian), uuid (16), for kinds
+    /// 3 and 4 the expiry (8, big-endian), data.
     pub fn encode(&self) -> Vec<u8> {
         let data = self.data.as_deref().unwrap_or_default();
         let mut out = Vec::with_capacity(HEADER_LEN + 8 + data.len());
         out.push(match (&self.data, self.expires) {
-            (None, _) => KIND_TOMBSTONE,
+            (None, None) => KIND_TOMBSTONE,
+            (None, Some(_)) => KIND_EXPIRED,
             (Some(_), None) => KIND_VALUE,
             (Some(_), Some(_)) => KIND_EXPIRING,
         });
         out.extend_from_slice(&self.timestamp.to_be_bytes());
         out.extend_from_slice(self.uuid.as_bytes());
-        if let (Some(_), Some(e)) = (&self.data, self.expires) {
+        if let Some(e) = self.expires {
             out.extend_from_slice(&e.to_be_bytes());
         }
         out.extend_from_slice(data);
@@ -128,6 +142,7 @@ impl Record {
                 let expires = Self::encoded_expires(bytes).ok_or(CorruptRecord)?;
                 (Some(Bytes::copy_from_slice(&bytes[HEADER_LEN + 8..])), Some(expires))
             }
+            KIND_EXPIRED if bytes.len() == HEADER_LEN + 8 => (None, Self::encoded_expires(bytes)),
             _ => return Err(CorruptRecord),
         };
         Ok(Record { timestamp, uuid, data, expires })
@@ -135,12 +150,12 @@ impl Record {
 
     /// True if an encoded record is a tombstone, without copying its data.
     pub fn encoded_is_tombstone(bytes: &[u8]) -> bool {
-        bytes.first() == Some(&KIND_TOMBSTONE)
+        matches!(bytes.first(), Some(&KIND_TOMBSTONE | &KIND_EXPIRED))
     }
 
     /// The expiry of an encoded record, without copying its data.
     pub fn encoded_expires(bytes: &[u8]) -> Option<u64> {
-        if bytes.first() != Some(&KIND_EXPIRING) {
+        if !matches!(bytes.first(), Some(&KIND_EXPIRING | &KIND_EXPIRED)) {
             return None;
         }
         bytes.get(HEADER_LEN..HEADER_LEN + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
@@ -173,8 +188,9 @@ mod tests {
             rec(1, 7, Some("{\"a\":1}")),
             rec(u64::MAX, 0, None),
             rec(0, u128::MAX, Some("")),
-            expiring,
+            expiring.clone(),
             expiring_empty,
+            crate::ttl::expiry_tombstone(&expiring),
         ] {
             let bytes = r.encode();
             assert_eq!(Record::decode(&bytes), Ok(r.clone()));
@@ -203,8 +219,13 @@ mod tests {
         assert_eq!(compare(Some(&v), &t), Ordering::Newer);
         assert_eq!(compare(Some(&t), &v), Ordering::Older);
         assert_eq!(compare(Some(&t), &t.clone()), Ordering::Same);
-        // Not for another version at the same timestamp, nor for a version without expiry.
+        // Also as brought back from a purge certificate (timestamp and uuid only).
+        let from_cert = Record::tombstone(t.timestamp, t.uuid);
+        assert_eq!(compare(Some(&from_cert), &v), Ordering::Older);
+        // Not for another version at the same timestamp, nor for a version without expiry,
+        // nor with another expiry than its version's.
         assert_eq!(compare(Some(&rec(9, 4, Some("2"))), &t), Ordering::Collision);
+        assert_eq!(compare(Some(&v), &Record { expires: Some(999), ..t.clone() }), Ordering::Collision);
         let plain = rec(9, 3, Some("1"));
         assert_eq!(compare(Some(&plain), &t), Ordering::Collision);
         // Any later write supersedes it, however close.

@@ -1016,16 +1016,13 @@ impl Store {
     }
 
     /// Values whose expiry is at or before `wall_ms`, soonest first, at most `limit`, as
-    /// `(path, uuid, expires)`: what the expiry sweep replaces with their expiry
-    /// tombstones.
-    pub fn due_expiries(&self, wall_ms: u64, limit: usize) -> Result<Vec<(String, Uuid, u64)>, StoreError> {
+    /// `(path, expires)`: what the expiry sweep replaces with their expiry tombstones.
+    pub fn due_expiries(&self, wall_ms: u64, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
         let mut out = Vec::new();
         for guard in self.inner.expiry.range(..wall_ms.saturating_add(1).to_be_bytes()).take(limit) {
-            let (k, v) = guard.into_inner().map_err(|e| self.fail(io(e)))?;
+            let k = guard.key().map_err(|e| self.fail(io(e)))?;
             let (expires, path) = split_time_key(&k).map_err(|e| self.fail(e))?;
-            let uuid =
-                Uuid::from_slice(&v).map_err(|_| self.fail(StoreError::Corrupt("undecodable expiry entry".into())))?;
-            out.push((path, uuid, expires));
+            out.push((path, expires));
         }
         Ok(out)
     }
@@ -1215,7 +1212,7 @@ enum Op {
     Delete { path: String, condition: merge::Condition },
     DeleteMany { paths: Vec<String> },
     Txn { checks: Vec<(String, merge::Condition)>, writes: Vec<TxnWrite> },
-    Expire { versions: Vec<(String, Uuid, u64)> },
+    Expire { versions: Vec<(String, u64)> },
     Apply { records: Vec<(String, Record)>, tombstone_floor: u64, absent_floor: u64 },
     Purge { tombstones: Vec<(String, u64)> },
     Certify { tombstones: Vec<(String, u64, Uuid)> },
@@ -1298,10 +1295,11 @@ impl Writer {
         self.written(Op::Put { path, data, ttl_ms, condition }).await
     }
 
-    /// The expiry sweep: replaces each listed version (path, uuid, expires, from
-    /// [`Store::due_expiries`]) that is still held and has expired with its expiry
-    /// tombstone ([`crate::ttl::expiry_tombstone`]); how many were replaced.
-    pub async fn expire(&self, versions: Vec<(String, Uuid, u64)>) -> Result<usize, StoreError> {
+    /// The expiry sweep: replaces the value of each listed path (path, expires, from
+    /// [`Store::due_expiries`]) that still has that expiry and has expired with its
+    /// expiry tombstone ([`crate::ttl::expiry_tombstone`]); how many were replaced.
+    /// None while the wall clock has just stepped (as for client writes).
+    pub async fn expire(&self, versions: Vec<(String, u64)>) -> Result<usize, StoreError> {
         match self.submit(Op::Expire { versions }).await? {
             Reply::Removed(n) => Ok(n),
             _ => Err(StoreError::Closed),
@@ -1812,7 +1810,10 @@ impl WriterState {
                 Decision::Future => {
                     report.skipped += 1;
                     report.future += 1;
-                    report.future_max = report.future_max.max(incoming.timestamp);
+                    // An expiry tombstone is held back for its expiry, not its timestamp.
+                    let ahead =
+                        incoming.expires.filter(|_| incoming.is_tombstone()).map_or(incoming.timestamp, hlc::from_ms);
+                    report.future_max = report.future_max.max(ahead);
                 }
                 Decision::Skip => report.skipped += 1,
                 Decision::Collision => {
@@ -1832,19 +1833,24 @@ impl WriterState {
     fn stage_expire(
         &mut self,
         changes: &mut HashMap<String, Change>,
-        versions: &[(String, Uuid, u64)],
+        versions: &[(String, u64)],
     ) -> Result<usize, StoreError> {
         let wall = now_ms();
+        // Read after the wall clock, as a client write is stamped: a step since the
+        // sweep's clock check is caught here (ARCHITECTURE.md, "Expiry", rule 5).
+        if self.store.inner.steps.stepped().is_some() {
+            return Ok(0);
+        }
         let mut expired = 0;
-        for (path, uuid, expires) in versions {
+        for (path, expires) in versions {
             let current = self.current(changes, path)?;
-            if crate::ttl::may_expire(current.as_ref(), *uuid, wall)
+            if crate::ttl::may_expire(current.as_ref(), *expires, wall)
                 && let Some(version) = &current
             {
                 let tombstone = crate::ttl::expiry_tombstone(version);
                 self.stage(changes, path, current, Some(tombstone));
                 expired += 1;
-            } else if current.as_ref().is_none_or(|r| r.uuid != *uuid || r.expires != Some(*expires)) {
+            } else if current.as_ref().is_none_or(|r| r.indexed_expiry() != Some(*expires)) {
                 // An entry for a version no longer held (never left by a commit, which
                 // moves the index with the record): removed, so it cannot block the sweep.
                 self.stale_expiries.push(time_key(*expires, path));
@@ -1970,8 +1976,8 @@ impl WriterState {
                     if c.after.as_ref().is_none_or(|a| a.timestamp != before.timestamp) {
                         batch.remove(&inner.by_time, time_key(before.timestamp, path));
                     }
-                    if let Some(expires) = before.expires
-                        && c.after.as_ref().and_then(|a| a.expires) != Some(expires)
+                    if let Some(expires) = before.indexed_expiry()
+                        && c.after.as_ref().and_then(Record::indexed_expiry) != Some(expires)
                     {
                         batch.remove(&inner.expiry, time_key(expires, path));
                     }
@@ -1992,7 +1998,7 @@ impl WriterState {
                         batch.insert(&inner.records, path.as_str(), after.encode());
                         batch.insert(&inner.by_time, time_key(after.timestamp, path), uuid_kind(after));
                         batch.insert(&inner.by_bucket, bucket_key(path), bucket_version(after));
-                        if let Some(expires) = after.expires {
+                        if let Some(expires) = after.indexed_expiry() {
                             batch.insert(&inner.expiry, time_key(expires, path), after.uuid.as_bytes().as_slice());
                         }
                     }
@@ -2515,7 +2521,7 @@ mod tests {
             assert!(matches!(refused, Err(StoreError::ConditionFailed(None))), "{refused:?}");
             // The index lists only a/x (a/z's entry went with its rewrite).
             let due = store.due_expiries(now_ms(), 10).unwrap();
-            assert_eq!(due, vec![("a/x".to_string(), expiring.uuid, expiring.expires.unwrap())]);
+            assert_eq!(due, vec![("a/x".to_string(), expiring.expires.unwrap())]);
             let seq_before = store.last_seq();
             assert_eq!(writer.expire(due.clone()).await.unwrap(), 1);
             let tomb = store.get("a/x").unwrap().unwrap();
@@ -2532,7 +2538,7 @@ mod tests {
             let events = feed(&store, seq_before);
             assert_eq!(events, vec![(seq_before + 1, "a/x".to_string(), true)]);
             // A stale index entry (no such version held) is removed, not retried forever.
-            assert_eq!(writer.expire(vec![("a/q".into(), Uuid::from_u128(7), 1)]).await.unwrap(), 0);
+            assert_eq!(writer.expire(vec![("a/q".into(), 1)]).await.unwrap(), 0);
         });
         writer.close(&store).unwrap();
         drop((store, writer));

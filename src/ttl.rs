@@ -40,16 +40,25 @@ pub fn expiry_uuid(version: Uuid) -> Uuid {
 }
 
 /// The tombstone `version` becomes once expired: its timestamp, a uuid derived from its
-/// uuid. It follows exactly that version in the merge order
-/// ([`crate::record::compare`]), so any later write supersedes it.
+/// uuid, and its expiry (so a receiver can tell one made early by a wrong clock). It
+/// follows exactly that version in the merge order ([`crate::record::compare`]), so
+/// any later write supersedes it.
 pub fn expiry_tombstone(version: &Record) -> Record {
-    Record::tombstone(version.timestamp, expiry_uuid(version.uuid))
+    Record { expires: version.expires, ..Record::tombstone(version.timestamp, expiry_uuid(version.uuid)) }
 }
 
 /// Whether the expiry sweep may replace `held` with its expiry tombstone at `wall_ms`:
-/// only the version the sweep listed (`uuid`), and only once expired.
-pub fn may_expire(held: Option<&Record>, uuid: Uuid, wall_ms: u64) -> bool {
-    held.is_some_and(|r| r.uuid == uuid && r.is_expired_at(wall_ms))
+/// a value with the expiry the sweep listed (`expires`: whichever version holds it
+/// now), and only once expired.
+pub fn may_expire(held: Option<&Record>, expires: u64, wall_ms: u64) -> bool {
+    held.is_some_and(|r| r.indexed_expiry() == Some(expires) && r.is_expired_at(wall_ms))
+}
+
+/// Whether a replicated record's expiry is plausible for its timestamp (a TTL from
+/// [`MIN_TTL_S`] to [`MAX_TTL_S`]); anything else is refused like bad input.
+pub fn plausible_expiry(timestamp: u64, expires: u64) -> bool {
+    let from = hlc::ms(timestamp);
+    (from.saturating_add(MIN_TTL_S * 1000)..=from.saturating_add(MAX_TTL_S * 1000)).contains(&expires)
 }
 
 #[cfg(test)]
@@ -81,10 +90,22 @@ mod tests {
     #[test]
     fn the_sweep_expires_only_the_listed_version_once_expired() {
         let v = Record { expires: Some(5_000), ..Record::value(1, Uuid::from_u128(1), Bytes::from("1")) };
-        assert!(!may_expire(Some(&v), v.uuid, 4_999));
-        assert!(may_expire(Some(&v), v.uuid, 5_000));
-        assert!(!may_expire(Some(&v), Uuid::from_u128(2), 5_000), "rewritten since it was listed");
-        assert!(!may_expire(Some(&expiry_tombstone(&v)), v.uuid, 5_000));
-        assert!(!may_expire(None, v.uuid, 5_000));
+        assert!(!may_expire(Some(&v), 5_000, 4_999));
+        assert!(may_expire(Some(&v), 5_000, 5_000));
+        let other = Record { uuid: Uuid::from_u128(2), ..v.clone() };
+        assert!(may_expire(Some(&other), 5_000, 5_000), "another version with the same expiry: swept too");
+        assert!(!may_expire(Some(&Record { expires: Some(6_000), ..v.clone() }), 5_000, 9_000), "rewritten since");
+        assert!(!may_expire(Some(&expiry_tombstone(&v)), 5_000, 5_000));
+        assert!(!may_expire(None, 5_000, 5_000));
+    }
+
+    #[test]
+    fn a_replicated_expiry_must_fit_a_ttl_from_its_timestamp() {
+        let ts = hlc::from_ms(1_000_000);
+        assert!(plausible_expiry(ts, 1_001_000));
+        assert!(plausible_expiry(ts, 1_000_000 + MAX_TTL_S * 1000));
+        assert!(!plausible_expiry(ts, 1_000_999));
+        assert!(!plausible_expiry(ts, 0));
+        assert!(!plausible_expiry(ts, u64::MAX));
     }
 }

@@ -4,7 +4,9 @@
 //! `path length (u16 BE) · path · timestamp (u64 BE) · uuid (16) · kind (1: value,
 //! 2: tombstone, 3: value with expiry) · data length (u32 BE) · data`
 //!
-//! For kind 3, `data` is the expiry (u64 BE, Unix ms) followed by the value.
+//! For kind 3, `data` is the expiry (u64 BE, Unix ms) followed by the value; kind 4 (an
+//! expiry tombstone) has the expiry of the version it replaced as its only data. An
+//! expiry must fit a TTL of 1 s to 10 years from the record's timestamp.
 //!
 //! Binary keeps a value's bytes exactly as the client sent them and costs no escaping.
 //! [`decode`] checks every record like client input (key rules, size, JSON). A record
@@ -28,9 +30,9 @@ pub fn encoded_len(path: &str, r: &Record) -> usize {
     2 + path.len() + 8 + 16 + 1 + 4 + r.data.as_ref().map_or(0, |d| d.len()) + expiry(r).map_or(0, |_| 8)
 }
 
-/// The expiry a record's frame carries (values only).
+/// The expiry a record's frame carries (a value with a TTL, an expiry tombstone).
 fn expiry(r: &Record) -> Option<u64> {
-    r.expires.filter(|_| !r.is_tombstone())
+    r.expires
 }
 
 /// Appends one record to a batch.
@@ -43,7 +45,7 @@ pub fn put(buf: &mut BytesMut, path: &str, r: &Record) {
     buf.put_slice(r.uuid.as_bytes());
     match expiry(r) {
         Some(expires) => {
-            buf.put_u8(3);
+            buf.put_u8(if r.is_tombstone() { 4 } else { 3 });
             buf.put_u32((data.len() + 8) as u32);
             buf.put_u64(expires);
         }
@@ -105,7 +107,10 @@ pub fn decode(mut bytes: Bytes, max_value: u64) -> Result<Decoded, String> {
         out.framed = n;
         out.last = Some((timestamp, String::from_utf8_lossy(&raw_path).into_owned()));
         match check(&raw_path, kind, data, max_value) {
-            Ok((path, data, expires)) => out.records.push((path, Record { timestamp, uuid, data, expires })),
+            Ok((path, data, expires)) if expires.is_none_or(|e| crate::ttl::plausible_expiry(timestamp, e)) => {
+                out.records.push((path, Record { timestamp, uuid, data, expires }))
+            }
+            Ok((path, ..)) => out.refused.push((path, "expiry out of range for its timestamp".into())),
             Err(reason) => out.refused.push((String::from_utf8_lossy(&raw_path).into_owned(), reason)),
         }
     }
@@ -121,7 +126,8 @@ fn check(raw_path: &[u8], kind: u8, mut data: Bytes, max_value: u64) -> Result<C
     validate_stored_key(path).map_err(|e| format!("path: {e}"))?;
     let expires = match kind {
         3 if data.len() < 8 => return Err("value with expiry: shorter than its expiry".into()),
-        3 => Some(data.get_u64()),
+        4 if data.len() != 8 => return Err("expiry tombstone: not 8 bytes of expiry".into()),
+        3 | 4 => Some(data.get_u64()),
         _ => None,
     };
     let data = match kind {
@@ -132,7 +138,7 @@ fn check(raw_path: &[u8], kind: u8, mut data: Bytes, max_value: u64) -> Result<C
             validate_json(&data).map_err(|e| format!("value is not valid JSON: {e}"))?;
             Some(data)
         }
-        2 if data.is_empty() => None,
+        2 | 4 if data.is_empty() => None,
         _ => return Err("bad kind".into()),
     };
     Ok((path.to_string(), data, expires))
@@ -156,10 +162,13 @@ mod tests {
             ("c".into(), Record::tombstone(6, Uuid::from_u128(2))),
             (
                 "d".into(),
-                Record { expires: Some(1_700_000_000_000), ..Record::value(7, Uuid::from_u128(3), Bytes::from("[]")) },
+                Record { expires: Some(1_700_000_060_000), ..Record::value(TS, Uuid::from_u128(3), Bytes::from("[]")) },
             ),
         ]
     }
+
+    /// A timestamp at 1_700_000_000_000 ms.
+    const TS: u64 = 1_700_000_000_000 << 16;
 
     #[test]
     fn round_trip_keeps_bytes() {
@@ -169,7 +178,7 @@ mod tests {
         assert_eq!(decode(Bytes::new(), 10).unwrap(), Decoded::default());
         let d = decode(encode(s.iter().map(|(p, r)| (p.as_str(), r))), 1).unwrap();
         assert_eq!((d.records.len(), d.refused.len(), d.framed), (1, 2, 3));
-        assert_eq!(d.last, Some((7, "d".to_string())), "the cursor passes refused records");
+        assert_eq!(d.last, Some((TS, "d".to_string())), "the cursor passes refused records");
         // The expiry is not counted in the value's size.
         assert_eq!(decode(encode([(s[2].0.as_str(), &s[2].1)]), 2).unwrap().records.len(), 1);
         assert_eq!(
@@ -213,6 +222,15 @@ mod tests {
         put(&mut bad_kind, "after", &Record::tombstone(1, Uuid::nil()));
         let d = decode(bad_kind.freeze(), 10).unwrap();
         assert_eq!((d.records.len(), d.refused.len()), (1, 1));
+        // An expiry tombstone carries its expiry; an expiry that fits no TTL from the
+        // record's timestamp is refused, the rest taken.
+        let v = Record { expires: Some(1_700_000_060_000), ..Record::value(TS, Uuid::nil(), Bytes::from("1")) };
+        let t = crate::ttl::expiry_tombstone(&v);
+        let early = Record { expires: Some(1_700_000_000_999), ..v.clone() };
+        let far = Record { expires: Some(u64::MAX), ..t.clone() };
+        let d = decode(encode([("t", &t), ("early", &early), ("far", &far), ("v", &v)]), 10).unwrap();
+        assert_eq!(d.records, vec![("t".to_string(), t), ("v".to_string(), v)]);
+        assert_eq!(d.refused.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["early", "far"]);
         // Kind 3 whose data is shorter than an expiry: that record is refused.
         let mut short = BytesMut::new();
         put(&mut short, "k", &Record::value(1, Uuid::nil(), Bytes::from("1")));

@@ -160,13 +160,15 @@ fn watch_prints_changes_and_runs_a_handler_per_change() {
     };
     n.put("/kv/other/x", "1");
     n.put("/kv/jobs/a", r#"{"n":1}"#);
-    n.delete("/kv/jobs/a");
+    // Another key: a value is shown only while its version is current, and the watcher
+    // may read after this delete.
+    n.delete("/kv/jobs/b");
     let r = ok(watcher.join().unwrap());
     let events: Vec<serde_json::Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(events.len(), 2, "{}", r.stdout);
     assert_eq!((events[0]["op"].as_str(), events[0]["key"].as_str()), (Some("put"), Some("jobs/a")));
     assert_eq!(events[0]["value"]["n"], 1);
-    assert_eq!(events[1]["op"], "delete");
+    assert_eq!((events[1]["op"].as_str(), events[1]["key"].as_str()), (Some("delete"), Some("jobs/b")));
     // A handler gets each event on its stdin.
     let log = dir.path().join("handled.log");
     let handler = {

@@ -170,11 +170,14 @@ fn a_node_with_a_clock_far_ahead_expires_nothing_for_the_cluster() {
     let put = n1.put("/kv/cache/page?ttl=20", "\"html\"");
     assert_eq!(put.status, 200, "{}", put.text());
     let uuid = put.json()["uuid"].as_str().unwrap().to_string();
-    // n3 holds it, and by its own clock (30 s ahead) it has expired: its reads say so.
+    // n3 holds it, and by its own clock (30 s ahead) it would have expired; a clock
+    // that is off judges no expiry: its reads of the key are refused, not 404.
     wait_for(DEADLINE, "n3 to hold the value", || {
         feed_of(&n3, "cache/page").iter().any(|(op, u, _)| op == "put" && *u == uuid).then_some(())
     });
-    n3.get("/kv/cache/page").assert_error(404);
+    let refused = n3.get("/kv/cache/page");
+    refused.assert_error(503);
+    assert!(refused.text().contains("cannot tell whether this key"), "{}", refused.text());
     // Its sweep (every second) turns nothing into a tombstone: a clock it cannot trust
     // would delete for the whole cluster.
     wait_gossip_rounds(&n3, 20);
@@ -218,4 +221,33 @@ fn an_expired_value_on_a_node_that_was_away_during_the_purge_stays_absent() {
     wait_for(DEADLINE, "n3's expiry tombstone", || {
         feed_of(&n3, "otp/123").iter().any(|(op, u, _)| op == "delete" && *u == tomb).then_some(())
     });
+}
+
+#[test]
+fn an_expiry_tombstone_made_by_a_clock_far_ahead_is_held_back_by_its_receiver() {
+    let (_d, n) = node("");
+    let put = n.put("/kv/s/x?ttl=60", "1");
+    let v = put.json();
+    let version = kvs::record::Record {
+        expires: v["expires"].as_u64(),
+        ..kvs::record::Record::value(
+            v["version"].as_str().unwrap().parse().unwrap(),
+            v["uuid"].as_str().unwrap().parse().unwrap(),
+            bytes::Bytes::from("1"),
+        )
+    };
+    // What a peer whose clock is a minute ahead (and whose own checks let its sweep
+    // run) would send: the expiry tombstone, a minute early.
+    let tombstone = kvs::ttl::expiry_tombstone(&version);
+    let mut body = bytes::BytesMut::new();
+    kvs::wire::put(&mut body, "s/x", &tombstone);
+    let r = peer_post(&n.addr, kvs::protocol::routes::PUSH, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["held_back"], 1, "{}", r.text());
+    assert_eq!(n.get("/kv/s/x").text(), "1", "the value stays until this node's clock says it expired");
+    // Its own version is taken as ever, and a tombstone without an expiry (an ordinary
+    // delete) is not held back.
+    let mut del = bytes::BytesMut::new();
+    kvs::wire::put(&mut del, "s/y", &kvs::record::Record::tombstone(version.timestamp, uuid::Uuid::new_v4()));
+    assert_eq!(peer_post(&n.addr, kvs::protocol::routes::PUSH, &del).json()["held_back"], 0);
 }
