@@ -833,8 +833,11 @@ fn ack_all_answers_once_every_node_has_the_write_and_202_when_one_cannot() {
             assert_eq!(n.get(&format!("/kv/acked/{i}")).text(), "1", "write {i} on {}", n.addr);
         }
     }
+    // Answered once 2 have it; the count is of the nodes that had it by then, so the
+    // third may be in it too (both peers answer the same push batch).
     let r = n1.call("DELETE", "/kv/acked/0?ack=2", None);
-    assert_eq!((r.status, r.json()["acked"].as_u64()), (200, Some(2)), "{}", r.text());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(matches!(r.json()["acked"].as_u64(), Some(2 | 3)), "{}", r.text());
     let txn = br#"{"ops":[{"op":"put","key":"acked/t","value":1},{"op":"delete","key":"acked/1"}]}"#;
     let r = n1.call("POST", "/txn?ack=all", Some(txn));
     assert_eq!((r.status, r.json()["acked"].as_u64()), (200, Some(3)), "{}", r.text());
