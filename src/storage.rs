@@ -69,12 +69,15 @@ const META_CLEAN_STOP: &[u8] = b"clean_stop";
 /// [`Store::open`]): more changes than any lost tail can hold, so no cursor from
 /// before can match a seq after.
 const FEED_EPOCH_JUMP: u64 = 1 << 32;
-/// The data dir format this kvs writes. 1: timestamps were Unix ms (kvs 0.1 before
-/// the HLC); 2: timestamps are HLCs ([`crate::hlc`]); 3: records may carry an expiry
-/// (kind 3, [`Record::encode`]) and the `expiry` keyspace indexes them. Older formats
-/// are upgraded in place at start (2 to 3 only marks the dir: a format-2 dir holds no
-/// kind-3 record); newer ones are refused.
+/// The newest data dir format this kvs writes. 1: timestamps were Unix ms (kvs 0.1
+/// before the HLC); 2: timestamps are HLCs ([`crate::hlc`]); 3: records may carry an
+/// expiry (kinds 3 and 4, [`Record::encode`]), indexed in the `expiry` keyspace.
+/// Format 1 is upgraded in place at start, to 2; a dir becomes 3 in the batch that
+/// stores its first record with an expiry, so until a TTL is used an older kvs can
+/// still open it. Newer formats are refused.
 pub const FORMAT_VERSION: u64 = 3;
+/// The format of a data dir that holds no record with an expiry.
+const FORMAT_WITHOUT_TTL: u64 = 2;
 /// Records rewritten per batch by the format upgrade.
 const UPGRADE_CHUNK: usize = 10_000;
 
@@ -256,6 +259,9 @@ struct Inner {
     /// carried over by the upgrade; 0 on newer data dirs): a record at or below it may
     /// be a delete's victim that no certificate catches (the stale rule).
     gc_horizon: u64,
+    /// The data dir's format ([`FORMAT_VERSION`]): 2 until a record with an expiry is
+    /// stored, then 3.
+    format: AtomicU64,
     failed: watch::Sender<Option<String>>,
     failed_flag: AtomicBool,
     /// When the writer started the commit it is in, in ms since `epoch` plus one (0:
@@ -392,12 +398,12 @@ fn upgrade_from_ms(
             batch.insert(meta, key, hlc::from_ms(ts).to_be_bytes().as_slice());
         }
     }
-    batch.insert(meta, META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice());
+    batch.insert(meta, META_FORMAT, FORMAT_WITHOUT_TTL.to_be_bytes().as_slice());
     batch.commit().map_err(io)?;
     tracing::info!(
         records = converted,
         millis = started.elapsed().as_millis() as u64,
-        "upgraded the data dir from format 1 (millisecond timestamps) to format {FORMAT_VERSION} (HLC timestamps)"
+        "upgraded the data dir from format 1 (millisecond timestamps) to format {FORMAT_WITHOUT_TTL} (HLC timestamps)"
     );
     Ok(())
 }
@@ -510,12 +516,12 @@ impl Store {
         let changes = db.keyspace("changes", KeyspaceCreateOptions::default).map_err(io)?;
         let expiry = db.keyspace("expiry", KeyspaceCreateOptions::default).map_err(io)?;
         match read_u64(&meta, META_FORMAT)? {
-            0 if fresh => meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes()).map_err(io)?,
+            0 if fresh => meta.insert(META_FORMAT, FORMAT_WITHOUT_TTL.to_be_bytes()).map_err(io)?,
             0 | 1 => upgrade_from_ms(&db, [&records, &by_time, &by_bucket, &summary, &meta])?,
-            2 => meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes()).map_err(io)?,
-            FORMAT_VERSION => {}
+            FORMAT_WITHOUT_TTL | FORMAT_VERSION => {}
             newer => return Err(StoreError::Format(newer)),
         }
+        let format = read_u64(&meta, META_FORMAT)?;
         let mut leaves = vec![0u64; LEAVES];
         for guard in summary.iter() {
             let (k, v) = guard.into_inner().map_err(io)?;
@@ -595,6 +601,7 @@ impl Store {
                 newest: AtomicU64::new(newest),
                 acl_generation: AtomicU64::new(0),
                 gc_horizon,
+                format: AtomicU64::new(format),
                 failed: watch::channel(None).0,
                 failed_flag: AtomicBool::new(false),
                 busy_since: AtomicU64::new(0),
@@ -2026,6 +2033,13 @@ impl WriterState {
         for (k, v) in meta {
             batch.insert(&inner.meta, k.as_str(), v.as_ref());
         }
+        // The first record with an expiry makes the dir format 3, in the same batch:
+        // from then on an older kvs refuses to open it instead of misreading it.
+        let marks_format = inner.format.load(Ordering::Relaxed) < FORMAT_VERSION
+            && changes.values().any(|c| c.after.as_ref().is_some_and(|r| r.expires.is_some()));
+        if marks_format {
+            batch.insert(&inner.meta, META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice());
+        }
         let seq_before = self.seq;
         let mut seq = self.seq;
         for (key, timestamp, uuid, delete) in &self.staged_events {
@@ -2082,6 +2096,10 @@ impl WriterState {
             for (leaf, hash) in leaf_updates {
                 leaves[leaf as usize] = hash;
             }
+        }
+        if marks_format {
+            inner.format.store(FORMAT_VERSION, Ordering::Relaxed);
+            tracing::info!("the data dir is now format {FORMAT_VERSION} (records with an expiry): older kvs refuse it");
         }
         inner.counts.live_keys.store(live, Ordering::Relaxed);
         inner.counts.tombstones.store(tombs, Ordering::Relaxed);
@@ -2318,7 +2336,7 @@ mod tests {
                 since.iter().map(|v| v.timestamp).collect::<Vec<_>>(),
                 old.iter().map(|(_, r)| hlc::from_ms(r.timestamp)).collect::<Vec<_>>()
             );
-            assert_eq!(read_u64(&store.inner.meta, META_FORMAT).unwrap(), FORMAT_VERSION);
+            assert_eq!(read_u64(&store.inner.meta, META_FORMAT).unwrap(), FORMAT_WITHOUT_TTL);
             // A second start of an interrupted upgrade finds converted records and skips them.
             store.inner.meta.remove(META_FORMAT).unwrap();
             writer.close(&store).unwrap();
@@ -2546,6 +2564,29 @@ mod tests {
         let (store, writer) = open(dir.path());
         assert!(store.get("a/y").unwrap().unwrap().expires.is_some());
         assert_eq!(store.due_expiries(u64::MAX, 10).unwrap().len(), 1);
+        writer.close(&store).unwrap();
+    }
+
+    #[test]
+    fn a_data_dir_becomes_format_3_with_its_first_record_with_an_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let format = |store: &Store| read_u64(&store.inner.meta, META_FORMAT).unwrap();
+        let (store, writer) = open(dir.path());
+        runtime().block_on(async {
+            writer.put("plain".into(), Bytes::from_static(b"1")).await.unwrap();
+            writer.delete("plain".into()).await.unwrap();
+            // No expiry anywhere yet: an older kvs can still open it.
+            assert_eq!(format(&store), FORMAT_WITHOUT_TTL);
+            writer
+                .put_if("ttl".into(), Bytes::from_static(b"1"), Some(60_000), merge::Condition::Always)
+                .await
+                .unwrap();
+            assert_eq!(format(&store), FORMAT_VERSION);
+        });
+        writer.close(&store).unwrap();
+        drop((store, writer));
+        let (store, writer) = open(dir.path());
+        assert_eq!(format(&store), FORMAT_VERSION, "kept across a restart");
         writer.close(&store).unwrap();
     }
 }
