@@ -13,7 +13,7 @@
 //!   key counts, tombstone purge horizon, membership identity, the change feed's seq).
 //! - `changes`: key seq (8 bytes, big-endian) → [`crate::changes::Event`]: every
 //!   version the writer stored, numbered, for `GET /changes`.
-//! - `expiry`: key `expires (8 bytes, Unix ms, big-endian) ++ path` → uuid (16): the
+//! - `expiry`: key `expires (8 bytes, Unix ms, big-endian) ++ path`, no value: the
 //!   values written with a TTL, by expiry, for the expiry sweep ([`crate::ttl`]).
 //!
 //! Every change goes through one writer thread ([`Writer`]). It takes all requests
@@ -236,7 +236,7 @@ struct Inner {
     dormant: Keyspace,
     /// The change feed's log: seq → [`crate::changes::Event`].
     changes: Keyspace,
-    /// Values with an expiry: expires (8, BE) · path → uuid.
+    /// Values with an expiry: expires (8, BE) · path, no value.
     expiry: Keyspace,
     /// The last seq committed; moves after the commit, before the wake-ups.
     last_seq: AtomicU64,
@@ -2006,7 +2006,7 @@ impl WriterState {
                         batch.insert(&inner.by_time, time_key(after.timestamp, path), uuid_kind(after));
                         batch.insert(&inner.by_bucket, bucket_key(path), bucket_version(after));
                         if let Some(expires) = after.indexed_expiry() {
-                            batch.insert(&inner.expiry, time_key(expires, path), after.uuid.as_bytes().as_slice());
+                            batch.insert(&inner.expiry, time_key(expires, path), b"".as_slice());
                         }
                     }
                     None => {

@@ -35,14 +35,6 @@ fn ops(answer: &serde_json::Value) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A metric's value from `/metrics` (0 when absent).
-fn metric(n: &Node, name: &str) -> u64 {
-    let text = n.get("/metrics").text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-}
-
 /// Starts a long-poll on its own thread once, and returns when the node counts it open.
 fn long_poll(n: &Node, query: String) -> std::thread::JoinHandle<Resp> {
     let before = metric(n, "kvs_change_watchers");

@@ -26,14 +26,6 @@ fn feed_of(n: &Node, key: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
-/// The counter `name` from `n`'s `/metrics`.
-fn metric(n: &Node, name: &str) -> u64 {
-    let text = n.get("/metrics").text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
-        .unwrap_or_else(|| panic!("no {name} in /metrics")) as u64
-}
-
 #[test]
 fn a_ttl_write_shows_its_expiry_and_bad_ttls_write_nothing() {
     let (_d, n) = node("");

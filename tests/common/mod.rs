@@ -496,3 +496,13 @@ pub fn wait_sync_rounds(n: &Node, rounds: u64) {
 pub fn wait_past(since: std::time::Instant, ms: u64) {
     wait_for(DEADLINE, "the grace period to pass", || (since.elapsed().as_millis() as u64 > ms).then_some(()));
 }
+
+/// A metric's value from `n`'s `/metrics` (the series named exactly `name`); panics
+/// when there is none, so a misspelt name cannot pass as 0.
+pub fn metric(n: &Node, name: &str) -> u64 {
+    let text = n.get("/metrics").text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics")) as u64
+}

@@ -381,11 +381,37 @@ async fn rm(
     Ok(())
 }
 
+/// `/kv/<prefix>` for a listing, `/kv/` for all keys.
+fn list_base(prefix: Option<&str>) -> Res<String> {
+    match prefix.map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()) {
+        Some(p) => kv_path(p),
+        None => Ok("/kv/".to_string()),
+    }
+}
+
+/// Reads a listing (`mode`: `keys`, `keys&separator=/` or `recurse`) page by page,
+/// `limit` per page, and hands each page's items (keys or records) to `each`.
+async fn pages(c: &Client, base: &str, mode: &str, limit: usize, mut each: impl FnMut(&Value) -> Res<()>) -> Res<()> {
+    let items = if mode == "recurse" { "items" } else { "keys" };
+    let mut after: Option<String> = None;
+    loop {
+        let page = match &after {
+            Some(a) => format!("{base}?{mode}&limit={limit}&after={}", kvs::path::percent_encode(a)),
+            None => format!("{base}?{mode}&limit={limit}"),
+        };
+        let v = ok(c.call(Method::GET, &page, Bytes::new()).await?)?.json();
+        for item in v[items].as_array().into_iter().flatten() {
+            each(item)?;
+        }
+        match v["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => return Ok(()),
+        }
+    }
+}
+
 async fn ls(c: &Client, out: &Out, prefix: Option<&str>, recursive: bool, values: bool) -> Res<()> {
-    let base = match prefix.map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()) {
-        Some(p) => kv_path(p)?,
-        None => "/kv/".to_string(),
-    };
+    let base = list_base(prefix)?;
     let mode = if values {
         "recurse"
     } else if recursive {
@@ -393,29 +419,18 @@ async fn ls(c: &Client, out: &Out, prefix: Option<&str>, recursive: bool, values
     } else {
         "keys&separator=/"
     };
-    let mut after: Option<String> = None;
     let mut all = Vec::new();
-    loop {
-        let page = match &after {
-            Some(a) => format!("{base}?{mode}&limit=10000&after={}", kvs::path::percent_encode(a)),
-            None => format!("{base}?{mode}&limit=10000"),
-        };
-        let v = ok(c.call(Method::GET, &page, Bytes::new()).await?)?.json();
-        let items = if values { v["items"].as_array() } else { v["keys"].as_array() };
-        for item in items.into_iter().flatten() {
-            if out.json {
-                all.push(item.clone());
-            } else if values {
-                println!("{}\t{}", item["key"].as_str().unwrap_or_default(), item["value"]);
-            } else {
-                println!("{}", item.as_str().unwrap_or_default());
-            }
+    pages(c, &base, mode, 10_000, |item| {
+        if out.json {
+            all.push(item.clone());
+        } else if values {
+            println!("{}\t{}", item["key"].as_str().unwrap_or_default(), item["value"]);
+        } else {
+            println!("{}", item.as_str().unwrap_or_default());
         }
-        match v["next"].as_str() {
-            Some(n) => after = Some(n.to_string()),
-            None => break,
-        }
-    }
+        Ok(())
+    })
+    .await?;
     if out.json {
         out.json(&Value::Array(all));
     }
@@ -705,28 +720,15 @@ fn progress(what: &'static str) -> indicatif::ProgressBar {
 }
 
 async fn export(c: &Client, prefix: Option<&str>) -> Res<()> {
-    let base = match prefix.map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()) {
-        Some(p) => kv_path(p)?,
-        None => "/kv/".to_string(),
-    };
+    let base = list_base(prefix)?;
     let bar = progress("exported");
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut after: Option<String> = None;
-    loop {
-        let page = match &after {
-            Some(a) => format!("{base}?recurse&limit=1000&after={}", kvs::path::percent_encode(a)),
-            None => format!("{base}?recurse&limit=1000"),
-        };
-        let v = ok(c.call(Method::GET, &page, Bytes::new()).await?)?.json();
-        for item in v["items"].as_array().into_iter().flatten() {
-            writeln!(stdout, "{item}").map_err(|e| format!("stdout: {e}"))?;
-            bar.inc(1);
-        }
-        match v["next"].as_str() {
-            Some(n) => after = Some(n.to_string()),
-            None => break,
-        }
-    }
+    pages(c, &base, "recurse", 1000, |item| {
+        writeln!(stdout, "{item}").map_err(|e| format!("stdout: {e}"))?;
+        bar.inc(1);
+        Ok(())
+    })
+    .await?;
     stdout.flush().map_err(|e| format!("stdout: {e}"))?;
     bar.finish_and_clear();
     Ok(())
