@@ -53,6 +53,8 @@ pub enum ResponseBody {
     Whole(Full<Bytes>),
     /// A Server-Sent Events stream.
     Stream(crate::changes_api::SseBody),
+    /// Chunks from a producer off the async workers (a snapshot).
+    Chunks(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 impl ResponseBody {
@@ -73,20 +75,21 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Whole(b) => std::pin::Pin::new(b).poll_frame(cx),
             ResponseBody::Stream(s) => std::pin::Pin::new(s).poll_frame(cx),
+            ResponseBody::Chunks(rx) => rx.poll_recv(cx).map(|c| c.map(|b| Ok(hyper::body::Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Whole(b) => b.is_end_stream(),
-            ResponseBody::Stream(_) => false,
+            ResponseBody::Stream(_) | ResponseBody::Chunks(_) => false,
         }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
             ResponseBody::Whole(b) => b.size_hint(),
-            ResponseBody::Stream(_) => hyper::body::SizeHint::default(),
+            ResponseBody::Stream(_) | ResponseBody::Chunks(_) => hyper::body::SizeHint::default(),
         }
     }
 }
@@ -118,6 +121,8 @@ pub enum ApiError {
     HeadersTooLarge,
     /// The node is bootstrapping and takes no client writes yet (503).
     Syncing,
+    /// Restored from a snapshot and merging with the cluster: reads are refused too.
+    Restoring,
     /// The node is busy (a memory budget is full); retry shortly (503).
     Busy(&'static str),
     /// A change feed cursor this node cannot serve (410).
@@ -152,6 +157,7 @@ impl ApiError {
             ApiError::Storage(StoreError::CheckFailed(..)) => StatusCode::CONFLICT,
             ApiError::Storage(StoreError::Closed | StoreError::ClockStepped(_))
             | ApiError::Syncing
+            | ApiError::Restoring
             | ApiError::Clock(..)
             | ApiError::ClockExpiry
             | ApiError::Busy(_)
@@ -176,6 +182,9 @@ impl ApiError {
             ApiError::TooLarge(max) => format!("value larger than max_value_bytes ({max})"),
             ApiError::HeadersTooLarge => format!("request headers larger than {MAX_HEADER_BYTES} bytes"),
             ApiError::Syncing => "this node is syncing its data; retry later or use another node".into(),
+            ApiError::Restoring => "this node was restored from a snapshot and is merging with the cluster; \
+                                    its data is old until then: retry later or use another node"
+                .into(),
             ApiError::Busy(what) => format!("this node is busy ({what}); retry shortly"),
             ApiError::Stalled(s) => crate::node::stall_message(*s),
             ApiError::Clock(ClockRefusal::Unchecked, _) => {
@@ -217,6 +226,7 @@ impl ApiError {
             self,
             ApiError::Storage(StoreError::Closed | StoreError::ClockStepped(_))
                 | ApiError::Syncing
+                | ApiError::Restoring
                 | ApiError::Clock(..)
                 | ApiError::ClockExpiry
                 | ApiError::Busy(_)
@@ -349,10 +359,55 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Respon
         Some(acl) if !open => Some(authenticate(acl, &req).await?),
         _ => None,
     };
+    if app.replication.restoring() && (path.starts_with("/kv/") || path == "/changes" || path == "/txn") {
+        return Err(ApiError::Restoring);
+    }
+    if path == "/admin/snapshot" {
+        return snapshot(app, caller.as_ref(), &req);
+    }
     if path == "/changes" {
         return crate::changes_api::get(app, caller.as_ref(), req).await;
     }
     client_route(app, caller.as_ref(), req).await.map(|r| r.map(ResponseBody::Whole))
+}
+
+/// `GET /admin/snapshot`: streams a snapshot of this node's data
+/// ([`crate::snapshot`]), written by a thread of the blocking pool into a bounded
+/// channel the connection drains. A client that goes away stops it; so does the node
+/// stopping (the stream then ends without its trailer, which every reader refuses).
+fn snapshot(
+    app: &Arc<App>,
+    caller: Option<&crate::acl::Caller>,
+    req: &Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    if !matches!(*req.method(), Method::GET) {
+        return Err(ApiError::MethodNotAllowed("GET"));
+    }
+    if caller.is_some_and(|c| !c.is_admin()) {
+        return Err(ApiError::Forbidden("a snapshot needs admin access for every key (prefix \"\")".into()));
+    }
+    let slot = app.snapshots.try_start().ok_or(ApiError::Busy("a snapshot is already running"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(crate::snapshot::CHANNEL_CHUNKS);
+    let store = app.store.clone();
+    let node_id = app.config.node_id.clone();
+    let name = format!("kvs-{node_id}-{}.snap", crate::clock::now_ms());
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let out = crate::snapshot::ChannelWriter::new(tx);
+        match crate::snapshot::write_snapshot(&store, &node_id, out, &|| slot.stopping()) {
+            Ok((_, bytes)) => {
+                tracing::info!(bytes, ms = started.elapsed().as_millis() as u64, "snapshot sent")
+            }
+            Err(e) => tracing::warn!(error = %e, "snapshot ended early"),
+        }
+    });
+    let mut resp = Response::new(ResponseBody::Chunks(rx));
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
 }
 
 /// The client routes with whole bodies, once the caller is known.

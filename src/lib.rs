@@ -14,6 +14,8 @@
 //! - [`storage`]: fjall keyspaces (records, timestamp index, meta, the change log),
 //!   the data dir format and its upgrade, and the single writer thread that
 //!   group-commits every change and numbers it for the change feed.
+//! - [`snapshot`]: the snapshot format (`GET /admin/snapshot`), writing one from a
+//!   fjall snapshot, checking a file, and the offline restore into an empty data dir.
 //! - [`changes`]: the change feed's rules (log entries, cursor checks, the prefix
 //!   wake-up map), no I/O; [`changes_api`]: `GET /changes` as long-poll and
 //!   Server-Sent Events, and the log's trim task.
@@ -110,6 +112,7 @@ pub mod replication;
 pub mod resolve;
 pub mod server;
 pub mod shutdown;
+pub mod snapshot;
 pub mod stats;
 pub mod storage;
 pub mod tls;

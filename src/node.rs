@@ -66,6 +66,8 @@ pub struct App {
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// The change feed's watchers, limits and counters.
     pub feed: Arc<crate::changes_api::Feed>,
+    /// `GET /admin/snapshot`: one at a time.
+    pub snapshots: Arc<crate::snapshot::Snapshots>,
 }
 
 impl App {
@@ -378,6 +380,7 @@ async fn serve(
     };
     // Ends every change feed wait and stream first when the node stops.
     let (feed_trigger, feed_shutdown) = shutdown::channel();
+    let feed_shutdown_snapshots = feed_shutdown.clone();
     let feed =
         Arc::new(crate::changes_api::Feed::new(config.max_watchers, config.changes_stall_timeout, feed_shutdown));
     let app_acl = config.management_token.as_ref().map(|t| Arc::new(crate::acl::Acl::new(store.clone(), &t.0)));
@@ -401,6 +404,7 @@ async fn serve(
         acl: app_acl,
         tls: tls.clone(),
         feed,
+        snapshots: crate::snapshot::Snapshots::new(feed_shutdown_snapshots),
     });
     let (trigger, shutdown) = shutdown::channel();
     // The server and the pusher stop first, in that order (see the stop order below).

@@ -467,6 +467,14 @@ impl Store {
             Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Locked(dir.display().to_string())),
             Err(std::fs::TryLockError::Error(e)) => return Err(fs_err("lock", &lock_path, e)),
         }
+        let restoring = dir.join(crate::snapshot::RESTORE_MARKER);
+        if restoring.exists() {
+            return Err(StoreError::Io(format!(
+                "{} exists: a restore into this data dir did not finish, so it holds part of a snapshot. \
+                 Remove the data dir and restore again",
+                restoring.display()
+            )));
+        }
         let db_dir = dir.join("db");
         let created = dir.join("db.created");
         let creating = dir.join("db.creating");
@@ -1131,6 +1139,19 @@ impl Store {
         self.inner.counts.tombstones.load(Ordering::Relaxed)
     }
 
+    /// The data dir's format ([`FORMAT_VERSION`] once a record with an expiry is stored).
+    pub fn format(&self) -> u64 {
+        self.inner.format.load(Ordering::Relaxed)
+    }
+
+    /// A point-in-time view of the replicated state for a snapshot
+    /// ([`crate::snapshot`]): one fjall snapshot, so every keyspace is read at the same
+    /// instant and a record never disagrees with its certificate or the meta facts.
+    /// Blocking: iterate it off the async workers.
+    pub fn snapshot_view(&self) -> SnapshotView {
+        SnapshotView { store: self.clone(), snap: self.inner.db.snapshot() }
+    }
+
     /// Reads a node-local metadata value.
     pub fn meta(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let v = self.inner.meta.get(key).map_err(|e| self.fail(io(e)))?;
@@ -1225,6 +1246,7 @@ enum Op {
     Certify { tombstones: Vec<(String, u64, Uuid)> },
     Discard { up_to: u64, limit: usize },
     Replace { path: String, record: Record, if_timestamp: Option<u64> },
+    Restore { records: Vec<(String, Record)>, certificates: Vec<(String, u64, Uuid)> },
     SetMeta { key: String, value: Bytes },
     TrimChanges { before_wall: u64, limit: usize },
     Close,
@@ -1396,6 +1418,21 @@ impl Writer {
         }
     }
 
+    /// Stores records and certificates of purged deletes as they are, into paths that
+    /// hold nothing, with their indexes and counters but no change-feed events: what
+    /// a restore from a snapshot does ([`crate::snapshot`]). Returns how many were
+    /// stored.
+    pub async fn restore(
+        &self,
+        records: Vec<(String, Record)>,
+        certificates: Vec<(String, u64, Uuid)>,
+    ) -> Result<usize, StoreError> {
+        match self.submit(Op::Restore { records, certificates }).await? {
+            Reply::Removed(n) => Ok(n),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
     /// Stores `record` as the version of `path`, replacing what is held: only if the
     /// held version has timestamp `if_timestamp` (a collision's loser) when given,
     /// unconditionally otherwise (tools). Returns whether it replaced anything.
@@ -1413,6 +1450,30 @@ impl Writer {
             Reply::Removed(n) => Ok(n),
             _ => Err(StoreError::Closed),
         }
+    }
+
+    /// The facts of a restored snapshot ([`crate::snapshot`]): the clock goes on from
+    /// the source's `last_timestamp`, the format-1 horizon is kept, and the change feed
+    /// is a new one whose numbering starts `FEED_EPOCH_JUMP` past the source's, so no
+    /// cursor from the source matches a seq here (ARCHITECTURE.md, rule 5).
+    pub async fn restore_facts(
+        &self,
+        last_timestamp: u64,
+        gc_horizon: u64,
+        source_last_seq: u64,
+    ) -> Result<(), StoreError> {
+        let seq = source_last_seq.saturating_add(FEED_EPOCH_JUMP);
+        let be = |v: u64| Bytes::copy_from_slice(&v.to_be_bytes());
+        for (key, value) in [
+            (META_LAST_TIMESTAMP, be(last_timestamp)),
+            (META_GC_HORIZON, be(gc_horizon)),
+            (META_CHANGE_SEQ, be(seq)),
+            (META_CHANGE_FLOOR, be(seq)),
+        ] {
+            let key = std::str::from_utf8(key).map_err(|_| StoreError::Corrupt("meta key".into()))?;
+            self.set_meta(key, value).await?;
+        }
+        Ok(())
     }
 
     /// Durably sets a node-local metadata value.
@@ -1456,6 +1517,47 @@ struct WriterState {
     trimmed: Vec<u64>,
     /// `expiry` index entries of versions no longer held, removed by the group.
     stale_expiries: Vec<Vec<u8>>,
+}
+
+/// What [`Store::snapshot_view`] returns: the records, certificates and meta facts
+/// as of one instant.
+pub struct SnapshotView {
+    store: Store,
+    snap: fjall::Snapshot,
+}
+
+impl SnapshotView {
+    /// Every record, `(path, record)`, in path order.
+    pub fn records(&self) -> impl Iterator<Item = Result<(String, Record), StoreError>> + '_ {
+        use fjall::Readable;
+        self.snap.iter(&self.store.inner.records).map(|guard| {
+            let (k, v) = guard.into_inner().map_err(|e| self.store.fail(io(e)))?;
+            let path = String::from_utf8(k.to_vec())
+                .map_err(|_| self.store.fail(StoreError::Corrupt("record path is not UTF-8".into())))?;
+            let record = Record::decode(&v)
+                .map_err(|e| self.store.fail(StoreError::Corrupt(format!("record {path:?}: {e:?}"))))?;
+            Ok((path, record))
+        })
+    }
+
+    /// Every certificate of a purged delete, `(path, timestamp, uuid)`, in path order.
+    pub fn certificates(&self) -> impl Iterator<Item = Result<(String, u64, Uuid), StoreError>> + '_ {
+        use fjall::Readable;
+        self.snap.iter(&self.store.inner.dormant).map(|guard| {
+            let (k, v) = guard.into_inner().map_err(|e| self.store.fail(io(e)))?;
+            let path = String::from_utf8(k.to_vec())
+                .map_err(|_| self.store.fail(StoreError::Corrupt("certificate path is not UTF-8".into())))?;
+            let c = Cert::decode(&v).map_err(|e| self.store.fail(e))?;
+            Ok((path, c.timestamp, c.uuid))
+        })
+    }
+
+    /// A u64 meta value as of the view (0 when absent).
+    pub fn meta_u64(&self, key: &str) -> Result<u64, StoreError> {
+        use fjall::Readable;
+        let v = self.snap.get(&self.store.inner.meta, key).map_err(|e| self.store.fail(io(e)))?;
+        Ok(v.as_deref().and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes))
+    }
 }
 
 /// The certificate of a purged delete: the tombstone's timestamp and uuid.
@@ -1638,6 +1740,7 @@ impl WriterState {
                         Reply::Removed(usize::from(replace))
                     })
                 }
+                Op::Restore { records, certificates } => self.stage_restore(&mut changes, records, certificates),
                 Op::SetMeta { key, value } => {
                     meta.push((std::mem::take(key), value.clone()));
                     Ok(Reply::Done)
@@ -1904,6 +2007,30 @@ impl WriterState {
             answers.push(safe);
         }
         Ok(answers)
+    }
+
+    /// Stages a restore's records and certificates as they are ([`Writer::restore`]):
+    /// into paths that hold nothing, with no feed events (the feed starts after it).
+    fn stage_restore(
+        &mut self,
+        changes: &mut HashMap<String, Change>,
+        records: &mut Vec<(String, Record)>,
+        certificates: &mut Vec<(String, u64, Uuid)>,
+    ) -> Result<Reply, StoreError> {
+        let mut stored = 0;
+        for (path, record) in std::mem::take(records) {
+            if self.current(changes, &path)?.is_none() {
+                Self::stage_quiet(changes, &path, None, Some(record));
+                stored += 1;
+            }
+        }
+        for (path, timestamp, uuid) in std::mem::take(certificates) {
+            if self.current(changes, &path)?.is_none() {
+                self.certs.insert(path, Some(Cert { timestamp, uuid }));
+                stored += 1;
+            }
+        }
+        Ok(Reply::Removed(stored))
     }
 
     fn stage_discard(

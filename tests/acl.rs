@@ -128,6 +128,13 @@ fn every_route_answers_by_the_tokens_rules() {
     }
     assert_eq!(pages, vec![serde_json::json!(["app/ro/k"]), serde_json::json!(["app/x"]), serde_json::json!([])]);
     call(a, Some(&denied), "GET", "/kv/app/x", None).assert_error(403);
+    // A snapshot holds every key and the token hashes: admin only.
+    call(a, t, "GET", "/admin/snapshot", None).assert_error(403);
+    assert_401(&call(a, None, "GET", "/admin/snapshot", None));
+    let snap = call(a, Some(MANAGEMENT), "GET", "/admin/snapshot", None);
+    assert_eq!(snap.status, 200);
+    assert_eq!(snap.header("content-type"), Some("application/octet-stream"));
+    assert!(snap.body.windows(8).any(|w| w == kvs::snapshot::MAGIC), "not a snapshot");
     // Management: list (no secrets), show, bad requests, revoke.
     let list = call(a, Some(MANAGEMENT), "GET", "/acl/tokens", None);
     assert_eq!(list.json()["tokens"].as_array().unwrap().len(), 2);

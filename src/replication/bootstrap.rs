@@ -158,7 +158,21 @@ impl Replication {
                 .filter(|(p, ts, _)| *ts <= limit && crate::path::validate_stored_key(p).is_ok())
                 .collect();
             copied += take.len();
-            self.writer.certify(take).await?;
+            let answers = self.writer.certify(take.clone()).await?;
+            // Where this node holds a version the delete never reached (a data dir
+            // restored from a snapshot taken before it), the certificate is applied as
+            // the delete's tombstone, as the tombstone itself would have been: the
+            // value must not be served once the bootstrap is done (ARCHITECTURE.md
+            // "Snapshots and restore", rule 4). Newer versions win in the merge.
+            let over: Vec<_> = take
+                .into_iter()
+                .zip(answers)
+                .filter(|(_, safe)| !safe)
+                .map(|((path, ts, uuid), _)| (path, Record::tombstone(ts, uuid)))
+                .collect();
+            if !over.is_empty() {
+                self.apply(over, None).await?;
+            }
             if last {
                 tracing::info!(copied, "bootstrap: certificates of purged deletes copied");
                 return Ok(true);

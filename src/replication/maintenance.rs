@@ -32,7 +32,17 @@ impl Replication {
             // one that was cut short would have.
             let store = self.store.clone();
             let resumed = blocking(move || store.meta(META_BOOTSTRAPPED)).await.ok().flatten();
-            let reach_back = if resumed.as_deref() == Some(b"0") { 0 } else { u64::MAX };
+            let reach_back = match resumed.as_deref() {
+                Some(b"0") => 0,
+                // A restored snapshot: also back past the grace period, so every delete
+                // not yet purged is fetched (purged ones come as certificates).
+                Some(RESTORED) => {
+                    let grace = self.config.tombstone_grace.as_millis() as u64;
+                    let bound = self.config.max_clock_offset_ms.saturating_mul(5) / 2;
+                    hlc::from_ms(now_ms().saturating_sub(grace.saturating_add(bound)))
+                }
+                _ => u64::MAX,
+            };
             if let Err(e) = self.bootstrap_back_to(&mut shutdown, reach_back).await {
                 tracing::error!(error = %e, "bootstrap failed");
                 return;

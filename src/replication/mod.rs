@@ -47,7 +47,11 @@ pub const DATA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Meta key set once a bootstrap completed (tools that build data dirs set it too).
 pub const META_BOOTSTRAPPED: &str = "bootstrapped";
-const META_LAST_CONTACT: &str = "last_contact";
+/// The `bootstrapped` mark of a data dir restored from a snapshot
+/// ([`crate::snapshot`]): bootstrap (with seeds) before serving anything.
+pub const RESTORED: &[u8] = b"restored";
+/// When this node last had the cluster's data (see `freshness`).
+pub const META_LAST_CONTACT: &str = "last_contact";
 
 /// Timing and limits of replication, from the config.
 #[derive(Debug, Clone)]
@@ -92,6 +96,8 @@ pub struct Replication {
     /// The peer client that counts its bytes into `sync_bytes` (sync rounds, fetches,
     /// sends).
     sync_client: protocol::PeerClient,
+    /// The data dir was restored from a snapshot and has not bootstrapped since.
+    restored: bool,
 }
 
 /// Why a sync step failed.
@@ -150,6 +156,7 @@ impl Replication {
     ) -> Replication {
         let newest_at_start = store.newest_timestamp();
         let last = cluster.last_contact();
+        let restored = store.meta(META_BOOTSTRAPPED).ok().flatten().as_deref() == Some(RESTORED);
         let sync_client = {
             let stats = stats.clone();
             cluster.client().metered(move |n| stats.sync_bytes.add(n))
@@ -166,6 +173,7 @@ impl Replication {
             started: std::time::Instant::now(),
             throttle: LogThrottle::default(),
             sync_client,
+            restored,
         }
     }
 
@@ -174,6 +182,8 @@ impl Replication {
     pub fn bootstrap_pending(store: &Store, has_seeds: bool) -> Result<bool, StoreError> {
         Ok(match store.meta(META_BOOTSTRAPPED)?.as_deref() {
             Some(b"1") => false,
+            // Restored from a snapshot: merge with the cluster first, if there is one.
+            Some(RESTORED) => has_seeds,
             // A re-bootstrap that was under way: resume it, seeds or not.
             Some(_) => true,
             None => has_seeds,
@@ -183,6 +193,12 @@ impl Replication {
     /// The persisted time of the last contact with the cluster (0: never).
     pub fn persisted_last_contact(store: &Store) -> Result<u64, StoreError> {
         Ok(store.meta(META_LAST_CONTACT)?.as_deref().and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes))
+    }
+
+    /// Bootstrapping a data dir restored from a snapshot: it holds data known to be
+    /// old, so client reads are refused too (503) until the merge is done.
+    pub fn restoring(&self) -> bool {
+        self.restored && self.is_syncing()
     }
 
     /// True while bootstrapping: client writes are refused with 503.

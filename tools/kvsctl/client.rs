@@ -148,6 +148,54 @@ impl Client {
         self.request(authority, method, path, (body, Vec::new()), timeout).await
     }
 
+    /// A GET whose answer is streamed into `sink` chunk by chunk (a snapshot): the
+    /// timeout applies to each chunk, not to the whole transfer. A status other than
+    /// 200 comes back as that answer, whole.
+    pub async fn download(
+        &self,
+        path: &str,
+        mut sink: impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<Option<Answer>, String> {
+        let authority = &self.authority;
+        let uri: Uri = format!("{}://{authority}{path}", self.scheme).parse().map_err(|e| format!("{path}: {e}"))?;
+        let mut req = Request::builder().method(Method::GET).uri(uri);
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+        let call = async {
+            match &self.transport {
+                Transport::Http(p) => p.request(req).await,
+                Transport::Https(p) => p.request(req).await,
+            }
+            .map_err(|e| format!("{authority}: {}", source_chain(&e)))
+        };
+        let timeout = self.timeout;
+        let late = || format!("{authority}: no answer within {timeout:?}");
+        let resp = tokio::time::timeout(timeout, call).await.map_err(|_| late())??;
+        let (parts, mut body) = resp.into_parts();
+        if parts.status != hyper::StatusCode::OK {
+            let body = tokio::time::timeout(timeout, Limited::new(body, MAX_ANSWER_BYTES).collect())
+                .await
+                .map_err(|_| late())?
+                .map_err(|e| format!("{authority}: reading the answer: {e}"))?
+                .to_bytes();
+            return Ok(Some(Answer { status: parts.status, headers: parts.headers, body }));
+        }
+        loop {
+            let frame = tokio::time::timeout(timeout, body.frame()).await.map_err(|_| late())?;
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(format!("{authority}: the transfer broke off: {e}")),
+                Some(Ok(f)) => {
+                    if let Some(data) = f.data_ref() {
+                        sink(data)?;
+                    }
+                }
+            }
+        }
+    }
+
     async fn request(
         &self,
         authority: &str,
