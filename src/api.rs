@@ -354,7 +354,9 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Respon
     if crate::internal::is_internal(path) {
         return crate::internal::route(app, req).await.map(|r| r.map(ResponseBody::Whole));
     }
-    let open = read && (path == "/health" || (path == "/metrics" && app.config.metrics_public));
+    // The status page itself is static: it asks for a token before it calls the API.
+    let open = read
+        && (path == "/health" || path == "/ui" || path == "/ui/" || (path == "/metrics" && app.config.metrics_public));
     let caller = match &app.acl {
         Some(acl) if !open => Some(authenticate(acl, &req).await?),
         _ => None,
@@ -410,6 +412,68 @@ fn snapshot(
     Ok(resp)
 }
 
+/// How long `GET /members/?health` waits for each member's `/health`.
+const MEMBER_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /members/?health`: every member with its `/health` (this node's own; each
+/// alive peer's asked in parallel over the node-to-node client, so a browser on one
+/// node sees the whole cluster without reaching the others), or `null` and
+/// `health_error` when it could not be had.
+async fn members_with_health(app: &Arc<App>) -> serde_json::Value {
+    let me = app.config.node_id.clone();
+    let asks: Vec<_> = app
+        .cluster
+        .view()
+        .into_iter()
+        .map(|m| {
+            let app = app.clone();
+            let me = me.clone();
+            tokio::spawn(async move {
+                let health = if m.id == me {
+                    Ok(app.health())
+                } else if m.status != crate::membership::Status::Alive {
+                    Err("down".to_string())
+                } else {
+                    app.cluster.client().health(&m.address, MEMBER_HEALTH_TIMEOUT).await.map_err(|e| e.to_string())
+                };
+                let mut row = json!(m);
+                match health {
+                    Ok(h) => row["health"] = h,
+                    Err(e) => {
+                        row["health"] = serde_json::Value::Null;
+                        row["health_error"] = json!(e);
+                    }
+                }
+                row
+            })
+        })
+        .collect();
+    let mut rows = Vec::with_capacity(asks.len());
+    for ask in asks {
+        if let Ok(row) = ask.await {
+            rows.push(row);
+        }
+    }
+    serde_json::Value::Array(rows)
+}
+
+/// The status page, embedded in the binary (`src/ui/index.html`: HTML, CSS and JS,
+/// nothing fetched from elsewhere); it reads the API of the node that served it.
+fn ui_page() -> HttpResponse {
+    let mut resp = Response::new(Full::new(Bytes::from_static(include_str!("ui/index.html").as_bytes())));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    // Its own inline script and style, same-origin requests, nothing else.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+        ),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
 /// The client routes with whole bodies, once the caller is known.
 async fn client_route(
     app: &Arc<App>,
@@ -446,7 +510,13 @@ async fn client_route(
             );
             Ok(resp)
         }
-        "/members" | "/members/" if read => Ok(json_response(StatusCode::OK, &json!(app.cluster.view()))),
+        "/members" | "/members/" if read => {
+            let with_health = parse_query(req.uri().query())?.iter().any(|(k, _)| k == "health");
+            let view = if with_health { members_with_health(app).await } else { json!(app.cluster.view()) };
+            Ok(json_response(StatusCode::OK, &view))
+        }
+        "/ui" | "/ui/" if read => Ok(ui_page()),
+        "/ui" | "/ui/" => Err(ApiError::MethodNotAllowed(READ_METHODS)),
         "/health" | "/metrics" | "/members" | "/members/" => Err(ApiError::MethodNotAllowed(READ_METHODS)),
         _ => Err(ApiError::NotFound("route")),
     }

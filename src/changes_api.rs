@@ -102,7 +102,12 @@ fn parse(query: Option<&str>) -> Result<Query, ApiError> {
     for (k, v) in parse_query(query)? {
         match k.as_str() {
             "prefix" if v.is_empty() => {}
-            "prefix" => q.prefix = crate::path::parse_key(&v).map_err(|e| bad(format!("prefix: {e}")))?,
+            // Already percent-decoded as a query value: decoding it again would read
+            // a key holding a literal `%41` as `A`.
+            "prefix" => {
+                crate::path::validate_key(&v).map_err(|e| bad(format!("prefix: {e}")))?;
+                q.prefix = v;
+            }
             "since" => {
                 q.since = Some(v.parse().map_err(|_| bad(format!("since must be a seq (a whole number), got {v:?}")))?)
             }

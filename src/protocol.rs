@@ -726,6 +726,13 @@ impl PeerClient {
         let body = self.fetch(Method::GET, addr, &path, Bytes::new(), timeout).await?;
         serde_json::from_slice(&body).map_err(bad_answer)
     }
+
+    /// `GET /health` of a member (the client route every node serves without a
+    /// token): what `GET /members/?health` shows for it.
+    pub async fn health(&self, addr: &str, timeout: Duration) -> Result<serde_json::Value, PeerError> {
+        let body = self.fetch(Method::GET, addr, "/health", Bytes::new(), timeout).await?;
+        serde_json::from_slice(&body).map_err(bad_answer)
+    }
 }
 
 #[cfg(test)]

@@ -611,6 +611,9 @@ async fn fill(
     writer
         .set_meta(crate::replication::META_LAST_CONTACT, Bytes::copy_from_slice(&facts.last_contact.to_be_bytes()))
         .await?;
+    writer
+        .set_meta(crate::replication::META_SNAPSHOT_TAKEN, Bytes::copy_from_slice(&facts.created_ms.to_be_bytes()))
+        .await?;
     writer.set_meta(crate::replication::META_BOOTSTRAPPED, Bytes::from_static(crate::replication::RESTORED)).await?;
     progress(len);
     Ok(Restored { facts, records, certificates })

@@ -78,6 +78,12 @@ fn a_long_poll_wakes_on_a_put_and_a_delete_under_its_prefix_only() {
     let answer = changes(&n, &format!("since={cursor}&prefix=users&wait=1"));
     assert_eq!((answer["events"].as_array().unwrap().len(), answer["last_seq"].as_u64()), (0, Some(cursor)));
     assert_eq!(n.health()["last_seq"], cursor);
+    // A prefix is decoded once, as a query value: the key `odd%41` (a literal `%41`,
+    // sent as `%2541`) is watched as `prefix=odd%2541`, not as `oddA`.
+    assert_eq!(n.put("/kv/odd%2541/k", "1").status, 200);
+    assert_eq!(n.put("/kv/oddA/k", "1").status, 200);
+    let answer = changes(&n, &format!("since={cursor}&prefix=odd%2541"));
+    assert_eq!(ops(&answer), vec![("odd%41/k".to_string(), "put".to_string())]);
 }
 
 #[test]

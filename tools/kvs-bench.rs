@@ -56,7 +56,7 @@ fn parse_opts() -> Res<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,ttl,antientropy,bootstrap,restart] [--keys N]"
+                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,ttl,antientropy,bootstrap,restart,snapshot] [--keys N]"
                 );
                 std::process::exit(0);
             }
@@ -355,6 +355,13 @@ fn value(size: usize) -> Bytes {
     Bytes::from(format!("{{\"name\":\"bench\",\"pad\":\"{pad}\"}}"))
 }
 
+/// About 100 bytes of JSON that compress like random data: 32 random bytes in hex.
+fn random_value(seed: usize) -> Bytes {
+    let mut rng = StdRng::seed_from_u64(seed as u64);
+    let hex: String = (0..32).map(|_| format!("{:02x}", rng.random::<u8>())).collect();
+    Bytes::from(format!("{{\"name\":\"bench\",\"pad\":\"{hex}\"}}"))
+}
+
 async fn preload(addr: &str, keys: usize, size: usize) -> Res<()> {
     preload_as(addr, None, keys, size).await
 }
@@ -466,7 +473,7 @@ async fn wait_event(sse: &mut Sse, key: &str, since: Instant) -> Res<u64> {
 /// Writes `keys` records straight into a data dir (fast dataset creation). Timestamps
 /// are `base + 2 i`, so a later version `base + 2 i + 1` is newer for that key but
 /// older than the newest write.
-async fn build_dataset(dir: &Path, keys: usize, base: u64, modified: &[usize]) -> Res<()> {
+async fn build_dataset(dir: &Path, keys: usize, base: u64, modified: &[usize], random: bool) -> Res<()> {
     let d = dir.to_path_buf();
     let (store, writer) =
         tokio::task::spawn_blocking(move || Store::open(&d, Durability::Buffer, DEFAULT_MAX_CLOCK_OFFSET_MS)).await??;
@@ -474,7 +481,7 @@ async fn build_dataset(dir: &Path, keys: usize, base: u64, modified: &[usize]) -
     for i in 0..keys {
         let path = format!("users/u{}/items/i{}", i % 10_000, i);
         let mut ts = base + 2 * i as u64;
-        let mut data = value(100);
+        let mut data = if random { random_value(i) } else { value(100) };
         if modified.contains(&i) {
             ts += 1;
             data = Bytes::from_static(b"{\"modified\":true}");
@@ -489,6 +496,13 @@ async fn build_dataset(dir: &Path, keys: usize, base: u64, modified: &[usize]) -
     writer.set_meta(kvs::replication::META_BOOTSTRAPPED, Bytes::from_static(b"1")).await?;
     tokio::task::spawn_blocking(move || writer.close(&store)).await??;
     Ok(())
+}
+
+/// Disk use of a directory (du -sk).
+fn du_kib(dir: &Path) -> Res<u64> {
+    let out = Command::new("du").arg("-sk").arg(dir).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.split_whitespace().next().and_then(|k| k.parse().ok()).unwrap_or(0))
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Res<()> {
@@ -965,7 +979,7 @@ impl Bench {
         let base = kvs::hlc::from_ms(kvs::clock::now_ms() - 3_600_000);
         if !dir.exists() {
             let t = Instant::now();
-            build_dataset(&dir, self.opts.keys, base, &[]).await?;
+            build_dataset(&dir, self.opts.keys, base, &[], false).await?;
             if !self.opts.json {
                 println!(
                     "{:<28} {{\"keys\": {}, \"secs\": {:.1}}}",
@@ -1036,6 +1050,58 @@ impl Bench {
             json!({"keys": self.opts.keys, "differ": 100, "fetched": h["replication"]["sync_fetched"], "round_ms": ms,
                    "bytes": bytes, "identical": identical && hb["keys"] == h["keys"]}),
         );
+        Ok(())
+    }
+
+    /// `kvsctl snapshot save` of a node holding the dataset, then `kvsctl snapshot
+    /// restore` into a new data dir, and a node started on it (no seeds) serving
+    /// every key.
+    async fn snapshot(&mut self) -> Res<()> {
+        // Values that compress like random data (the shared dataset's are all alike,
+        // which would flatter the snapshot's size).
+        let data = self.tmp.path().join("dataset-random");
+        if !data.exists() {
+            let base = kvs::hlc::from_ms(kvs::clock::now_ms() - 3_600_000);
+            build_dataset(&data, self.opts.keys, base, &[], true).await?;
+        }
+        let dir = self.tmp.path().join("snap");
+        std::fs::create_dir_all(dir.join("a"))?;
+        copy_dir(&data, &dir.join("a/data"))?;
+        let (a, _) = start_kvs(&dir.join("a"), "node_id: a\n")?;
+        wait_health(&a.addr, "first request", |_| true).await?;
+        let kvsctl = exe_dir()?.join("kvsctl");
+        let file = dir.join("a.snap");
+        let t = Instant::now();
+        let saved = Command::new(&kvsctl)
+            .args(["--addr", &a.addr, "--timeout", "60", "snapshot", "save"])
+            .arg(&file)
+            .output()?;
+        if !saved.status.success() {
+            return Err(format!("snapshot save: {}", String::from_utf8_lossy(&saved.stderr)).into());
+        }
+        let save_secs = t.elapsed().as_secs_f64();
+        let bytes = std::fs::metadata(&file)?.len();
+        let t = Instant::now();
+        let restored = Command::new(&kvsctl)
+            .args(["snapshot", "restore"])
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(dir.join("b/data"))
+            .output()?;
+        if !restored.status.success() {
+            return Err(format!("snapshot restore: {}", String::from_utf8_lossy(&restored.stderr)).into());
+        }
+        let restore_secs = t.elapsed().as_secs_f64();
+        let (b, _) = start_kvs(&dir.join("b"), "node_id: b\n")?;
+        let h = wait_health(&b.addr, "the restored node", |_| true).await?;
+        let data_dir_mb = du_kib(&dir.join("a/data"))? / 1024;
+        self.record(
+            "snapshot",
+            json!({"keys": self.opts.keys, "save_secs": (save_secs * 100.0).round() / 100.0,
+                   "restore_secs": (restore_secs * 100.0).round() / 100.0, "snapshot_mb": bytes / (1 << 20),
+                   "data_dir_mb": data_dir_mb, "restored_keys": h["keys"]}),
+        );
+        drop(a);
         Ok(())
     }
 
@@ -1112,6 +1178,9 @@ fn main() -> std::process::ExitCode {
             }
             if bench.wants("bootstrap") || bench.wants("restart") {
                 bench.bootstrap_and_restart().await?;
+            }
+            if bench.wants("snapshot") {
+                bench.snapshot().await?;
             }
             Ok::<_, Err>(())
         })?;

@@ -37,9 +37,14 @@ impl Replication {
                 // A restored snapshot: also back past the grace period, so every delete
                 // not yet purged is fetched (purged ones come as certificates).
                 Some(RESTORED) => {
+                    // Also back to the snapshot's own time: every write made since.
                     let grace = self.config.tombstone_grace.as_millis() as u64;
                     let bound = self.config.max_clock_offset_ms.saturating_mul(5) / 2;
-                    hlc::from_ms(now_ms().saturating_sub(grace.saturating_add(bound)))
+                    let store = self.store.clone();
+                    let taken = blocking(move || store.meta(META_SNAPSHOT_TAKEN)).await.ok().flatten();
+                    let taken = taken.as_deref().and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes);
+                    let since = now_ms().saturating_sub(grace).min(taken.unwrap_or(0));
+                    hlc::from_ms(since.saturating_sub(bound))
                 }
                 _ => u64::MAX,
             };

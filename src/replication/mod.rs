@@ -50,6 +50,9 @@ pub const META_BOOTSTRAPPED: &str = "bootstrapped";
 /// The `bootstrapped` mark of a data dir restored from a snapshot
 /// ([`crate::snapshot`]): bootstrap (with seeds) before serving anything.
 pub const RESTORED: &[u8] = b"restored";
+/// When the snapshot a data dir was restored from was taken (Unix ms): its bootstrap
+/// reaches back at least that far.
+pub const META_SNAPSHOT_TAKEN: &str = "snapshot_taken";
 /// When this node last had the cluster's data (see `freshness`).
 pub const META_LAST_CONTACT: &str = "last_contact";
 
