@@ -56,7 +56,7 @@ fn parse_opts() -> Res<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,ttl,antientropy,bootstrap,restart,snapshot] [--keys N]"
+                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,ttl,antientropy,bootstrap,restart,snapshot,scale] [--keys N]"
                 );
                 std::process::exit(0);
             }
@@ -1053,6 +1053,54 @@ impl Bench {
         Ok(())
     }
 
+    /// GET at 32 connections over the whole dataset (`--keys`, random keys) against
+    /// the same on a 100,000-key dataset of the same layout, alternating three times
+    /// (medians); and the large node's RSS at rest after the load.
+    async fn scale(&mut self) -> Res<()> {
+        let (data, _) = self.dataset().await?;
+        let small_keys = 100_000.min(self.opts.keys);
+        let small = self.tmp.path().join("dataset-small");
+        if !small.exists() {
+            build_dataset(&small, small_keys, kvs::hlc::from_ms(kvs::clock::now_ms() - 3_600_000), &[], false).await?;
+        }
+        let dir = self.tmp.path().join("scale");
+        std::fs::create_dir_all(dir.join("big"))?;
+        std::fs::create_dir_all(dir.join("small"))?;
+        copy_dir(&data, &dir.join("big/data"))?;
+        copy_dir(&small, &dir.join("small/data"))?;
+        let (big, _) = start_kvs(&dir.join("big"), "node_id: big\n")?;
+        let (little, _) = start_kvs(&dir.join("small"), "node_id: small\n")?;
+        wait_health(&big.addr, "first request", |_| true).await?;
+        wait_health(&little.addr, "first request", |_| true).await?;
+        let (mut at_big, mut at_small) = (Vec::new(), Vec::new());
+        let keys = self.opts.keys;
+        for _ in 0..3 {
+            let l = load(&little.addr, 32, self.opts.load_secs, move |r| {
+                (Method::GET, key_path(r, small_keys), Bytes::new())
+            })
+            .await?;
+            at_small.push((l.rps(), l.pct(0.99)));
+            let l = load(&big.addr, 32, self.opts.load_secs, move |r| (Method::GET, key_path(r, keys), Bytes::new()))
+                .await?;
+            at_big.push((l.rps(), l.pct(0.99)));
+        }
+        let median = |v: &mut Vec<(f64, f64)>, i: usize| {
+            let mut x: Vec<f64> = v.iter().map(|p| if i == 0 { p.0 } else { p.1 }).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        let (big_p99, small_p99) = (median(&mut at_big, 1), median(&mut at_small, 1));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        self.record(
+            "scale get c=32",
+            json!({"keys": keys, "rps": median(&mut at_big, 0).round(), "p99_ms": big_p99,
+                   "small_keys": small_keys, "small_rps": median(&mut at_small, 0).round(), "small_p99_ms": small_p99,
+                   "p99_ratio": ((big_p99 / small_p99) * 100.0).round() / 100.0,
+                   "rss_at_rest_mb": big.rss_kib("VmRSS:") / 1024, "data_dir_mb": du_kib(&dir.join("big/data"))? / 1024}),
+        );
+        Ok(())
+    }
+
     /// `kvsctl snapshot save` of a node holding the dataset, then `kvsctl snapshot
     /// restore` into a new data dir, and a node started on it (no seeds) serving
     /// every key.
@@ -1181,6 +1229,9 @@ fn main() -> std::process::ExitCode {
             }
             if bench.wants("snapshot") {
                 bench.snapshot().await?;
+            }
+            if bench.wants("scale") {
+                bench.scale().await?;
             }
             Ok::<_, Err>(())
         })?;
