@@ -393,9 +393,10 @@ fn snapshot(
     let store = app.store.clone();
     let node_id = app.config.node_id.clone();
     let name = format!("kvs-{node_id}-{}.snap", crate::clock::now_ms());
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        let out = crate::snapshot::ChannelWriter::new(tx);
+        let out = crate::snapshot::ChannelWriter::new(tx, runtime);
         match crate::snapshot::write_snapshot(&store, &node_id, out, &|| slot.stopping()) {
             Ok((_, bytes)) => {
                 tracing::info!(bytes, ms = started.elapsed().as_millis() as u64, "snapshot sent")

@@ -634,11 +634,17 @@ impl<R: Read> Read for CountingReader<R> {
 
 /// A `Write` that hands its bytes, in chunks of `CHUNK`, to an async receiver (the
 /// HTTP body of `GET /admin/snapshot`): the channel's bound is the stream's buffer,
-/// and a dropped receiver (the client went away) fails the next write.
+/// a dropped receiver (the client went away) fails the next write, and so does a
+/// client that takes nothing for `SEND_STALL` (the snapshot, its thread and its
+/// fjall snapshot are not held for a reader that stopped reading).
 pub struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<Bytes>,
     buf: Vec<u8>,
+    runtime: tokio::runtime::Handle,
 }
+
+/// Longest wait for the connection to take a chunk.
+const SEND_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Bytes per chunk sent to the HTTP body.
 const CHUNK: usize = 256 << 10;
@@ -646,9 +652,9 @@ const CHUNK: usize = 256 << 10;
 pub const CHANNEL_CHUNKS: usize = 8;
 
 impl ChannelWriter {
-    /// A writer into `tx`.
-    pub fn new(tx: tokio::sync::mpsc::Sender<Bytes>) -> ChannelWriter {
-        ChannelWriter { tx, buf: Vec::with_capacity(CHUNK) }
+    /// A writer into `tx`, used from a blocking thread of `runtime`.
+    pub fn new(tx: tokio::sync::mpsc::Sender<Bytes>, runtime: tokio::runtime::Handle) -> ChannelWriter {
+        ChannelWriter { tx, buf: Vec::with_capacity(CHUNK), runtime }
     }
 
     fn send(&mut self) -> io::Result<()> {
@@ -656,7 +662,11 @@ impl ChannelWriter {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx.blocking_send(chunk).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+        match self.runtime.block_on(tokio::time::timeout(SEND_STALL, self.tx.send(chunk))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(io::Error::new(io::ErrorKind::BrokenPipe, "the client went away")),
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the client took nothing for 30 s")),
+        }
     }
 }
 
