@@ -426,14 +426,15 @@ pub fn write_snapshot<W: Write>(
     stop: &dyn Fn() -> bool,
 ) -> Result<(W, u64), SnapshotError> {
     let view = store.snapshot_view();
+    let (last_timestamp, gc_horizon, last_seq) = view.storage_facts()?;
     let facts = Facts {
         node_id: node_id.to_string(),
         created_ms: crate::clock::now_ms(),
         data_format: store.format(),
-        last_timestamp: view.meta_u64("last_timestamp")?,
-        gc_horizon: view.meta_u64("gc_horizon")?,
+        last_timestamp,
+        gc_horizon,
         last_contact: view.meta_u64(crate::replication::META_LAST_CONTACT)?,
-        last_seq: view.meta_u64("change_seq")?,
+        last_seq,
     };
     let mut w = SnapshotWriter::new(out, &facts)?;
     let stopped = || SnapshotError::Io("the node is stopping".into());

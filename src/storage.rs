@@ -1554,9 +1554,23 @@ impl SnapshotView {
 
     /// A u64 meta value as of the view (0 when absent).
     pub fn meta_u64(&self, key: &str) -> Result<u64, StoreError> {
+        self.meta_bytes_u64(key.as_bytes())
+    }
+
+    fn meta_bytes_u64(&self, key: &[u8]) -> Result<u64, StoreError> {
         use fjall::Readable;
         let v = self.snap.get(&self.store.inner.meta, key).map_err(|e| self.store.fail(io(e)))?;
         Ok(v.as_deref().and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes))
+    }
+
+    /// The storage facts a snapshot carries, as of the view: `last_timestamp`,
+    /// `gc_horizon` and the change feed's `last_seq`.
+    pub fn storage_facts(&self) -> Result<(u64, u64, u64), StoreError> {
+        Ok((
+            self.meta_bytes_u64(META_LAST_TIMESTAMP)?,
+            self.meta_bytes_u64(META_GC_HORIZON)?,
+            self.meta_bytes_u64(META_CHANGE_SEQ)?,
+        ))
     }
 }
 
