@@ -11,7 +11,8 @@ use super::*;
 impl Replication {
     /// Fetches a peer's versions newest-first back to `bootstrap_max_age`, taking those
     /// this node lacks; then marks bootstrap done and switches to `normal`. Listing the
-    /// next page overlaps with fetching and storing the previous one.
+    /// next page, fetching the previous one and storing the fetch before that run side
+    /// by side.
     pub async fn bootstrap(&self, shutdown: &mut Shutdown) -> Result<(), StoreError> {
         self.bootstrap_back_to(shutdown, u64::MAX).await
     }
@@ -29,15 +30,20 @@ impl Replication {
         // this round picked, not only from the one that listed them: a peer that fails
         // (or dies) mid-bootstrap must not pin the node in mode `syncing`.
         let mut pending: Option<Vec<String>> = None;
+        // One fetch answer checked and not yet stored: it is stored while the next one
+        // is fetched and the next page listed, so the writer, the peer and the network
+        // work side by side. At most two answers are held (MAX_BATCH_BYTES each).
+        let mut to_store: Option<inbound::Fetched> = None;
         let mut last_page = false;
         tracing::info!(min_ts, "bootstrap: started");
-        while !(last_page && pending.is_none()) {
+        while !(last_page && pending.is_none() && to_store.is_none()) {
             if !pause(self.config.throttle_delay, shutdown).await {
                 return Ok(());
             }
             let alive = self.cluster.alive_peers();
             let serving: Vec<_> = alive.iter().filter(|p| !p.syncing).collect();
-            let Some(peer) = serving.choose(&mut rand::rng()).map(|p| (*p).clone()) else {
+            let peer = serving.choose(&mut rand::rng()).map(|p| (*p).clone());
+            if peer.is_none() && to_store.is_none() {
                 if cursor.is_none() && pending.is_none() && crate::membership::should_found(&self.cluster.me(), &alive)
                 {
                     tracing::info!(
@@ -51,27 +57,51 @@ impl Replication {
                     return Ok(());
                 }
                 continue;
-            };
+            }
             let list = async {
-                if last_page {
-                    Ok(None)
-                } else {
-                    self.list_page(&peer.address, cursor.as_ref(), min_ts).await.map(Some)
+                match &peer {
+                    Some(peer) if !last_page => self.list_page(&peer.address, cursor.as_ref(), min_ts).await.map(Some),
+                    _ => Ok(None),
                 }
             };
             let mut fetch_shutdown = shutdown.clone();
             let fetch = async {
-                match &pending {
-                    Some(paths) => self.fetch_and_apply(&peer.address, paths, &mut fetch_shutdown).await,
-                    None => Ok(()),
+                match (&peer, &pending) {
+                    (Some(peer), Some(paths)) => {
+                        if !pause(self.config.fetch_delay, &mut fetch_shutdown).await {
+                            return Ok(None);
+                        }
+                        let chunk = &paths[..paths.len().min(FETCH_CHUNK)];
+                        self.fetch_checked(&peer.address, chunk).await.map(Some)
+                    }
+                    _ => Ok(None),
                 }
             };
-            let (listed, fetched) = tokio::join!(list, fetch);
+            let store = async {
+                match to_store.take() {
+                    Some(fetched) => self.store_fetched(fetched).await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let (listed, fetched, stored) = tokio::join!(list, fetch, store);
+            if let Some(n) = stored? {
+                self.stats.bootstrap_fetched.add(n as u64);
+            }
             match fetched {
-                Ok(()) => pending = None,
+                Ok(Some((fetched, covered))) => {
+                    if let Some(paths) = &mut pending {
+                        paths.drain(..covered);
+                        if paths.is_empty() {
+                            pending = None;
+                        }
+                    }
+                    to_store = Some(fetched);
+                }
+                Ok(None) => {}
                 Err(SyncError::Store(e)) => return Err(e),
                 Err(SyncError::Peer(e)) => {
-                    tracing::warn!(peer = %peer.id, error = %e, "bootstrap fetch failed; retrying with any serving peer")
+                    let id = peer.as_ref().map(|p| p.id.as_str()).unwrap_or_default();
+                    tracing::warn!(peer = %id, error = %e, "bootstrap fetch failed; retrying with any serving peer")
                 }
             }
             match listed {
@@ -82,13 +112,15 @@ impl Replication {
                     last_page = short;
                     match &mut pending {
                         Some(paths) => paths.extend(lacking),
+                        None if lacking.is_empty() => {}
                         None => pending = Some(lacking),
                     }
                 }
                 Ok(None) => {}
                 Err(SyncError::Store(e)) => return Err(e),
                 Err(SyncError::Peer(e)) => {
-                    tracing::warn!(peer = %peer.id, error = %e, "bootstrap page failed; retrying")
+                    let id = peer.as_ref().map(|p| p.id.as_str()).unwrap_or_default();
+                    tracing::warn!(peer = %id, error = %e, "bootstrap page failed; retrying")
                 }
             }
             if shutdown.is_triggered() {
@@ -208,22 +240,5 @@ impl Replication {
         })
         .await?;
         Ok((lacking, next, short))
-    }
-
-    /// Fetches and stores records, pausing `fetch_delay` before each request.
-    pub(super) async fn fetch_and_apply(
-        &self,
-        peer: &str,
-        paths: &[String],
-        shutdown: &mut Shutdown,
-    ) -> Result<(), SyncError> {
-        for chunk in paths.chunks(FETCH_CHUNK) {
-            if !pause(self.config.fetch_delay, shutdown).await {
-                return Ok(());
-            }
-            let n = self.fetch_and_store(peer, chunk).await?;
-            self.stats.bootstrap_fetched.add(n as u64);
-        }
-        Ok(())
     }
 }

@@ -67,10 +67,17 @@ impl Replication {
         batch: Bytes,
         sender_contact: Option<u64>,
     ) -> Result<(ApplyReport, wire::Decoded), SyncError> {
-        let mut decoded = wire::decode_off_thread(batch, self.config.max_value_bytes).await.map_err(protocol)?;
-        self.note_refused(peer, &decoded.refused);
+        let mut decoded = self.decode_batch(peer, batch).await?;
         let report = self.apply(std::mem::take(&mut decoded.records), sender_contact).await?;
         Ok((report, decoded))
+    }
+
+    /// The checking half of [`Self::take_batch`]: decodes a batch from `peer` off the
+    /// async workers and counts and logs what it refuses.
+    async fn decode_batch(&self, peer: &str, batch: Bytes) -> Result<wire::Decoded, SyncError> {
+        let decoded = wire::decode_off_thread(batch, self.config.max_value_bytes).await.map_err(protocol)?;
+        self.note_refused(peer, &decoded.refused);
+        Ok(decoded)
     }
 
     /// Counts and logs records refused from `peer`.
@@ -91,23 +98,46 @@ impl Replication {
         }
     }
 
-    /// Fetches records and stores them; returns how many the peer sent. The peer
-    /// answers at most [`protocol::MAX_BATCH_BYTES`] at a time and says how many of
-    /// the paths it covered; the rest are asked for again.
+    /// Fetches records and stores them; returns how many the peer sent.
     pub(super) async fn fetch_and_store(&self, peer: &str, mut paths: &[String]) -> Result<usize, SyncError> {
         let mut total = 0;
         while !paths.is_empty() {
-            let lc = self.cluster.last_contact();
-            let answer = self.sync_client.fetch_records(peer, paths, DATA_TIMEOUT, lc).await?;
-            // A peer that does not say (an earlier build) answered every path.
-            let covered = answer.covered.unwrap_or(paths.len());
-            if covered == 0 || covered > paths.len() {
-                return Err(protocol(format!("fetch answer covers {covered} of {} paths", paths.len())));
-            }
-            let (_, decoded) = self.take_batch(peer, answer.body, answer.last_contact).await?;
-            total += decoded.framed;
+            let (fetched, covered) = self.fetch_checked(peer, paths).await?;
+            total += self.store_fetched(fetched).await?;
             paths = &paths[covered..];
         }
         Ok(total)
     }
+
+    /// The first half of [`Self::fetch_and_store`]: one fetch of `paths` from `peer`,
+    /// checked, nothing stored. The peer answers at most [`protocol::MAX_BATCH_BYTES`]
+    /// and says how many of the paths (from the first) it covered; the rest are for
+    /// the next call.
+    pub(super) async fn fetch_checked(&self, peer: &str, paths: &[String]) -> Result<(Fetched, usize), SyncError> {
+        let lc = self.cluster.last_contact();
+        let answer = self.sync_client.fetch_records(peer, paths, DATA_TIMEOUT, lc).await?;
+        // A peer that does not say (an earlier build) answered every path.
+        let covered = answer.covered.unwrap_or(paths.len());
+        if covered == 0 || covered > paths.len() {
+            return Err(protocol(format!("fetch answer covers {covered} of {} paths", paths.len())));
+        }
+        let decoded = self.decode_batch(peer, answer.body).await?;
+        Ok((Fetched { records: decoded.records, sender_contact: answer.last_contact, framed: decoded.framed }, covered))
+    }
+
+    /// The second half of [`Self::fetch_and_store`]: stores what
+    /// [`Self::fetch_checked`] took; returns how many records the peer sent.
+    pub(super) async fn store_fetched(&self, fetched: Fetched) -> Result<usize, StoreError> {
+        self.apply(fetched.records, fetched.sender_contact).await?;
+        Ok(fetched.framed)
+    }
+}
+
+/// One fetch answer checked but not yet stored ([`Replication::fetch_checked`]): the
+/// records that passed, the sender's `last_contact`, and how many records it sent.
+/// At most [`protocol::MAX_BATCH_BYTES`] of values.
+pub(super) struct Fetched {
+    records: Vec<(String, Record)>,
+    sender_contact: Option<u64>,
+    framed: usize,
 }
