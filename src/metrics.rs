@@ -130,7 +130,7 @@ impl Collector for NodeCollector {
         counter(
             &mut e,
             "storage_forced_rotations",
-            "Times the writer rotated every memtable to bound the write buffer",
+            "Times the writer had every memtable rotated (flushed) to bound the write buffer",
             self.store.forced_rotations(),
         )?;
         let feed = &self.feed;

@@ -597,6 +597,14 @@ impl Bench {
                     }
                     self.record(&format!("put {durability} c={c}"), j);
                 }
+                // Long enough for fjall to flush memtables and compact several times
+                // meanwhile: the pauses those cause are what the tail is made of.
+                let long = secs * 6.0;
+                let l = load(&node.addr, 32, long, move |r| (Method::PUT, key_path(r, space), value(100))).await?;
+                let mut j = l.to_json();
+                j["secs"] = json!(long);
+                j["max_ms"] = json!(l.pct(1.0));
+                self.record(&format!("put {durability} c=32 sustained"), j);
                 if durability == "buffer" {
                     let l =
                         load(&node.addr, 32, secs, move |r| (Method::PUT, key_path(r, space), value(10_240))).await?;
