@@ -58,15 +58,23 @@ impl Replication {
                 }
                 continue;
             }
+            // Listing waits while more than this round's fetch is pending: an answer
+            // covers at most 8 MiB (800 paths of 10 KB values), and a list running ahead
+            // would hold every lacking path in memory. So at most three pages pend.
+            let backlog = pending.as_ref().map_or(0, Vec::len);
             let list = async {
                 match &peer {
-                    Some(peer) if !last_page => self.list_page(&peer.address, cursor.as_ref(), min_ts).await.map(Some),
+                    Some(peer) if !last_page && backlog < PAGE + FETCH_CHUNK => {
+                        self.list_page(&peer.address, cursor.as_ref(), min_ts).await.map(Some)
+                    }
                     _ => Ok(None),
                 }
             };
             let mut fetch_shutdown = shutdown.clone();
             let fetch = async {
                 match (&peer, &pending) {
+                    // Never an empty list: `pending` is None rather than empty, and a
+                    // fetch of no paths would be refused as covering none.
                     (Some(peer), Some(paths)) => {
                         if !pause(self.config.fetch_delay, &mut fetch_shutdown).await {
                             return Ok(None);
