@@ -1679,7 +1679,9 @@ impl Inner {
 
 /// A thread that rotates every memtable when the writer asks ([`Inner::wait_for_flushes`]),
 /// so that what a rotation does besides (collecting old versions: unlinking tables,
-/// freeing memtables) never holds up a commit. Stops when dropped, with the writer.
+/// freeing memtables) is not done by the writer thread. A commit can still wait for a
+/// part of it: fjall holds a keyspace's version lock while it collects that
+/// keyspace's old versions. Stops when dropped, with the writer.
 struct Rotator {
     wake: Option<std::sync::mpsc::SyncSender<()>>,
     /// A rotation is asked for or under way.
@@ -1696,14 +1698,21 @@ impl Rotator {
         let thread = std::thread::Builder::new()
             .name("kvs-rotate".into())
             .spawn(move || {
+                // Clears `busy` however a rotation ends, a panic in fjall included.
+                struct Done(Arc<AtomicBool>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        self.0.store(false, Ordering::Release);
+                    }
+                }
                 while woken.recv().is_ok() {
+                    let _done = Done(done.clone());
                     for ks in &keyspaces {
                         // rotate_memtable is what clean shutdown uses to write memtables out.
                         if let Err(e) = ks.rotate_memtable() {
                             tracing::warn!(error = %e, "cannot rotate a memtable to bound the write buffer");
                         }
                     }
-                    done.store(false, Ordering::Release);
                 }
             })
             .map_err(|e| StoreError::Io(format!("cannot start memtable rotation thread: {e}")))?;
@@ -1718,8 +1727,15 @@ impl Rotator {
         }
         match self.wake.as_ref().map(|w| w.try_send(())) {
             Some(Ok(())) => true,
-            _ => {
+            Some(Err(std::sync::mpsc::TrySendError::Full(()))) => {
                 self.busy.store(false, Ordering::Release);
+                false
+            }
+            // Logged once: `busy` stays set, so no request gets here again.
+            Some(Err(std::sync::mpsc::TrySendError::Disconnected(()))) | None => {
+                tracing::error!(
+                    "the memtable rotation thread is gone: writes past the write buffer limit will wait for fjall"
+                );
                 false
             }
         }
