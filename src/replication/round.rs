@@ -29,10 +29,14 @@ impl Replication {
             .collect();
         let (mut fetched, mut sent) = (0, 0);
         for chunk in leaves.chunks(LEAF_CHUNK) {
-            let theirs = client.versions(peer, chunk, DATA_TIMEOUT).await?;
+            // The peer lists its versions while this node lists its own.
             let store = self.store.clone();
-            let chunk = chunk.to_vec();
-            let mine = blocking(move || store.versions_in_leaves(&chunk)).await?;
+            let leaves = chunk.to_vec();
+            let (theirs, mine) = tokio::join!(
+                client.versions(peer, chunk, DATA_TIMEOUT),
+                blocking(move || store.versions_in_leaves(&leaves))
+            );
+            let (theirs, mine) = (theirs?, mine?);
             let plan = antientropy::plan(&mine, &theirs, self.tombstone_floor(), self.future_ceiling());
             if plan.held_back > 0 {
                 self.stats.future_records.add(plan.held_back as u64);
