@@ -13,7 +13,8 @@
 //!   is purged), pure functions over the held version.
 //! - [`storage`]: fjall keyspaces (records, timestamp index, meta, the change log),
 //!   the data dir format and its upgrade, and the single writer thread that
-//!   group-commits every change and numbers it for the change feed.
+//!   group-commits every change and numbers it for the change feed (with a thread
+//!   of its own, `kvs-rotate`, that has fjall's memtables flushed).
 //! - [`snapshot`]: the snapshot format (`GET /admin/snapshot`), writing one from a
 //!   fjall snapshot, checking a file, and the offline restore into an empty data dir.
 //! - [`changes`]: the change feed's rules (log entries, cursor checks, the prefix
