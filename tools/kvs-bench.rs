@@ -38,10 +38,20 @@ struct Opts {
     keys: usize,
     load_secs: f64,
     lag_writes: usize,
+    /// `--dataset DIR`: the main dataset's data dir, kept and reused across runs.
+    dataset: Option<PathBuf>,
 }
 
 fn parse_opts() -> Res<Opts> {
-    let mut o = Opts { quick: false, json: false, only: None, keys: 1_000_000, load_secs: 5.0, lag_writes: 1_000 };
+    let mut o = Opts {
+        quick: false,
+        json: false,
+        only: None,
+        keys: 1_000_000,
+        load_secs: 5.0,
+        lag_writes: 1_000,
+        dataset: None,
+    };
     let mut keys = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -50,13 +60,14 @@ fn parse_opts() -> Res<Opts> {
             "--json" => o.json = true,
             "--only" => o.only = Some(args.next().ok_or("--only needs a list")?.split(',').map(String::from).collect()),
             "--keys" => keys = Some(args.next().ok_or("--keys needs a number")?.parse()?),
+            "--dataset" => o.dataset = Some(args.next().ok_or("--dataset needs a directory")?.into()),
             "--serve-ceiling" => {
                 serve_ceiling()?;
                 std::process::exit(0);
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,ttl,antientropy,bootstrap,restart,snapshot,scale] [--keys N]"
+                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,ttl,antientropy,bootstrap,restart,snapshot,scale] [--keys N] [--dataset DIR]"
                 );
                 std::process::exit(0);
             }
@@ -509,6 +520,12 @@ fn copy_dir(from: &Path, to: &Path) -> Res<()> {
     let status = Command::new("cp").arg("-r").arg(from).arg(to).status()?;
     if !status.success() {
         return Err("cp failed".into());
+    }
+    // Written back before anything is measured: a 10M-key copy leaves gigabytes of
+    // dirty pages, and the kernel writing them back made the fsyncs of the nodes that
+    // started on it wait (one anti-entropy round: 96 to 620 ms in five runs).
+    if !Command::new("sync").status()?.success() {
+        return Err("sync failed".into());
     }
     Ok(())
 }
@@ -982,12 +999,26 @@ impl Bench {
     }
 
     /// Builds the shared 1M-key dataset once.
+    /// The main dataset (`--keys` keys) and the timestamp its versions start from. With
+    /// `--dataset DIR` it is kept there, with its key count and start in `DIR.json`,
+    /// and reused by the next run that asks for as many keys.
     async fn dataset(&self) -> Res<(PathBuf, u64)> {
-        let dir = self.tmp.path().join("dataset");
+        let dir = self.opts.dataset.clone().unwrap_or_else(|| self.tmp.path().join("dataset"));
+        let about = dir.with_extension("json");
+        if self.opts.dataset.is_some() && dir.exists() {
+            let v: Value = serde_json::from_slice(&std::fs::read(&about)?)?;
+            if v["keys"].as_u64() != Some(self.opts.keys as u64) {
+                return Err(format!("{} holds {} keys, not --keys {}", dir.display(), v["keys"], self.opts.keys).into());
+            }
+            return Ok((dir, v["base"].as_u64().ok_or("no base in the dataset's json")?));
+        }
         let base = kvs::hlc::from_ms(kvs::clock::now_ms() - 3_600_000);
         if !dir.exists() {
             let t = Instant::now();
             build_dataset(&dir, self.opts.keys, base, &[], false).await?;
+            if self.opts.dataset.is_some() {
+                std::fs::write(&about, json!({"keys": self.opts.keys, "base": base}).to_string())?;
+            }
             if !self.opts.json {
                 println!(
                     "{:<28} {{\"keys\": {}, \"secs\": {:.1}}}",
