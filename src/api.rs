@@ -246,7 +246,12 @@ impl From<StoreError> for ApiError {
 
 /// A response with a JSON body.
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    json_bytes_response(status, Bytes::from(body.to_string()))
+}
+
+/// A response with a JSON body already encoded.
+pub fn json_bytes_response(status: StatusCode, body: Bytes) -> HttpResponse {
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
