@@ -133,6 +133,19 @@ impl Collector for NodeCollector {
             "Times the writer had every memtable rotated (flushed) to bound the write buffer",
             self.store.forced_rotations(),
         )?;
+        {
+            let c = ConstCounter::new(0u64);
+            let mut m = e.encode_descriptor(
+                "storage_block_reads",
+                "Table blocks read by point reads and scans, by kind and whether the block cache had them (index and filter blocks held in memory are not counted)",
+                None,
+                c.metric_type(),
+            )?;
+            for (block, disk, cache) in self.store.block_reads() {
+                ConstCounter::new(disk).encode(m.encode_family(&[("block", block), ("from", "disk")])?)?;
+                ConstCounter::new(cache).encode(m.encode_family(&[("block", block), ("from", "cache")])?)?;
+            }
+        }
         let feed = &self.feed;
         gauge(&mut e, "change_seq", "The change feed's last seq on this node", self.store.last_seq() as i64)?;
         gauge(&mut e, "change_watchers", "Change feed long-polls and streams open", feed.watchers() as i64)?;

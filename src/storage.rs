@@ -32,6 +32,7 @@ use crate::hlc::{self, Hlc};
 use crate::merge::{self, Decision, Floors};
 use crate::record::{CorruptRecord, Record};
 use bytes::Bytes;
+use fjall::config::{FilterPolicy, PartitioningPolicy, PinningPolicy};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::collections::HashMap;
 use std::path::Path;
@@ -287,6 +288,37 @@ pub const WRITE_BUFFER_BYTES: u64 = 128 * 1024 * 1024;
 /// down in one place).
 pub const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
+/// Options of the keyspaces read by key (`records`, `dormant`, `meta`): every table
+/// keeps its filter and index blocks in memory, whole, on every level. fjall's
+/// default keeps them only for the first levels (filters on L0, indexes on L0 and L1)
+/// and splits them into partitions read through the cache from L3 down; below L1, each point read loaded a table's whole filter block and index block (a few
+/// hundred KiB each) through the block cache and checksummed them, and at 10M keys
+/// the 32 MiB cache held too few of them: GET at 10M keys ran at 4.5k req/s against
+/// 37k at 100k keys, two thirds of its CPU in `pread` and xxh3 (BENCHMARKS.md "Ten
+/// million keys"). What this holds in memory grows with the keys, about 2.5 bytes a
+/// key (10 bits of filter and an index entry per 4 KiB data block): the rule RocksDB
+/// follows by default too. fjall stores a keyspace's options when it creates it, so
+/// these apply to data dirs created from this version on.
+fn point_read_options() -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default()
+        .filter_block_partitioning_policy(PartitioningPolicy::all(false))
+        .index_block_partitioning_policy(PartitioningPolicy::all(false))
+        .filter_block_pinning_policy(PinningPolicy::all(true))
+        .index_block_pinning_policy(PinningPolicy::all(true))
+}
+
+/// Options of the keyspaces only ever scanned (`by_time`, `by_bucket`, `changes`,
+/// `expiry`, `summary`): no filter (fjall consults filters only on point reads, so
+/// building them was flush and compaction work for nothing) and indexes in memory on
+/// every level, so each seek of a scan (a sync round lists a hundred summary leaves)
+/// does not load a table's whole index block.
+fn scan_options() -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default()
+        .filter_policy(FilterPolicy::disabled())
+        .index_block_partitioning_policy(PartitioningPolicy::all(false))
+        .index_block_pinning_policy(PinningPolicy::all(true))
+}
+
 /// Runs a storage call on the blocking pool, off the async workers (fjall may block).
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -515,14 +547,14 @@ impl Store {
             durable_marker(&created)?;
             std::fs::remove_file(&creating).map_err(|e| fs_err("remove", &creating, e))?;
         }
-        let records = db.keyspace("records", KeyspaceCreateOptions::default).map_err(io)?;
-        let by_time = db.keyspace("by_time", KeyspaceCreateOptions::default).map_err(io)?;
-        let by_bucket = db.keyspace("by_bucket", KeyspaceCreateOptions::default).map_err(io)?;
-        let summary = db.keyspace("summary", KeyspaceCreateOptions::default).map_err(io)?;
-        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(io)?;
-        let dormant = db.keyspace("dormant", KeyspaceCreateOptions::default).map_err(io)?;
-        let changes = db.keyspace("changes", KeyspaceCreateOptions::default).map_err(io)?;
-        let expiry = db.keyspace("expiry", KeyspaceCreateOptions::default).map_err(io)?;
+        let records = db.keyspace("records", point_read_options).map_err(io)?;
+        let by_time = db.keyspace("by_time", scan_options).map_err(io)?;
+        let by_bucket = db.keyspace("by_bucket", scan_options).map_err(io)?;
+        let summary = db.keyspace("summary", scan_options).map_err(io)?;
+        let meta = db.keyspace("meta", point_read_options).map_err(io)?;
+        let dormant = db.keyspace("dormant", point_read_options).map_err(io)?;
+        let changes = db.keyspace("changes", scan_options).map_err(io)?;
+        let expiry = db.keyspace("expiry", scan_options).map_err(io)?;
         match read_u64(&meta, META_FORMAT)? {
             0 if fresh => meta.insert(META_FORMAT, FORMAT_WITHOUT_TTL.to_be_bytes()).map_err(io)?,
             0 | 1 => upgrade_from_ms(&db, [&records, &by_time, &by_bucket, &summary, &meta])?,
@@ -695,6 +727,26 @@ impl Store {
     /// fjall's write buffer (memtables), in bytes.
     pub fn write_buffer_bytes(&self) -> u64 {
         self.inner.db.write_buffer_size()
+    }
+
+    /// Table blocks read since the node started, over every keyspace: data, index and
+    /// filter blocks, each as (read from the files, found in the block cache). Index
+    /// and filter blocks held in memory ([`point_read_options`]) are not read at all.
+    pub fn block_reads(&self) -> [(&'static str, u64, u64); 3] {
+        let mut out = [("data", 0, 0), ("index", 0, 0), ("filter", 0, 0)];
+        for ks in self.inner.keyspaces() {
+            let m = ks.metrics();
+            // fjall's `*_load_count` counts both; its `*_load_cached_count` the cache hits.
+            for (row, (all, cached)) in out.iter_mut().zip([
+                (m.data_block_load_count(), m.data_block_load_cached_count()),
+                (m.index_block_load_count(), m.index_block_load_cached_count()),
+                (m.filter_block_load_count(), m.filter_block_load_cached_count()),
+            ]) {
+                row.1 += all.saturating_sub(cached) as u64;
+                row.2 += cached as u64;
+            }
+        }
+        out
     }
 
     /// Times the writer rotated every memtable because the write buffer was over its
@@ -1197,16 +1249,7 @@ impl Store {
         // rotate_memtable_and_wait is public but undocumented in fjall 3.1 (the
         // version is pinned by Cargo.lock). Without it, a clean restart of a node
         // holding 1M keys replayed the whole journal: 6.6 s to the first request.
-        for ks in [
-            &inner.records,
-            &inner.by_time,
-            &inner.by_bucket,
-            &inner.summary,
-            &inner.meta,
-            &inner.dormant,
-            &inner.changes,
-            &inner.expiry,
-        ] {
+        for ks in inner.keyspaces() {
             ks.rotate_memtable_and_wait().map_err(|e| self.fail(io(e)))?;
         }
         // Everything is durable: the next start may go on with this change feed.
@@ -2420,6 +2463,44 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert_eq!(store.live_keys(), n + 1);
+        writer.close(&store).unwrap();
+    }
+
+    #[test]
+    fn point_reads_load_no_index_or_filter_block_on_any_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        {
+            let (store, writer) = open(dir.path());
+            rt.block_on(async {
+                for i in 0..3_000 {
+                    writer.put(format!("k/{i}"), Bytes::from(vec![b'1'; 100])).await.unwrap();
+                }
+            });
+            writer.close(&store).unwrap();
+        }
+        let (store, writer) = open(dir.path());
+        // Down to the last level, where fjall's defaults keep neither block in memory.
+        for ks in store.inner.keyspaces() {
+            ks.major_compact().unwrap();
+        }
+        writer.close(&store).unwrap();
+        drop(store);
+        let (store, writer) = open(dir.path());
+        let before = store.block_reads();
+        for i in (0..3_000).step_by(7) {
+            assert!(store.get(&format!("k/{i}")).unwrap().is_some());
+            assert!(store.get(&format!("missing/{i}")).unwrap().is_none());
+        }
+        // Scans seek by index too: the leaves of a sync round, the change feed.
+        let leaves: Vec<u16> = (0..3_000).step_by(97).map(|i| crate::antientropy::leaf_of(&format!("k/{i}"))).collect();
+        assert!(!store.versions_in_leaves(&leaves).unwrap().is_empty());
+        assert!(!store.versions_since(Some((0, "k/1")), 10).unwrap().is_empty());
+        let after = store.block_reads();
+        assert!(after[0].1 + after[0].2 > before[0].1 + before[0].2, "the reads went to the tables");
+        // Before, each read loaded the table's index block and filter block (from the
+        // block cache at best): at 10M keys that was most of a GET's time.
+        assert_eq!((after[1], after[2]), (before[1], before[2]), "index and filter blocks read");
         writer.close(&store).unwrap();
     }
 
