@@ -133,6 +133,12 @@ impl Collector for NodeCollector {
             "Times the writer had every memtable rotated (flushed) to bound the write buffer",
             self.store.forced_rotations(),
         )?;
+        gauge(
+            &mut e,
+            "storage_pinned_bytes",
+            "Bytes of the tables' bloom filters and indexes held in memory",
+            self.store.pinned_bytes() as i64,
+        )?;
         {
             let c = ConstCounter::new(0u64);
             let mut m = e.encode_descriptor(

@@ -33,7 +33,7 @@ use crate::merge::{self, Decision, Floors};
 use crate::record::{CorruptRecord, Record};
 use bytes::Bytes;
 use fjall::config::{FilterPolicy, PartitioningPolicy, PinningPolicy};
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -228,6 +228,8 @@ struct Inner {
     write_buffer_limit: AtomicU64,
     /// Times the writer rotated every memtable to bound the write buffer.
     forced_rotations: AtomicU64,
+    /// The highest [`Store::block_reads`] figures reported, so they never go back.
+    block_reads_seen: [AtomicU64; 6],
     records: Keyspace,
     by_time: Keyspace,
     by_bucket: Keyspace,
@@ -295,9 +297,10 @@ pub const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// hundred KiB each) through the block cache and checksummed them, and at 10M keys
 /// the 32 MiB cache held too few of them: GET at 10M keys ran at 4.5k req/s against
 /// 37k at 100k keys, two thirds of its CPU in `pread` and xxh3 (BENCHMARKS.md "Ten
-/// million keys"). What this holds in memory grows with the keys, about 2.5 bytes a
-/// key (10 bits of filter and an index entry per 4 KiB data block): the rule RocksDB
-/// follows by default too. fjall stores a keyspace's options when it creates it, so
+/// million keys"). What this holds in memory grows with the data: 10 bits of filter a
+/// key, and an index entry (the block's last key, about the path's length) per 4 KiB
+/// data block, per keyspace ([`Store::pinned_bytes`]; 38 MiB at 10M keys of 100
+/// bytes). RocksDB holds them in memory by default too. fjall stores a keyspace's options when it creates it, so
 /// these apply to data dirs created from this version on.
 fn point_read_options() -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default()
@@ -624,6 +627,7 @@ impl Store {
                 db,
                 write_buffer_limit: AtomicU64::new(WRITE_BUFFER_BYTES),
                 forced_rotations: AtomicU64::new(0),
+                block_reads_seen: Default::default(),
                 records,
                 by_time,
                 by_bucket,
@@ -746,7 +750,25 @@ impl Store {
                 row.2 += cached as u64;
             }
         }
+        // fjall reads its counters one by one while reads go on, so a cache hit between
+        // two of them can make the first figure a little low; a counter never goes back.
+        let seen = &self.inner.block_reads_seen;
+        for (i, row) in out.iter_mut().enumerate() {
+            row.1 = seen[2 * i].fetch_max(row.1, Ordering::Relaxed).max(row.1);
+            row.2 = seen[2 * i + 1].fetch_max(row.2, Ordering::Relaxed).max(row.2);
+        }
         out
+    }
+
+    /// Bytes of bloom filters and index blocks that the tables hold in memory
+    /// ([`point_read_options`]): the tables of the current version, so not those a
+    /// snapshot or a compaction still reads.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.inner
+            .keyspaces()
+            .iter()
+            .map(|ks| (ks.tree.pinned_filter_size() + ks.tree.pinned_block_index_size()) as u64)
+            .sum()
     }
 
     /// Times the writer rotated every memtable because the write buffer was over its
@@ -2498,6 +2520,7 @@ mod tests {
         assert!(!store.versions_since(Some((0, "k/1")), 10).unwrap().is_empty());
         let after = store.block_reads();
         assert!(after[0].1 + after[0].2 > before[0].1 + before[0].2, "the reads went to the tables");
+        assert!(store.pinned_bytes() > 0, "filters and indexes held in memory");
         // Before, each read loaded the table's index block and filter block (from the
         // block cache at best): at 10M keys that was most of a GET's time.
         assert_eq!((after[1], after[2]), (before[1], before[2]), "index and filter blocks read");

@@ -97,6 +97,7 @@ fn metrics_scrape_changes_with_traffic() {
         "kvs_conflicts_resolved_total{rule=\"majority\"}",
         "kvs_push_queue_depth",
         "kvs_storage_block_reads_total{block=\"index\",from=\"disk\"}",
+        "kvs_storage_pinned_bytes",
     ] {
         assert!(after.lines().any(|l| l.starts_with(series)), "{series} missing:\n{after}");
     }

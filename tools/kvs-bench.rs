@@ -161,7 +161,9 @@ fn start_kvs(dir: &Path, extra: &str) -> Res<(Proc, Instant)> {
     std::fs::write(
         &config,
         format!(
-            "port: 0\ndata_dir: ./data\nlog_level: {}\n{extra}",
+            // A dataset kept with --dataset may be older than the change feed's default
+            // 24 h: trimming its feed must not run during a measurement.
+            "port: 0\ndata_dir: ./data\nlog_level: {}\nchanges_retention_hours: 87600\n{extra}",
             std::env::var("KVS_BENCH_LOG").unwrap_or("info".into())
         ),
     )?;
@@ -1000,35 +1002,57 @@ impl Bench {
 
     /// Builds the shared 1M-key dataset once.
     /// The main dataset (`--keys` keys) and the timestamp its versions start from. With
-    /// `--dataset DIR` it is kept there, with its key count and start in `DIR.json`,
-    /// and reused by the next run that asks for as many keys.
+    /// `--dataset DIR` it is kept in DIR, with its key count and start in `DIR.json`
+    /// (written once DIR is complete), and reused by the next run with as many keys.
     async fn dataset(&self) -> Res<(PathBuf, u64)> {
-        let dir = self.opts.dataset.clone().unwrap_or_else(|| self.tmp.path().join("dataset"));
-        let about = dir.with_extension("json");
-        if self.opts.dataset.is_some() && dir.exists() {
+        let Some(dir) = self.opts.dataset.clone() else {
+            let dir = self.tmp.path().join("dataset");
+            let base = kvs::hlc::from_ms(kvs::clock::now_ms() - 3_600_000);
+            if !dir.exists() {
+                self.build_main(&dir, base).await?;
+            }
+            return Ok((dir, base));
+        };
+        let mut about = dir.clone().into_os_string();
+        about.push(".json");
+        let about = PathBuf::from(about);
+        if about.exists() && dir.exists() {
             let v: Value = serde_json::from_slice(&std::fs::read(&about)?)?;
             if v["keys"].as_u64() != Some(self.opts.keys as u64) {
                 return Err(format!("{} holds {} keys, not --keys {}", dir.display(), v["keys"], self.opts.keys).into());
             }
-            return Ok((dir, v["base"].as_u64().ok_or("no base in the dataset's json")?));
+            let base = v["base"].as_u64().ok_or_else(|| format!("no base in {}", about.display()))?;
+            return Ok((dir, base));
+        }
+        if dir.exists() {
+            return Err(format!(
+                "{} exists without {}: an unfinished build; remove it",
+                dir.display(),
+                about.display()
+            )
+            .into());
+        }
+        if about.exists() {
+            std::fs::remove_file(&about)?;
         }
         let base = kvs::hlc::from_ms(kvs::clock::now_ms() - 3_600_000);
-        if !dir.exists() {
-            let t = Instant::now();
-            build_dataset(&dir, self.opts.keys, base, &[], false).await?;
-            if self.opts.dataset.is_some() {
-                std::fs::write(&about, json!({"keys": self.opts.keys, "base": base}).to_string())?;
-            }
-            if !self.opts.json {
-                println!(
-                    "{:<28} {{\"keys\": {}, \"secs\": {:.1}}}",
-                    "(dataset built)",
-                    self.opts.keys,
-                    t.elapsed().as_secs_f64()
-                );
-            }
-        }
+        self.build_main(&dir, base).await?;
+        std::fs::write(&about, json!({"keys": self.opts.keys, "base": base}).to_string())?;
         Ok((dir, base))
+    }
+
+    async fn build_main(&self, dir: &Path, base: u64) -> Res<()> {
+        let t = Instant::now();
+        build_dataset(dir, self.opts.keys, base, &[], false).await?;
+        if !self.opts.json {
+            println!(
+                "{:<28} {{\"keys\": {}, \"secs\": {:.1}}}",
+                "(dataset built)",
+                self.opts.keys,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
     }
 
     async fn antientropy(&mut self) -> Res<()> {
@@ -1059,12 +1083,14 @@ impl Bench {
             writer.apply(records, 0, 0).await?;
             tokio::task::spawn_blocking(move || writer.close(&store)).await??;
         }
-        // a syncs every 0.2 s, b never: one round of a's makes them identical.
+        // a syncs every 2 s, b never: one round of a's makes them identical. Its first
+        // round comes once both nodes are past their start (at 0.2 s, the round at 10M
+        // keys overlapped the nodes' start and took 60 to 200 ms from run to run).
         let common = "gossip_interval_min: 0.1\ngossip_interval_max: 0.2\nfailure_timeout: 3\nremoval_timeout: 6\ncatchup_interval: 3600\n";
         let (b, _) = start_kvs(&dir.join("b"), &format!("node_id: b\nsync_interval: 3600\n{common}"))?;
         let (a, _) = start_kvs(
             &dir.join("a"),
-            &format!("node_id: a\nsync_interval: 0.2\nseed_nodes: [\"{}\"]\n{common}", b.addr),
+            &format!("node_id: a\nsync_interval: 2\nseed_nodes: [\"{}\"]\n{common}", b.addr),
         )?;
         let h = wait_health(&a.addr, "a sync round that repairs", |h| {
             h["replication"]["sync_fetched"].as_u64() >= Some(100)
@@ -1204,7 +1230,8 @@ impl Bench {
             tokio::time::sleep(Duration::from_secs(2)).await;
             self.record(
                 "restart",
-                json!({"keys": self.opts.keys, "first_request_ms": first.as_millis(), "rss_at_rest_mb": a.rss_kib("VmRSS:") / 1024}),
+                json!({"keys": self.opts.keys, "first_request_ms": first.as_millis(), "rss_at_rest_mb": a.rss_kib("VmRSS:") / 1024,
+                       "pinned_mb": metric(&a.addr, "kvs_storage_pinned_bytes").await? / (1 << 20)}),
             );
         }
         if self.wants("bootstrap") {
