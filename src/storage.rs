@@ -292,16 +292,17 @@ pub const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Options of the keyspaces read by key (`records`, `dormant`, `meta`): every table
 /// keeps its filter and index blocks in memory, whole, on every level. fjall's
-/// default keeps them only for the first levels (filters on L0, indexes on L0 and L1)
-/// and splits them into partitions read through the cache from L3 down; below L1, each point read loaded a table's whole filter block and index block (a few
-/// hundred KiB each) through the block cache and checksummed them, and at 10M keys
-/// the 32 MiB cache held too few of them: GET at 10M keys ran at 4.5k req/s against
-/// 37k at 100k keys, two thirds of its CPU in `pread` and xxh3 (BENCHMARKS.md "Ten
-/// million keys"). What this holds in memory grows with the data: 10 bits of filter a
-/// key, and an index entry (the block's last key, about the path's length) per 4 KiB
-/// data block, per keyspace ([`Store::pinned_bytes`]; 38 MiB at 10M keys of 100
-/// bytes). RocksDB holds them in memory by default too. fjall stores a keyspace's options when it creates it, so
-/// these apply to data dirs created from this version on.
+/// default keeps them only on the first levels (filters on L0, indexes on L0 and L1)
+/// and splits them into partitions read through the cache from L3 down. Below L1,
+/// each point read loaded a table's whole filter block and index block (a few hundred
+/// KiB each) through the block cache and checksummed them, and at 10M keys the 32 MiB
+/// cache held too few of them: GET at 10M keys ran at 4.5k req/s against 37k at 100k
+/// keys, two thirds of its CPU in `pread` and xxh3 (BENCHMARKS.md "Ten million keys,
+/// again"). What this holds in memory grows with the data: 10 bits of filter a key,
+/// and an index entry (the block's last key, about a path's length) per 4 KiB data
+/// block, per keyspace ([`Store::pinned_bytes`]; 38 MiB at 10M keys of 100 bytes).
+/// RocksDB holds them in memory by default too. fjall stores a keyspace's options
+/// when it creates it, so these apply to data dirs created from this version on.
 fn point_read_options() -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default()
         .filter_block_partitioning_policy(PartitioningPolicy::all(false))
