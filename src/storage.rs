@@ -274,6 +274,8 @@ struct Inner {
     epoch: std::time::Instant,
     /// Bytes on disk as last measured ([`Store::refresh_disk_bytes`]).
     disk_bytes: AtomicU64,
+    /// Bytes of filters and indexes held in memory, as last measured (the same).
+    pinned_bytes: AtomicU64,
     /// The wall-clock step check; the writer stamps no client write while it fails.
     steps: Arc<crate::clock::StepGuard>,
 }
@@ -651,6 +653,7 @@ impl Store {
                 failed_flag: AtomicBool::new(false),
                 busy_since: AtomicU64::new(0),
                 disk_bytes: AtomicU64::new(0),
+                pinned_bytes: AtomicU64::new(0),
                 steps: Arc::new(crate::clock::StepGuard::new(max_clock_offset_ms / 2)),
                 epoch: std::time::Instant::now(),
             }),
@@ -762,14 +765,11 @@ impl Store {
     }
 
     /// Bytes of bloom filters and index blocks that the tables hold in memory
-    /// ([`point_read_options`]): the tables of the current version, so not those a
-    /// snapshot or a compaction still reads.
+    /// ([`point_read_options`]), as last measured with [`Self::refresh_disk_bytes`]:
+    /// the tables of the current version, so not those a snapshot or a compaction
+    /// still reads.
     pub fn pinned_bytes(&self) -> u64 {
-        self.inner
-            .keyspaces()
-            .iter()
-            .map(|ks| (ks.tree.pinned_filter_size() + ks.tree.pinned_block_index_size()) as u64)
-            .sum()
+        self.inner.pinned_bytes.load(Ordering::Relaxed)
     }
 
     /// Times the writer rotated every memtable because the write buffer was over its
@@ -1291,13 +1291,20 @@ impl Store {
         self.inner.steps.clone()
     }
 
-    /// Measures [`Self::disk_bytes`] again. Blocking (fjall takes its journal lock,
-    /// which a commit holds across fsync): call it off the async workers, never from a
-    /// request.
+    /// Measures [`Self::disk_bytes`] and [`Self::pinned_bytes`] again. Blocking (fjall
+    /// takes its journal lock, which a commit holds across fsync, and each keyspace's
+    /// version lock): call it off the async workers, never from a request.
     pub fn refresh_disk_bytes(&self) {
         if let Ok(n) = self.inner.db.disk_space() {
             self.inner.disk_bytes.store(n, Ordering::Relaxed);
         }
+        let pinned = self
+            .inner
+            .keyspaces()
+            .iter()
+            .map(|ks| (ks.tree.pinned_filter_size() + ks.tree.pinned_block_index_size()) as u64)
+            .sum();
+        self.inner.pinned_bytes.store(pinned, Ordering::Relaxed);
     }
 }
 
@@ -2521,6 +2528,7 @@ mod tests {
         assert!(!store.versions_since(Some((0, "k/1")), 10).unwrap().is_empty());
         let after = store.block_reads();
         assert!(after[0].1 + after[0].2 > before[0].1 + before[0].2, "the reads went to the tables");
+        store.refresh_disk_bytes();
         assert!(store.pinned_bytes() > 0, "filters and indexes held in memory");
         // Before, each read loaded the table's index block and filter block (from the
         // block cache at best): at 10M keys that was most of a GET's time.

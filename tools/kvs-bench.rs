@@ -524,8 +524,8 @@ fn copy_dir(from: &Path, to: &Path) -> Res<()> {
         return Err("cp failed".into());
     }
     // Written back before anything is measured: a 10M-key copy leaves gigabytes of
-    // dirty pages, and the kernel writing them back made the fsyncs of the nodes that
-    // started on it wait (one anti-entropy round: 96 to 620 ms in five runs).
+    // dirty pages for the kernel to write while the nodes started on it are measured
+    // (one anti-entropy round moved between 96 and 620 ms in five runs without this).
     if !Command::new("sync").status()?.success() {
         return Err("sync failed".into());
     }
@@ -1000,7 +1000,6 @@ impl Bench {
         Ok(())
     }
 
-    /// Builds the shared 1M-key dataset once.
     /// The main dataset (`--keys` keys) and the timestamp its versions start from. With
     /// `--dataset DIR` it is kept in DIR, with its key count and start in `DIR.json`
     /// (written once DIR is complete), and reused by the next run with as many keys.
@@ -1084,8 +1083,8 @@ impl Bench {
             tokio::task::spawn_blocking(move || writer.close(&store)).await??;
         }
         // a syncs every 2 s, b never: one round of a's makes them identical. Its first
-        // round comes once both nodes are past their start (at 0.2 s, the round at 10M
-        // keys overlapped the nodes' start and took 60 to 200 ms from run to run).
+        // round comes once both nodes are past their start. (At 10M keys the round's
+        // time still varies from run to run; BENCHMARKS.md has what is known.)
         let common = "gossip_interval_min: 0.1\ngossip_interval_max: 0.2\nfailure_timeout: 3\nremoval_timeout: 6\ncatchup_interval: 3600\n";
         let (b, _) = start_kvs(&dir.join("b"), &format!("node_id: b\nsync_interval: 3600\n{common}"))?;
         let (a, _) = start_kvs(
