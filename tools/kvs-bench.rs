@@ -8,7 +8,8 @@
 //! Scenarios: `ceiling` (a minimal hyper server with a fixed 64-byte JSON body, run as
 //! a separate process like kvs), `get`, `put` (sync and buffer durability, 100-byte
 //! and 10 KB values), `lag` (3 nodes), `auth`, `tls`, `changes`, `ack`, `ttl`,
-//! `antientropy`, `bootstrap`, `restart`. Sizes are
+//! `antientropy`, `bootstrap`, `restart`, `snapshot`, `compare` (Redis and etcd, when
+//! installed), `scale`. Sizes are
 //! flags; `--quick` shrinks them so the whole run takes about a minute.
 
 use bytes::Bytes;
@@ -67,7 +68,7 @@ fn parse_opts() -> Res<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,ttl,antientropy,bootstrap,restart,snapshot,scale] [--keys N] [--dataset DIR]"
+                    "usage: kvs-bench [--quick] [--json] [--only ceiling,get,put,lag,auth,tls,changes,ack,ttl,antientropy,bootstrap,restart,snapshot,compare,scale] [--keys N] [--dataset DIR]"
                 );
                 std::process::exit(0);
             }
@@ -192,6 +193,50 @@ fn start_kvs(dir: &Path, extra: &str) -> Res<(Proc, Instant)> {
     Err("kvs did not start".into())
 }
 
+/// A free port on 127.0.0.1, for a server that cannot be told to pick its own and
+/// report it (Redis, etcd). Another process may take it before the server binds it:
+/// the server then fails to start and [`wait_ready`] says so.
+fn free_port() -> Res<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts `program` with `args` in `dir`, its output in `dir/server.log`, serving at
+/// `addr`; `None` when it is not installed.
+fn start_server(dir: &Path, program: &str, args: &[String], addr: String) -> Res<Option<Proc>> {
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::File::create(dir.join("server.log"))?;
+    let spawned = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn();
+    match spawned {
+        Ok(child) => Ok(Some(Proc { child, addr })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{program}: {e}").into()),
+    }
+}
+
+/// Waits until `spec`'s server answers a read (found or not), or fails if `proc` exits.
+async fn wait_ready(proc: &mut Proc, spec: &Spec, dir: &Path) -> Res<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(mut c) = Client::open(spec).await
+            && let Ok(status) = c.call(Method::GET, "/kv/bench/ready", Bytes::new()).await
+            && (status.is_success() || status == StatusCode::NOT_FOUND)
+        {
+            return Ok(());
+        }
+        if let Ok(Some(s)) = proc.child.try_wait() {
+            return Err(format!("{} exited with {s}; see {}/server.log", spec.addr, dir.display()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!("{} did not answer; see {}/server.log", spec.addr, dir.display()).into())
+}
+
 /// One keep-alive HTTP/1 connection.
 struct Conn {
     send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
@@ -298,12 +343,136 @@ async fn load(
     load_as(addr, None, conns, secs, make).await
 }
 
-/// Where a load goes: an address, with a token or over TLS.
+/// Where a load goes: an address, with a token or over TLS, and what it speaks.
 #[derive(Clone)]
 struct Spec {
     addr: String,
     token: Option<String>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    proto: Proto,
+}
+
+impl Spec {
+    fn kvs(addr: &str) -> Spec {
+        Spec { addr: addr.to_string(), token: None, tls: None, proto: Proto::Kvs }
+    }
+}
+
+/// What a server speaks: kvs's HTTP API, or, for the `compare` scenario, Redis's RESP
+/// or etcd's v3 JSON gateway.
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    Kvs,
+    Redis,
+    Etcd,
+}
+
+/// A connection a load runs on. Loads are written as kvs requests (`GET` or `PUT` of a
+/// `/kv/<key>` path); Redis and etcd get the equivalent request for the same key and
+/// value, one in flight per connection as for kvs.
+enum Client {
+    Http(Conn),
+    Etcd(Conn),
+    Redis(Resp),
+}
+
+impl Client {
+    async fn open(spec: &Spec) -> Res<Client> {
+        Ok(match spec.proto {
+            Proto::Kvs => Client::Http(Conn::open_spec(spec).await?),
+            Proto::Etcd => Client::Etcd(Conn::open(&spec.addr).await?),
+            Proto::Redis => Client::Redis(Resp::open(&spec.addr).await?),
+        })
+    }
+
+    /// Sends `method` on the `/kv/<key>` `path` (or its equivalent); the answer's status.
+    async fn call(&mut self, method: Method, path: &str, body: Bytes) -> Res<StatusCode> {
+        let key = || path.strip_prefix("/kv/").ok_or_else(|| Err::from(format!("not a key path: {path}")));
+        match self {
+            Client::Http(c) => Ok(c.call(method, path, body).await?.0),
+            Client::Etcd(c) => {
+                use base64::Engine;
+                let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+                let (url, req) = if method == Method::PUT {
+                    ("/v3/kv/put", json!({"key": b64(key()?.as_bytes()), "value": b64(&body)}))
+                } else {
+                    ("/v3/kv/range", json!({"key": b64(key()?.as_bytes())}))
+                };
+                Ok(c.call(Method::POST, url, Bytes::from(serde_json::to_vec(&req)?)).await?.0)
+            }
+            Client::Redis(c) => {
+                let key = key()?.as_bytes();
+                let reply = if method == Method::PUT {
+                    c.command(&[b"SET", key, &body]).await?
+                } else {
+                    c.command(&[b"GET", key]).await?
+                };
+                Ok(match reply {
+                    RespReply::Ok => StatusCode::OK,
+                    RespReply::Nil => StatusCode::NOT_FOUND,
+                    RespReply::Error => StatusCode::INTERNAL_SERVER_ERROR,
+                })
+            }
+        }
+    }
+}
+
+/// A Redis connection speaking just enough RESP for `SET`, `GET` and `PING`. Written
+/// here rather than taken from the `redis` crate so that the client side of a Redis
+/// load does what kvs's does (one request in flight per connection, no pipelining or
+/// multiplexing), which the comparison depends on.
+struct Resp {
+    stream: tokio::io::BufStream<tokio::net::TcpStream>,
+    line: Vec<u8>,
+}
+
+enum RespReply {
+    /// `+OK`, a bulk string or an integer.
+    Ok,
+    /// A nil bulk string: no such key.
+    Nil,
+    Error,
+}
+
+impl Resp {
+    async fn open(addr: &str) -> Res<Resp> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Resp { stream: tokio::io::BufStream::new(stream), line: Vec::new() })
+    }
+
+    async fn command(&mut self, args: &[&[u8]]) -> Res<RespReply> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        self.line.clear();
+        if self.stream.read_until(b'\n', &mut self.line).await? == 0 {
+            return Err("redis closed the connection".into());
+        }
+        let line = std::str::from_utf8(&self.line)?.trim_end();
+        let (kind, rest) = line.split_at_checked(1).ok_or("empty redis reply")?;
+        match kind {
+            "+" | ":" => Ok(RespReply::Ok),
+            "-" => Ok(RespReply::Error),
+            "$" => {
+                let len: i64 = rest.parse()?;
+                if len < 0 {
+                    return Ok(RespReply::Nil);
+                }
+                // The value and its CRLF.
+                let mut value = vec![0; usize::try_from(len)? + 2];
+                self.stream.read_exact(&mut value).await?;
+                Ok(RespReply::Ok)
+            }
+            _ => Err(format!("unexpected redis reply: {line}").into()),
+        }
+    }
 }
 
 /// [`load`] with a token on every request.
@@ -314,7 +483,7 @@ async fn load_as(
     secs: f64,
     make: impl Fn(&mut StdRng) -> (Method, String, Bytes) + Send + Sync + Clone + 'static,
 ) -> Res<Load> {
-    load_spec(Spec { addr: addr.to_string(), token, tls: None }, conns, secs, make).await
+    load_spec(Spec { token, ..Spec::kvs(addr) }, conns, secs, make).await
 }
 
 /// [`load`] to a [`Spec`].
@@ -331,12 +500,12 @@ async fn load_spec(
         let make = make.clone();
         tasks.spawn(async move {
             let mut rng = StdRng::seed_from_u64(i as u64);
-            let mut c = Conn::open_spec(&spec).await?;
+            let mut c = Client::open(&spec).await?;
             let (mut lat, mut errors) = (Vec::with_capacity(100_000), 0u64);
             while Instant::now() < deadline {
                 let (m, p, b) = make(&mut rng);
                 let t = Instant::now();
-                let (status, _) = c.call(m, &p, b).await?;
+                let status = c.call(m, &p, b).await?;
                 lat.push(t.elapsed().as_micros() as u64);
                 if !status.is_success() {
                     errors += 1;
@@ -358,6 +527,12 @@ async fn load_spec(
     Ok(all)
 }
 
+/// The median run of a series, by throughput.
+fn median(mut runs: Vec<Load>) -> Load {
+    runs.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
+    runs.swap_remove(runs.len() / 2)
+}
+
 fn key_path(rng: &mut StdRng, space: usize) -> String {
     let i = rng.random_range(0..space);
     format!("/kv/users/u{}/items/i{}", i % 10_000, i)
@@ -376,30 +551,26 @@ fn random_value(seed: usize) -> Bytes {
 }
 
 async fn preload(addr: &str, keys: usize, size: usize) -> Res<()> {
-    preload_as(addr, None, keys, size).await
+    preload_spec(&Spec::kvs(addr), keys, size).await
 }
 
-async fn preload_as(addr: &str, token: Option<&str>, keys: usize, size: usize) -> Res<()> {
-    preload_with(addr, token, keys, size, ("", "")).await
+async fn preload_spec(spec: &Spec, keys: usize, size: usize) -> Res<()> {
+    preload_with(spec, keys, size, ("", "")).await
 }
 
-/// [`preload_as`] with the keys under `/kv/<prefix>users/...` and `query` after each.
-async fn preload_with(
-    addr: &str,
-    token: Option<&str>,
-    keys: usize,
-    size: usize,
-    (prefix, query): (&'static str, &'static str),
-) -> Res<()> {
+/// [`preload_spec`] with the keys under `/kv/<prefix>users/...` and `query` after each.
+async fn preload_with(spec: &Spec, keys: usize, size: usize, (prefix, query): (&'static str, &'static str)) -> Res<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..16 {
-        let addr = addr.to_string();
-        let token = token.map(str::to_string);
+        let spec = spec.clone();
         tasks.spawn(async move {
-            let mut c = Conn::open_as(&addr, token.as_deref()).await?;
+            let mut c = Client::open(&spec).await?;
             for i in (w..keys).step_by(16) {
                 let p = format!("/kv/{prefix}users/u{}/items/i{}{query}", i % 10_000, i);
-                c.call(Method::PUT, &p, value(size)).await?;
+                let status = c.call(Method::PUT, &p, value(size)).await?;
+                if !status.is_success() {
+                    return Err(format!("preload: PUT {p}: {status}").into());
+                }
             }
             Ok::<_, Err>(())
         });
@@ -574,6 +745,16 @@ impl Bench {
         self.results.insert(name.to_string(), v);
     }
 
+    /// Records a scenario as skipped for `why`; under CI (`CI` set; `.ci/run` installs
+    /// what every scenario needs) that is an error instead.
+    fn skip(&mut self, name: &str, why: &str) -> Res<()> {
+        if std::env::var_os("CI").is_some() {
+            return Err(format!("{name}: {why}").into());
+        }
+        self.record(name, json!({ "skipped": why }));
+        Ok(())
+    }
+
     async fn http(&mut self) -> Res<()> {
         let secs = self.opts.load_secs;
         let space = if self.opts.quick { 10_000 } else { 100_000 };
@@ -641,36 +822,143 @@ impl Bench {
         // Five rounds: PUT runs are bimodal (a run that meets a memtable flush is slower),
         // and the median of three still swung from 0.9x to 2.4x between two identical runs.
         const ROUNDS: usize = 5;
-        let secs = self.opts.load_secs;
         for (op, name) in [(Method::GET, "get c=32"), (Method::PUT, "put buffer c=32")] {
-            let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
-            for _ in 0..ROUNDS {
-                for (k, spec) in specs.iter().cloned().enumerate() {
-                    let op = op.clone();
-                    let make = move |r: &mut StdRng| {
-                        let body = if op == Method::PUT { value(100) } else { Bytes::new() };
-                        (op.clone(), key_path(r, space), body)
-                    };
-                    runs[k].push(load_spec(spec, 32, secs, make).await?);
-                }
-            }
+            let runs = <[Vec<Load>; 2]>::try_from(self.series(&specs, op, space, ROUNDS).await?)
+                .map_err(|_| "two series expected")?;
             self.record_medians(runs, [&format!("{name} {}", labels[0]), &format!("{name} {}", labels[1])], ratio);
         }
         Ok(())
     }
 
+    /// `op` at 32 connections against each of `specs` in turn, `rounds` times over,
+    /// on keys `0..space`: the runs against each.
+    async fn series(&self, specs: &[Spec], op: Method, space: usize, rounds: usize) -> Res<Vec<Vec<Load>>> {
+        let mut runs: Vec<Vec<Load>> = specs.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            for (k, spec) in specs.iter().cloned().enumerate() {
+                let op = op.clone();
+                let make = move |r: &mut StdRng| {
+                    let body = if op == Method::PUT { value(100) } else { Bytes::new() };
+                    (op.clone(), key_path(r, space), body)
+                };
+                runs[k].push(load_spec(spec, 32, self.opts.load_secs, make).await?);
+            }
+        }
+        Ok(runs)
+    }
+
     /// Records the median run (by throughput) of each of two alternated series, the
     /// second with its throughput as a ratio of the first's under `ratio`.
-    fn record_medians(&mut self, mut runs: [Vec<Load>; 2], names: [&str; 2], ratio: &str) {
-        let median = |v: &mut Vec<Load>| {
-            v.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
-            v.swap_remove(v.len() / 2)
-        };
-        let (first, second) = (median(&mut runs[0]), median(&mut runs[1]));
+    fn record_medians(&mut self, runs: [Vec<Load>; 2], names: [&str; 2], ratio: &str) {
+        let [first, second] = runs.map(median);
         let mut j = second.to_json();
         j[ratio] = json!((second.rps() / first.rps() * 100.0).round() / 100.0);
         self.record(names[0], first.to_json());
         self.record(names[1], j);
+    }
+
+    /// kvs next to Redis and etcd on this machine, when they are installed (`apt-get
+    /// install redis-server etcd-server`): GET at 32 connections (kvs, Redis, etcd),
+    /// PUT at 32 connections acknowledged before fsync (kvs `buffer`, Redis AOF with
+    /// `appendfsync everysec`) and after it (kvs `sync`, Redis `appendfsync always`,
+    /// etcd, which fsyncs every raft entry). Same keys, 100-byte values, one request
+    /// in flight per connection; etcd through its v3 JSON gateway (what a curl user
+    /// gets). The servers of a row take turns, three rounds; medians, and on each other
+    /// server's row `kvs_x`: kvs's throughput over its.
+    async fn compare(&mut self) -> Res<()> {
+        let space = if self.opts.quick { 10_000 } else { 100_000 };
+        let dir = self.tmp.path().join("compare");
+        let (kvs_buffer, _) = start_kvs(&dir.join("kvs-buffer"), "durability: buffer\n")?;
+        let (kvs_sync, _) = start_kvs(&dir.join("kvs-sync"), "durability: sync\n")?;
+        let mut servers = Vec::new();
+        for (name, fsync) in [("redis-everysec", "everysec"), ("redis-always", "always")] {
+            let port = free_port()?;
+            let args = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                ".",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                fsync,
+            ]
+            .map(String::from);
+            let addr = format!("127.0.0.1:{port}");
+            let Some(p) = start_server(&dir.join(name), "redis-server", &args, addr)? else {
+                return self.skip("compare", "redis-server is not installed (apt-get install redis-server)");
+            };
+            servers.push((p, Proto::Redis, dir.join(name)));
+        }
+        let (client, peer) = (free_port()?, free_port()?);
+        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let args = [
+            "--name",
+            "bench",
+            "--data-dir",
+            "data",
+            "--listen-client-urls",
+            &url(client),
+            "--advertise-client-urls",
+            &url(client),
+            "--listen-peer-urls",
+            &url(peer),
+            "--initial-advertise-peer-urls",
+            &url(peer),
+            "--initial-cluster",
+            &format!("bench={}", url(peer)),
+        ]
+        .map(String::from);
+        let Some(p) = start_server(&dir.join("etcd"), "etcd", &args, format!("127.0.0.1:{client}"))? else {
+            return self.skip("compare", "etcd is not installed (apt-get install etcd-server)");
+        };
+        servers.push((p, Proto::Etcd, dir.join("etcd")));
+        let mut specs = Vec::new();
+        for (p, proto, dir) in &mut servers {
+            let spec = Spec { proto: *proto, ..Spec::kvs(&p.addr) };
+            wait_ready(p, &spec, dir).await?;
+            specs.push(spec);
+        }
+        let [redis_everysec, redis_always, etcd] = <[Spec; 3]>::try_from(specs).map_err(|_| "three servers")?;
+        let (kvs_buffer, kvs_sync) = (Spec::kvs(&kvs_buffer.addr), Spec::kvs(&kvs_sync.addr));
+        // Every key read exists (a miss costs less than a read).
+        for spec in [&kvs_buffer, &redis_everysec, &etcd] {
+            preload_spec(spec, space, 100).await?;
+        }
+        let rows = [
+            (
+                "get c=32",
+                Method::GET,
+                vec![("kvs", kvs_buffer.clone()), ("redis", redis_everysec.clone()), ("etcd", etcd.clone())],
+            ),
+            (
+                "put c=32 before fsync",
+                Method::PUT,
+                vec![("kvs buffer", kvs_buffer), ("redis everysec", redis_everysec)],
+            ),
+            (
+                "put c=32 after fsync",
+                Method::PUT,
+                vec![("kvs sync", kvs_sync), ("redis always", redis_always), ("etcd", etcd)],
+            ),
+        ];
+        for (name, op, row) in rows {
+            let specs: Vec<Spec> = row.iter().map(|(_, s)| s.clone()).collect();
+            let medians: Vec<Load> = self.series(&specs, op, space, 3).await?.into_iter().map(median).collect();
+            let kvs_rps = medians[0].rps();
+            for ((label, _), m) in row.iter().zip(&medians) {
+                let mut j = m.to_json();
+                if m.rps() > 0.0 && !label.starts_with("kvs") {
+                    j["kvs_x"] = json!((kvs_rps / m.rps() * 100.0).round() / 100.0);
+                }
+                self.record(&format!("compare {name} {label}"), j);
+            }
+        }
+        Ok(())
     }
 
     /// GET and PUT (buffer) at 32 connections on a node without client auth and on
@@ -701,10 +989,10 @@ impl Bench {
         }
         let v: Value = serde_json::from_slice(&answer)?;
         let token = v["secret"].as_str().ok_or("no secret")?.to_string();
-        preload(&off.addr, space, 100).await?;
-        preload_as(&on.addr, Some(&token), space, 100).await?;
-        let off = Spec { addr: off.addr.clone(), token: None, tls: None };
-        let on = Spec { addr: on.addr.clone(), token: Some(token), tls: None };
+        let off = Spec::kvs(&off.addr);
+        let on = Spec { token: Some(token), ..Spec::kvs(&on.addr) };
+        preload_spec(&off, space, 100).await?;
+        preload_spec(&on, space, 100).await?;
         self.alternate([off, on], ["no auth", "client_auth"], "x_no_auth", space).await
     }
 
@@ -765,26 +1053,11 @@ impl Bench {
             dir.display()
         );
         let (tls, _) = start_kvs(&self.tmp.path().join("tls-on"), &files)?;
-        preload(&plain.addr, space, 100).await?;
-        let on = Spec { addr: tls.addr.clone(), token: None, tls: Some(client) };
-        let off = Spec { addr: plain.addr.clone(), token: None, tls: None };
-        {
-            // Preload the TLS node through TLS connections.
-            let mut tasks = tokio::task::JoinSet::new();
-            for w in 0..16 {
-                let on = on.clone();
-                tasks.spawn(async move {
-                    let mut c = Conn::open_spec(&on).await?;
-                    for i in (w..space).step_by(16) {
-                        c.call(Method::PUT, &format!("/kv/users/u{}/items/i{}", i % 10_000, i), value(100)).await?;
-                    }
-                    Ok::<_, Err>(())
-                });
-            }
-            while let Some(r) = tasks.join_next().await {
-                r??;
-            }
-        }
+        let on = Spec { tls: Some(client), ..Spec::kvs(&tls.addr) };
+        let off = Spec::kvs(&plain.addr);
+        preload_spec(&off, space, 100).await?;
+        // The TLS node is preloaded through TLS connections.
+        preload_spec(&on, space, 100).await?;
         self.alternate([off, on], ["plain", "tls"], "x_plain", space).await
     }
 
@@ -919,7 +1192,7 @@ impl Bench {
         let space = if self.opts.quick { 10_000 } else { 100_000 };
         // Every key read exists (a 404 costs less than a read).
         preload(&node.addr, space, 100).await?;
-        preload_with(&node.addr, None, space, 100, ("ttl/", "?ttl=3600")).await?;
+        preload_with(&Spec::kvs(&node.addr), space, 100, ("ttl/", "?ttl=3600")).await?;
         for (op, name) in [(Method::PUT, "put buffer c=32"), (Method::GET, "get c=32")] {
             let mut runs: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
             for _ in 0..5 {
@@ -1294,6 +1567,9 @@ fn main() -> std::process::ExitCode {
             }
             if bench.wants("snapshot") {
                 bench.snapshot().await?;
+            }
+            if bench.wants("compare") {
+                bench.compare().await?;
             }
             if bench.wants("scale") {
                 bench.scale().await?;
