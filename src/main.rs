@@ -7,6 +7,10 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage: kvs [CONFIG_PATH]   (default: config.yaml; created with defaults when missing)\n       kvs keygen        (print a new cluster key for cluster_key_file)";
 
+/// jemalloc instead of glibc's malloc: see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let path = match (args.next(), args.next()) {
