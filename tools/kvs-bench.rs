@@ -193,11 +193,14 @@ fn start_kvs(dir: &Path, extra: &str) -> Res<(Proc, Instant)> {
     Err("kvs did not start".into())
 }
 
-/// A free port on 127.0.0.1, for a server that cannot be told to pick its own and
-/// report it (Redis, etcd). Another process may take it before the server binds it:
-/// the server then fails to start and [`wait_ready`] says so.
-fn free_port() -> Res<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct free ports on 127.0.0.1, for servers that cannot be told to pick their
+/// own and report it (Redis, etcd). All are held until all are drawn, so no two are
+/// the same. Another process may take one before its server binds it: that server
+/// then fails to start and [`wait_ready`] says so.
+fn free_ports<const N: usize>() -> Res<[u16; N]> {
+    let held = (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
+    let ports = held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<Vec<_>, _>>()?;
+    <[u16; N]>::try_from(ports).map_err(|_| "port count".into())
 }
 
 /// Starts `program` with `args` in `dir`, its output in `dir/server.log`, serving at
@@ -861,18 +864,22 @@ impl Bench {
     /// install redis-server etcd-server`): GET at 32 connections (kvs, Redis, etcd),
     /// PUT at 32 connections acknowledged before fsync (kvs `buffer`, Redis AOF with
     /// `appendfsync everysec`) and after it (kvs `sync`, Redis `appendfsync always`,
-    /// etcd, which fsyncs every raft entry). Same keys, 100-byte values, one request
-    /// in flight per connection; etcd through its v3 JSON gateway (what a curl user
-    /// gets). The servers of a row take turns, three rounds; medians, and on each other
-    /// server's row `kvs_x`: kvs's throughput over its.
+    /// etcd, which fsyncs its log before it answers). Same keys, 100-byte values, every
+    /// server preloaded with them, one request in flight per connection; etcd through
+    /// its v3 JSON gateway (what a curl user gets). The servers of a row take turns,
+    /// five rounds; medians, and on each other server's row `kvs_x`: kvs's throughput
+    /// over its. Any failed request fails the scenario (a fast error is no throughput).
     async fn compare(&mut self) -> Res<()> {
+        const ROUNDS: usize = 5;
         let space = if self.opts.quick { 10_000 } else { 100_000 };
         let dir = self.tmp.path().join("compare");
         let (kvs_buffer, _) = start_kvs(&dir.join("kvs-buffer"), "durability: buffer\n")?;
         let (kvs_sync, _) = start_kvs(&dir.join("kvs-sync"), "durability: sync\n")?;
+        let [redis_ports @ .., client, peer] = free_ports::<4>()?;
         let mut servers = Vec::new();
-        for (name, fsync) in [("redis-everysec", "everysec"), ("redis-always", "always")] {
-            let port = free_port()?;
+        for ((name, fsync), port) in
+            [("redis-everysec", "everysec"), ("redis-always", "always")].into_iter().zip(redis_ports)
+        {
             let args = [
                 "--port",
                 &port.to_string(),
@@ -894,7 +901,6 @@ impl Bench {
             };
             servers.push((p, Proto::Redis, dir.join(name)));
         }
-        let (client, peer) = (free_port()?, free_port()?);
         let url = |port: u16| format!("http://127.0.0.1:{port}");
         let args = [
             "--name",
@@ -925,8 +931,9 @@ impl Bench {
         }
         let [redis_everysec, redis_always, etcd] = <[Spec; 3]>::try_from(specs).map_err(|_| "three servers")?;
         let (kvs_buffer, kvs_sync) = (Spec::kvs(&kvs_buffer.addr), Spec::kvs(&kvs_sync.addr));
-        // Every key read exists (a miss costs less than a read).
-        for spec in [&kvs_buffer, &redis_everysec, &etcd] {
+        // Every key read exists (a miss costs less than a read), and every PUT
+        // overwrites a key, on every server alike.
+        for spec in [&kvs_buffer, &kvs_sync, &redis_everysec, &redis_always, &etcd] {
             preload_spec(spec, space, 100).await?;
         }
         let rows = [
@@ -948,7 +955,14 @@ impl Bench {
         ];
         for (name, op, row) in rows {
             let specs: Vec<Spec> = row.iter().map(|(_, s)| s.clone()).collect();
-            let medians: Vec<Load> = self.series(&specs, op, space, 3).await?.into_iter().map(median).collect();
+            let runs = self.series(&specs, op, space, ROUNDS).await?;
+            for ((label, _), runs) in row.iter().zip(&runs) {
+                let errors: u64 = runs.iter().map(|l| l.errors).sum();
+                if errors > 0 {
+                    return Err(format!("compare {name}: {label} failed {errors} requests").into());
+                }
+            }
+            let medians: Vec<Load> = runs.into_iter().map(median).collect();
             let kvs_rps = medians[0].rps();
             for ((label, _), m) in row.iter().zip(&medians) {
                 let mut j = m.to_json();
