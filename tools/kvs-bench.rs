@@ -193,7 +193,7 @@ fn start_kvs(dir: &Path, extra: &str) -> Res<(Proc, Instant)> {
     Err("kvs did not start".into())
 }
 
-/// `n` distinct free ports on 127.0.0.1, for servers that cannot be told to pick their
+/// `N` distinct free ports on 127.0.0.1, for servers that cannot be told to pick their
 /// own and report it (Redis, etcd). All are held until all are drawn, so no two are
 /// the same. Another process may take one before its server binds it: that server
 /// then fails to start and [`wait_ready`] says so.
@@ -420,7 +420,7 @@ impl Client {
     }
 }
 
-/// A Redis connection speaking just enough RESP for `SET`, `GET` and `PING`. Written
+/// A Redis connection speaking just enough RESP for `SET` and `GET`. Written
 /// here rather than taken from the `redis` crate so that the client side of a Redis
 /// load does what kvs's does (one request in flight per connection, no pipelining or
 /// multiplexing), which the comparison depends on.
