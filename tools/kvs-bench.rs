@@ -10,7 +10,7 @@
 //! and 10 KB values), `lag` (3 nodes), `auth`, `tls`, `changes`, `ack`, `ttl`,
 //! `antientropy`, `bootstrap`, `restart`, `snapshot`, `compare` (Redis and etcd, when
 //! installed), `scale`. Sizes are
-//! flags; `--quick` shrinks them so the whole run takes about a minute.
+//! flags; `--quick` shrinks them so the whole run takes a few minutes.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
